@@ -1,0 +1,361 @@
+"""The public Python API: fuse arrays, fuse files. No QGIS needed.
+
+    from csakd_qgis.api import fuse_arrays, fuse_files
+    fused = fuse_arrays(lr_hsi, hr_msi)            # (B,h,w) + (M,s·h,s·w) -> (B,s·h,s·w)
+    fuse_files("enmap.tif", "sentinel2.tif", "fused.tif")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional, Tuple, Union
+
+import numpy as np
+
+DEFAULT_TILE_SIZE = 256
+DEFAULT_OVERLAP = 32
+DEFAULT_HALO_LR = 4
+SUBSPACE_FIT_PIXELS = 200_000
+
+
+class FusionCancelled(Exception):
+    """Raised between tiles when the caller asked to stop."""
+
+
+def resolve_device(device: Optional[str] = None):
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU here; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=4)
+def _cached_bundle(path: str, device: str):
+    from .bundle import load_bundle
+
+    return load_bundle(path, device)
+
+
+def load_model(path: Union[str, Path, None] = None, device: Optional[str] = None):
+    """(model, card) of a bundle (the bundled student when ``path`` is None), cached per process."""
+    from .bundle import card_path_for, default_model_path
+
+    resolved = resolve_device(device)
+    return _cached_bundle(str(card_path_for(path or default_model_path()).resolve()), str(resolved))
+
+
+def check_inputs(lr_hsi: np.ndarray, hr_msi: np.ndarray) -> int:
+    """Validates shapes and returns the integer scale."""
+    if lr_hsi.ndim != 3 or hr_msi.ndim != 3:
+        raise ValueError("inputs must be (bands, rows, cols) arrays")
+    bands, rows, cols = lr_hsi.shape
+    if bands < 2:
+        raise ValueError(f"the hyperspectral image has {bands} band(s); fusion needs at least 2")
+    scale = hr_msi.shape[1] // rows if rows else 0
+    if scale < 1 or hr_msi.shape[1] != scale * rows or hr_msi.shape[2] != scale * cols:
+        raise ValueError(
+            f"the MSI's size {hr_msi.shape[1:]} must be an integer multiple of the HSI's {lr_hsi.shape[1:]}"
+        )
+    return scale
+
+
+@dataclass
+class FusionReport:
+    device: str
+    model: str
+    seconds: float
+    tiles: int
+    scale: int
+
+
+class TileFuser:
+    """Runs a bundle's model tile by tile over a scene whose statistics are fitted once."""
+
+    def __init__(self, model, stats, scale: int, device):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.stats = stats
+        self.stat_tensors = stats.to_tensors(device)
+        self.scale = scale
+        self.device = device
+
+    def fuse_tile(self, lr_tile: np.ndarray, hr_tile: np.ndarray) -> np.ndarray:
+        """Fused tile; NaN wherever either input had no data to give."""
+        torch = self.torch
+        lr_valid = np.isfinite(lr_tile).all(0)
+        hr_valid = np.isfinite(hr_tile).all(0)
+        lr = np.where(lr_valid, lr_tile, self.stats.band_mean[:, None, None]).astype(np.float32)
+        hr = np.where(hr_valid, hr_tile, self.stats.msi_mean[:, None, None]).astype(np.float32)
+        with torch.inference_mode():
+            out = self.model(
+                torch.from_numpy(lr)[None].to(self.device), torch.from_numpy(hr)[None].to(self.device), self.stat_tensors
+            ).image[0]
+        fused = out.float().cpu().numpy()
+        valid = hr_valid & lr_valid.repeat(self.scale, 0).repeat(self.scale, 1)
+        fused[:, ~valid] = np.nan
+        return fused
+
+
+def fit_scene(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, subspace_dim: int):
+    from .model import SceneStatistics
+
+    valid = np.isfinite(lr_hsi).all(0) & np.isfinite(msi_at_lr).all(0)
+    return SceneStatistics.estimate(lr_hsi, msi_at_lr, subspace_dim, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
+
+
+def fuse_arrays(
+    lr_hsi: np.ndarray,
+    hr_msi: np.ndarray,
+    model=None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    overlap: int = DEFAULT_OVERLAP,
+    device: Optional[str] = None,
+    progress: Optional[Callable[[float], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+) -> np.ndarray:
+    """Fuse an LR-HSI (B, h, w) with an HR-MSI (M, s·h, s·w) on the same footprint.
+
+    NaN marks missing data; output pixels without data in either input are NaN.
+    ``model`` is a loaded model or a bundle path (default: the bundled student).
+    Returns float32 (B, s·h, s·w).
+    """
+    from .degradation import blur_and_decimate
+
+    lr_hsi = np.asarray(lr_hsi, dtype=np.float32)
+    hr_msi = np.asarray(hr_msi, dtype=np.float32)
+    scale = check_inputs(lr_hsi, hr_msi)
+    if model is None or isinstance(model, (str, Path)):
+        model, _ = load_model(model, device)
+    torch_device = next(model.parameters()).device
+    msi_filled = np.where(np.isfinite(hr_msi), hr_msi, np.nanmean(hr_msi, axis=(1, 2), keepdims=True))
+    msi_at_lr = blur_and_decimate(msi_filled, scale)
+    # The mask is blurred separately: a NaN inside the blur would spread over the whole band.
+    missing = (~np.isfinite(hr_msi)).any(0, keepdims=True).astype(np.float32)
+    msi_at_lr[:, blur_and_decimate(missing, scale)[0] > 0] = np.nan
+    stats = fit_scene(lr_hsi, msi_at_lr, model.config.subspace_dim)
+    fuser = TileFuser(model, stats, scale, torch_device)
+    output = np.empty((lr_hsi.shape[0],) + hr_msi.shape[1:], dtype=np.float32)
+
+    def emit(row0: int, rows: np.ndarray) -> None:
+        output[:, row0 : row0 + rows.shape[1]] = rows
+
+    run_tiles(
+        fuser,
+        lr_hsi.shape[1:],
+        lr_hsi.shape[0],
+        lambda w: lr_hsi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]],
+        lambda w: hr_msi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]],
+        emit,
+        tile_size,
+        overlap,
+        progress,
+        cancelled,
+    )
+    return output
+
+
+def run_tiles(fuser, lr_shape, bands, read_lr, read_hr, emit, tile_size, overlap, progress=None, cancelled=None) -> int:
+    """Drive ``fuser`` over every tile; ``read_lr``/``read_hr`` take (row, col, rows, cols)
+    windows of their own grid; ``emit(row0, rows)`` receives finished output rows."""
+    from .tiling import StripBlender, iterate_tiles, plan_rows_of_tiles
+
+    scale = fuser.scale
+    rows_of_tiles = plan_rows_of_tiles(lr_shape, scale, tile_size, overlap, DEFAULT_HALO_LR)
+    total = sum(len(r) for r in rows_of_tiles)
+    ramp = min(overlap, tile_size) // scale * scale
+    blender = StripBlender(bands, (lr_shape[0] * scale, lr_shape[1] * scale), ramp, emit)
+    for done, (tile, flush_row) in enumerate(iterate_tiles(rows_of_tiles), start=1):
+        if cancelled is not None and cancelled():
+            raise FusionCancelled("fusion cancelled")
+        context = fuser.fuse_tile(read_lr(tile.context_lr), read_hr(tile.context_hr))
+        rows, cols = tile.crop_from_context()
+        blender.add(tile.hr_window, context[:, rows, cols])
+        if flush_row >= 0:
+            blender.flush_until(flush_row)
+        if progress is not None:
+            progress(done / total)
+    return total
+
+
+def fuse_files(
+    lr_hsi_path: Union[str, Path],
+    hr_msi_path: Union[str, Path],
+    output_path: Union[str, Path],
+    model: Union[str, Path, None] = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    overlap: int = DEFAULT_OVERLAP,
+    device: Optional[str] = None,
+    bands: Optional[list] = None,
+    output_dtype: str = "float32",
+    creation_options: Optional[dict] = None,
+    progress: Optional[Callable[[float], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> FusionReport:
+    """Fuse two co-registered rasters (any GDAL format, any CRS) into a GeoTIFF.
+
+    The output is on the HR-MSI's grid over the common area, one band per LR-HSI band
+    (or per 1-based index in ``bands``), with each band's wavelength, FWHM and bad-band flag.
+    It is written tile by tile to a temporary file renamed into place at the end, so a
+    failed or cancelled run leaves nothing behind. Raises FusionInputError on bad input.
+    """
+    import rasterio
+    from rasterio.errors import RasterioIOError
+    from rasterio.windows import Window
+
+    from .files import atomic_output
+    from .georaster import FusionInputError, hr_on_working_grid, lr_on_working_grid, output_profile, plan_grid, read_as_float
+    from .raster_io import read_spectral_metadata
+
+    started = time.time()
+    output_path = Path(output_path)
+    _check_writable(output_path)
+
+    def open_raster(path, role):
+        try:
+            return rasterio.open(path)
+        except RasterioIOError as error:
+            raise FusionInputError(f"cannot read the {role} {path}: {error}") from error
+
+    with open_raster(lr_hsi_path, "hyperspectral image (LRHSI)") as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_ds:
+        grid = plan_grid(lr_ds, hr_ds)
+        indexes = _band_indexes(bands, lr_ds.count)
+        if len(indexes) < 4:
+            raise FusionInputError(
+                f"the hyperspectral image gives {len(indexes)} band(s); fusion needs at least 4 hyperspectral bands"
+            )
+        if len(indexes) <= hr_ds.count:
+            raise FusionInputError(
+                f"the 'hyperspectral' image has {len(indexes)} bands and the 'multispectral' one {hr_ds.count}: "
+                "the hyperspectral image must have more bands; are the two inputs swapped?"
+            )
+        meta = read_spectral_metadata(lr_ds)
+        fused_model, card = load_model(model, device) if not hasattr(model, "config") else (model, {})
+        torch_device = next(fused_model.parameters()).device
+        log(
+            f"model {card.get('name', 'custom')} ({card.get('parameters', '?')} parameters) on {torch_device}; "
+            f"resolution ratio {grid.ratio:.2f} → working scale {grid.scale}; output {grid.width}×{grid.height} "
+            f"pixels × {len(indexes)} bands"
+        )
+        with lr_on_working_grid(lr_ds, grid) as lr_vrt, hr_on_working_grid(hr_ds, grid) as msi_vrt:
+            fit_shape = _fit_shape(grid.lr_height, grid.lr_width)
+            lr_fit = read_as_float(lr_vrt, indexes=indexes, out_shape=(len(indexes),) + fit_shape)
+            msi_fit = read_as_float(msi_vrt, out_shape=(hr_ds.count,) + fit_shape)
+            usable = np.isfinite(lr_fit).any(axis=(1, 2))
+            if meta.bad_bands is not None:
+                usable &= ~meta.bad_bands[np.array(indexes) - 1]
+            if usable.sum() < 4:
+                raise FusionInputError("fewer than 4 hyperspectral bands hold data over the common area")
+            if not (np.isfinite(lr_fit[usable]).all(0) & np.isfinite(msi_fit).all(0)).any():
+                raise FusionInputError("no pixel of the common area has data in both images")
+            lr_fit = lr_fit[usable]
+            lr_fit[:, ~np.isfinite(lr_fit).all(0)] = np.nan
+            stats = fit_scene(lr_fit, msi_fit, fused_model.config.subspace_dim)
+            fuser = TileFuser(fused_model, stats, grid.scale, torch_device)
+            used_indexes = [i for i, keep in zip(indexes, usable) if keep]
+            position = np.flatnonzero(usable)
+
+            hr_col0 = int(round((grid.transform.c - hr_ds.transform.c) / hr_ds.transform.a))
+            hr_row0 = int(round((grid.transform.f - hr_ds.transform.f) / hr_ds.transform.e))
+            profile = output_profile(grid, len(indexes), output_dtype, creation_options)
+            nodata = profile["nodata"]
+            with atomic_output(output_path, suffix=".tif") as temporary:
+                with rasterio.open(temporary, "w", **profile) as dst:
+                    _write_band_metadata(dst, meta, indexes, usable)
+
+                    def emit(row0: int, rows: np.ndarray) -> None:
+                        count = min(rows.shape[1], grid.height - row0)
+                        if count <= 0:
+                            return
+                        block = np.full((len(indexes), count, grid.width), np.nan, dtype=np.float32)
+                        block[position] = rows[:, :count, : grid.width]
+                        dst.write(_to_output(block, output_dtype, nodata), window=Window(0, row0, grid.width, count))
+
+                    tiles = run_tiles(
+                        fuser,
+                        (grid.lr_height, grid.lr_width),
+                        len(used_indexes),
+                        lambda w: read_as_float(lr_vrt, window=Window(w[1], w[0], w[3], w[2]), indexes=used_indexes),
+                        lambda w: read_as_float(
+                            hr_ds, window=Window(hr_col0 + w[1], hr_row0 + w[0], w[3], w[2]), boundless=True
+                        ),
+                        emit,
+                        tile_size,
+                        overlap,
+                        progress,
+                        cancelled,
+                    )
+    seconds = time.time() - started
+    name = card.get("name", "custom")
+    log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
+    return FusionReport(str(torch_device), name, seconds, tiles, grid.scale)
+
+
+def _check_writable(output_path: Path) -> None:
+    from .georaster import FusionInputError
+
+    folder = output_path.parent if str(output_path.parent) else Path(".")
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise FusionInputError(f"cannot write the output {output_path}: folder {folder} is not writable")
+    if output_path.exists() and output_path.is_dir():
+        raise FusionInputError(f"the output {output_path} is a folder; give a file name ending in .tif")
+
+
+def _band_indexes(bands, count: int) -> list:
+    from .georaster import FusionInputError
+
+    if not bands:
+        return list(range(1, count + 1))
+    indexes = [int(b) for b in bands]
+    wrong = [b for b in indexes if not 1 <= b <= count]
+    if wrong:
+        raise FusionInputError(f"band(s) {wrong} do not exist: the hyperspectral image has bands 1 to {count}")
+    return indexes
+
+
+def _fit_shape(rows: int, cols: int) -> Tuple[int, int]:
+    """Read the scene for its statistics at most at ~SUBSPACE_FIT_PIXELS pixels."""
+    factor = max(1.0, (rows * cols / SUBSPACE_FIT_PIXELS) ** 0.5)
+    return max(2, int(rows / factor)), max(2, int(cols / factor))
+
+
+def _to_output(block: np.ndarray, dtype: str, nodata) -> np.ndarray:
+    missing = ~np.isfinite(block)
+    if dtype != "float32":
+        info = np.iinfo(dtype)
+        low, high = info.min, info.max
+        # The nodata value is kept for missing pixels only.
+        if nodata == low:
+            low += 1
+        if nodata == high:
+            high -= 1
+        block = np.clip(np.rint(np.nan_to_num(block)), low, high)
+    block = block.astype(dtype)
+    block[missing] = nodata
+    return block
+
+
+def _write_band_metadata(dst, meta, indexes, usable) -> None:
+    for out_band, (index, good) in enumerate(zip(indexes, usable), start=1):
+        tags = {"bbl": "1" if good else "0"}
+        description = meta.band_names[index - 1] if meta.band_names else f"band {index}"
+        if meta.wavelengths_nm is not None:
+            tags["wavelength"] = f"{meta.wavelengths_nm[index - 1]:.4f}"
+            tags["wavelength_units"] = "Nanometers"
+            description = f"band {index} ({meta.wavelengths_nm[index - 1]:.2f} Nanometers)"
+        if meta.fwhm_nm is not None:
+            tags["fwhm"] = f"{meta.fwhm_nm[index - 1]:.4f}"
+        dst.update_tags(out_band, **tags)
+        dst.set_band_description(out_band, description)

@@ -1,0 +1,255 @@
+"""`make bench`: size, speed, memory and quality, side by side, from one run.
+
+1. Network size and cost: the paper's teacher and student (172 bands, 4-band MSI, ×4) beside
+   the bundled teacher and student — parameters, MACs per 256×256 output tile, and measured
+   forward time per tile on this machine.
+2. Quality on the validation cubes (Wald protocol, never trained on): bicubic, GSA, the
+   bundled teacher and student, per case and on average.
+3. End-to-end fusion of a 224-band scene to 512×512 and 2048×2048 outputs against
+   `gdalwarp -r cubic` writing the same grid with the same creation options: time, ratio,
+   peak memory (each run in its own process).
+
+Results are printed and saved to build/bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "build" / "bench" / "results.json"
+PAPER = {
+    "paper teacher": {"params_m": 26.8, "gmacs": 942, "seconds": 9.8},
+    "paper student": {"params_m": 7.44, "gmacs": 145, "seconds": 1.77},
+}
+
+
+def _time_forward(run, repeats: int) -> float:
+    run()  # warm-up: the first call builds the convolution kernels
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def network_costs(repeats: int) -> List[Dict]:
+    import torch
+
+    from .api import load_model
+    from .bundle import default_model_path
+    from .model import SceneStatistics
+    from .network import CSAKDNet, count_macs, count_parameters, paper_student_config, paper_teacher_config
+
+    torch.set_flush_denormal(True)
+    rows = []
+    lr_shape, hr_shape = (1, 172, 64, 64), (1, 4, 256, 256)
+    for name, config in (("paper teacher", paper_teacher_config()), ("paper student", paper_student_config())):
+        net = CSAKDNet(config).eval()
+        lr, hr = torch.randn(lr_shape), torch.randn(hr_shape)
+        with torch.inference_mode():
+            seconds = _time_forward(lambda: net(lr, hr), 1 if "teacher" in name else max(1, repeats // 2))
+        rows.append({"model": name, "params": count_parameters(net), "macs": count_macs(net, lr_shape, hr_shape),
+                     "seconds": seconds, "note": "172-band input, 4-band MSI"})
+    rng = np.random.default_rng(0)
+    lr_np = rng.random((172, 64, 64), dtype=np.float32)
+    hr_np = rng.random((4, 256, 256), dtype=np.float32)
+    stats = SceneStatistics.estimate(lr_np, hr_np[:, ::4, ::4], 8).to_tensors()
+    for role in ("teacher", "student"):
+        path = default_model_path().with_name(f"csakd_{role}.json")
+        model, card = load_model(path, "cpu")
+        k = model.config.subspace_dim
+        lr, hr = torch.from_numpy(lr_np)[None], torch.from_numpy(hr_np)[None]
+        with torch.inference_mode():
+            seconds = _time_forward(lambda: model(lr, hr, stats), repeats)
+        rows.append({"model": f"bundled {role}", "params": count_parameters(model),
+                     "macs": count_macs(model.network, (1, k, 64, 64), (1, k, 256, 256)), "seconds": seconds,
+                     "note": "same 172-band tile, incl. subspace projection and full-spectrum output"})
+    return rows
+
+
+def quality(data_dir=None) -> Dict:
+    from .api import fuse_arrays, load_model
+    from .bundle import default_model_path
+    from .datasets import validation_cases
+    from .train import baseline_metrics, summarise, _metrics
+
+    cases = validation_cases(data_dir)
+    table = baseline_metrics(cases)
+    for role in ("teacher", "student"):
+        model, _ = load_model(default_model_path().with_name(f"csakd_{role}.json"), "cpu")
+        table[role] = [_metrics(c, fuse_arrays(c.lr_hsi, c.hr_msi, model=model)) for c in cases]
+    return {"cases": table, "summary": {name: summarise(rows) for name, rows in table.items()}}
+
+
+# A small launcher forks the measured command: Linux keeps a process's peak-memory record
+# across fork and exec, so a command started straight from this (large) process would
+# report this process's memory as its own.
+_LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "print('PEAK_KB', usage.ru_maxrss, flush=True)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def _run_measured(command: List[str]) -> Dict:
+    """Wall time and peak resident memory of a command in its own process."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *command], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
+    peak_kb = int(done.stdout.rsplit("PEAK_KB", 1)[1].split()[0])
+    return {"seconds": seconds, "peak_mb": peak_kb / 1024.0}
+
+
+def make_scene(folder: Path, size: int, scale: int = 3, data_dir=None):
+    """A 224-band LR-HSI mirrored from the real EnMAP Potsdam block A, and a 4-band HR-MSI
+    simulated from it, so that the output is size×size pixels."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from .baselines import bicubic_upsample
+    from .datasets import default_data_dir
+
+    root = Path(data_dir or default_data_dir()) / "enmap_potsdam"
+    source = sorted(root.glob("enmap_potsdam_blockA_*.tif"))[0]
+    with rasterio.open(source) as src:
+        block = src.read()
+        profile = src.profile
+        tags = [src.tags(i + 1) for i in range(src.count)]
+    lr_size = size // scale
+    reps = (1, -(-lr_size // block.shape[1]), -(-lr_size // block.shape[2]))
+    mirrored = np.concatenate([block, block[:, ::-1]], axis=1)
+    mirrored = np.concatenate([mirrored, mirrored[:, :, ::-1]], axis=2)
+    lr = np.tile(mirrored, (1, -(-reps[1] // 2), -(-reps[2] // 2)))[:, :lr_size, :lr_size]
+    valid = lr[0] != profile["nodata"]
+    bands = [int(np.argmin([abs(float(t["wavelength"]) - w) for t in tags])) for w in (490, 560, 665, 842)]
+    msi = bicubic_upsample(np.where(valid, lr[bands], 0).astype(np.float32), scale).astype(np.float32)
+    msi += np.random.default_rng(0).normal(0, 20, msi.shape).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    lr_path, hr_path = folder / f"scene{size}_lr_hsi.tif", folder / f"scene{size}_hr_msi.tif"
+    common = {"driver": "GTiff", "dtype": "float32", "tiled": True, "compress": "deflate", "crs": profile["crs"]}
+    with rasterio.open(lr_path, "w", width=lr_size, height=lr_size, count=lr.shape[0], nodata=profile["nodata"],
+                       transform=from_origin(364095.0, 5809965.0, 30.0, 30.0), **common) as dst:
+        dst.write(lr)
+        for i, t in enumerate(tags, start=1):
+            dst.update_tags(i, **t)
+    with rasterio.open(hr_path, "w", width=size, height=size, count=4,
+                       transform=from_origin(364095.0, 5809965.0, 30.0 / scale, 30.0 / scale), **common) as dst:
+        dst.write(msi)
+    return lr_path, hr_path
+
+
+def end_to_end(sizes=(512, 2048), data_dir=None) -> List[Dict]:
+    from .georaster import output_profile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="csakd-bench-") as folder:
+        folder = Path(folder)
+        for size in sizes:
+            lr_path, hr_path = make_scene(folder / "inputs", size, data_dir=data_dir)
+            fused = folder / f"fused{size}.tif"
+            code = (
+                "import sys; sys.path.insert(0, %r)\n"
+                "from csakd_qgis.api import fuse_files\n"
+                "fuse_files(%r, %r, %r, log=print)\n" % (str(ROOT), str(lr_path), str(hr_path), str(fused))
+            )
+            fusion = _run_measured([sys.executable, "-c", code])
+            import rasterio
+
+            with rasterio.open(fused) as out:
+                bounds, res, count = out.bounds, out.res, out.count
+                profile = out.profile
+            options = ["-co", "TILED=YES", "-co", "BLOCKXSIZE=256", "-co", "BLOCKYSIZE=256", "-co", "COMPRESS=DEFLATE",
+                       "-co", "PREDICTOR=3", "-co", "NUM_THREADS=ALL_CPUS", "-co", "BIGTIFF=IF_SAFER", "-co", "INTERLEAVE=BAND"]
+            warped = folder / f"gdalwarp{size}.tif"
+            warp = _run_measured(
+                ["gdalwarp", "-q", "-r", "cubic", "-multi", "-wo", "NUM_THREADS=ALL_CPUS", "-ot", "Float32",
+                 "-te", *map(str, (bounds.left, bounds.bottom, bounds.right, bounds.top)), "-tr", str(res[0]), str(res[1]),
+                 "-dstnodata", "-9999", *options, str(lr_path), str(warped)]
+            )
+            rows.append({"output": f"{size}×{size}×{count}", "fusion_seconds": fusion["seconds"],
+                         "fusion_peak_mb": fusion["peak_mb"], "gdalwarp_seconds": warp["seconds"],
+                         "gdalwarp_peak_mb": warp["peak_mb"], "ratio": fusion["seconds"] / warp["seconds"],
+                         "fused_mb": fused.stat().st_size / 1e6, "gdalwarp_mb": warped.stat().st_size / 1e6})
+            fused.unlink()
+            warped.unlink()
+    return rows
+
+
+def print_report(results: Dict) -> None:
+    print(f"\nmachine: {results['machine']}\n")
+    print("1. Network size and cost (per 256×256 output tile, 172 bands, 4-band MSI, ×4)")
+    print(f"{'model':16s} {'params':>10s} {'GMAC':>8s} {'s/tile':>8s}   paper: params / GMAC / s on this CPU")
+    for row in results["costs"]:
+        paper = PAPER.get(row["model"])
+        ref = f"{paper['params_m']} M / {paper['gmacs']} G / {paper['seconds']} s" if paper else ""
+        print(f"{row['model']:16s} {row['params'] / 1e6:9.2f}M {row['macs'] / 1e9:8.1f} {row['seconds']:8.3f}   {ref}")
+    costs = {r["model"]: r for r in results["costs"]}
+    if "paper student" in costs and "bundled student" in costs:
+        print(f"bundled student is {costs['paper student']['seconds'] / costs['bundled student']['seconds']:.1f}× faster "
+              "than the paper's student configuration on the same tile")
+    print("\n2. Quality, Wald protocol on validation cubes never trained on (PSNR dB / SAM ° / ERGAS)")
+    table = results["quality"]["cases"]
+    methods = ["bicubic", "gsa", "teacher", "student"]
+    print(f"{'cube':24s} {'sensor':16s} {'s':>2s}  " + "  ".join(f"{m:>20s}" for m in methods))
+    for i, case in enumerate(table["bicubic"]):
+        cells = "  ".join(f"{table[m][i]['psnr']:6.2f}/{table[m][i]['sam']:5.2f}/{table[m][i]['ergas']:5.2f}" for m in methods)
+        print(f"{case['cube'][:24]:24s} {case['sensor'][:16]:16s} {case['scale']:2d}  {cells}")
+    summary = results["quality"]["summary"]
+    cells = "  ".join(f"{summary[m]['psnr']:6.2f}/{summary[m]['sam']:5.2f}/{summary[m]['ergas']:5.2f}" for m in methods)
+    print(f"{'mean':24s} {'':16s} {'':2s}  {cells}")
+    if results.get("end_to_end"):
+        print("\n3. End-to-end: 224-band scene → GeoTIFF on the MSI grid (same creation options)")
+        print(f"{'output':18s} {'fusion s':>9s} {'gdalwarp s':>11s} {'ratio':>6s} {'fusion peak MB':>15s} {'gdalwarp peak MB':>17s}")
+        for row in results["end_to_end"]:
+            print(f"{row['output']:18s} {row['fusion_seconds']:9.1f} {row['gdalwarp_seconds']:11.1f} {row['ratio']:6.2f} "
+                  f"{row['fusion_peak_mb']:15.0f} {row['gdalwarp_peak_mb']:17.0f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 2048], help="end-to-end output sizes")
+    parser.add_argument("--data", default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} "
+                   f"({torch.get_num_threads()} threads), {platform.python_version()}",
+    }
+    print("measuring network costs…", flush=True)
+    results["costs"] = network_costs(args.repeats)
+    print("measuring quality on the validation cubes…", flush=True)
+    results["quality"] = quality(args.data)
+    if args.sizes:
+        print("measuring end-to-end fusion against gdalwarp…", flush=True)
+        results["end_to_end"] = end_to_end(args.sizes, args.data)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print_report(results)
+    print(f"\nsaved {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

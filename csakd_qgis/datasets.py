@@ -1,0 +1,215 @@
+"""Real hyperspectral cubes for training and validation, and Wald-protocol training batches.
+
+The cubes are read in place from ``../shared/data`` (beside the project root). The split is
+by region, never by pixel: validation cubes share no ground with any training cube.
+
+* training: EnMAP Potsdam block A and the part of block B west of block C, the simulated
+  EnMAP Berlin cube (244 bands), AVIRIS Moffett Field, Samson;
+* validation: EnMAP Potsdam block C, HyMap02 Berlin (9 m), AVIRIS Jasper Ridge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import cubes
+from .degradation import add_noise, blur_and_decimate, simulate_msi
+from .srf import SensorResponse, list_sensors, load_srf, spectral_response_matrix
+
+TRAINING_SCALES = (2, 3, 4, 5, 6, 8)
+VALIDATION_SCALES = (3, 4, 8)
+
+
+@dataclass
+class HyperspectralCube:
+    name: str
+    data: np.ndarray  # (B, rows, cols) float32, bad and empty bands removed
+    wavelengths_nm: np.ndarray
+
+
+def default_data_dir() -> Path:
+    return cubes.default_data_dir()
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: the real data is expected in ../shared/data beside the project root"
+        )
+    return path
+
+
+def _clean(name: str, data: np.ndarray, wavelengths: np.ndarray, bad: Optional[np.ndarray] = None) -> HyperspectralCube:
+    """Drop flagged, empty or non-finite bands; the network never sees a band of no-data."""
+    keep = np.isfinite(data).all(axis=(1, 2))
+    keep[keep] = data[keep].std(axis=(1, 2)) > 0
+    if bad is not None:
+        keep &= ~bad
+    return HyperspectralCube(name, np.ascontiguousarray(data[keep], dtype=np.float32), np.asarray(wavelengths)[keep])
+
+
+def _read_raster(path: Path, window=None) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    from .raster_io import read_cube
+
+    cube, meta, _ = read_cube(_require(path), window=window)
+    if meta.wavelengths_nm is None:
+        raise ValueError(f"{path} has no wavelengths")
+    return cube, meta.wavelengths_nm, meta.bad_bands
+
+
+def load_potsdam_block(letter: str, data_dir=None, columns: Optional[slice] = None) -> HyperspectralCube:
+    root = Path(data_dir or default_data_dir()) / "enmap_potsdam"
+    matches = sorted(root.glob(f"enmap_potsdam_block{letter}_*.tif"))
+    if not matches:
+        raise FileNotFoundError(f"EnMAP Potsdam block {letter} not found in {root}")
+    data, wavelengths, bad = _read_raster(matches[0])
+    if columns is not None:
+        data = data[:, :, columns]
+    return _clean(f"EnMAP Potsdam block {letter}", data, wavelengths, bad)
+
+
+def load_berlin(stem: str, label: str, data_dir=None) -> HyperspectralCube:
+    data, wavelengths, bad = _read_raster(Path(data_dir or default_data_dir()) / "berlin" / f"{stem}.bsq")
+    return _clean(label, data, wavelengths, bad)
+
+
+def _from_mat(label: str, loader, data_dir=None) -> HyperspectralCube:
+    data, wavelengths = loader(data_dir)
+    return _clean(label, data, wavelengths)
+
+
+def training_cubes(data_dir=None) -> List[HyperspectralCube]:
+    # Block B overlaps block C (validation) east of x = 366975 m, i.e. from its 65th column.
+    return [
+        load_potsdam_block("A", data_dir),
+        load_potsdam_block("B", data_dir, columns=slice(0, 64)),
+        load_berlin("EnMAP_BerlinUrbanGradient_244b_30m", "EnMAP-simulated Berlin (244 bands)", data_dir),
+        _from_mat("AVIRIS Moffett Field", cubes.load_moffett, data_dir),
+        _from_mat("Samson", cubes.load_samson, data_dir),
+    ]
+
+
+def validation_cubes(data_dir=None) -> List[HyperspectralCube]:
+    return [
+        load_potsdam_block("C", data_dir),
+        load_berlin("HyMap02_Berlin_Urban_Gradient_2009", "HyMap02 Berlin", data_dir),
+        _from_mat("AVIRIS Jasper Ridge", cubes.load_jasper_ridge, data_dir),
+    ]
+
+
+def validation_sensors() -> Dict[str, SensorResponse]:
+    sentinel2 = load_srf("sentinel2a_msi_srf")
+    return {
+        "Sentinel-2 10 m": sentinel2.subset(["B2", "B3", "B4", "B8"]),
+        "WorldView-2": load_srf("worldview2_srf"),
+        "RGB": sentinel2.subset(["B2", "B3", "B4"]),
+    }
+
+
+def training_sensors() -> List[SensorResponse]:
+    """Every real multispectral sensor, plus the subsets users typically have (10 m, RGB)."""
+    sensors = [load_srf(name) for name in list_sensors()]
+    sentinel2 = load_srf("sentinel2b_msi_srf")
+    sensors.append(sentinel2.subset(["B2", "B3", "B4", "B8"]))
+    sensors.append(sentinel2.subset(["B2", "B3", "B4"]))
+    return sensors
+
+
+@dataclass
+class WaldCase:
+    """One Wald-protocol example: inputs, reference and what produced them."""
+
+    lr_hsi: np.ndarray
+    hr_msi: np.ndarray
+    reference: np.ndarray
+    scale: int
+    cube: str
+    sensor: str
+
+
+def make_wald_case(
+    cube: HyperspectralCube,
+    sensor: SensorResponse,
+    scale: int,
+    rng: Optional[np.random.Generator] = None,
+    hsi_snr_db: Optional[float] = None,
+    msi_snr_db: Optional[float] = None,
+    shift: Tuple[float, float] = (0.0, 0.0),
+    crop: Optional[Tuple[int, int, int, int]] = None,
+) -> WaldCase:
+    """crop = (row, col, rows, cols) of the reference in HR pixels; rows/cols are cut to multiples of scale."""
+    data = cube.data
+    if crop is not None:
+        r, c, h, w = crop
+        data = data[:, r : r + h, c : c + w]
+    rows = data.shape[1] // scale * scale
+    cols = data.shape[2] // scale * scale
+    reference = np.ascontiguousarray(data[:, :rows, :cols])
+    response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
+    lr = blur_and_decimate(reference, scale, shift=shift)
+    msi = simulate_msi(reference, response)
+    if hsi_snr_db is not None:
+        lr = add_noise(lr, hsi_snr_db, rng)
+    if msi_snr_db is not None:
+        msi = add_noise(msi, msi_snr_db, rng)
+    return WaldCase(lr.astype(np.float32), msi.astype(np.float32), reference, scale, cube.name, sensor.name)
+
+
+def validation_cases(data_dir=None, scales: Sequence[int] = VALIDATION_SCALES) -> List[WaldCase]:
+    cases = []
+    for cube in validation_cubes(data_dir):
+        for scale in scales:
+            for label, sensor in validation_sensors().items():
+                case = make_wald_case(cube, sensor, scale)
+                case.sensor = label
+                cases.append(case)
+    return cases
+
+
+def _augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    patch = np.rot90(patch, k=int(rng.integers(4)), axes=(1, 2))
+    if rng.random() < 0.5:
+        patch = patch[:, :, ::-1]
+    return np.ascontiguousarray(patch)
+
+
+def training_batch(
+    cubes_: Sequence[HyperspectralCube],
+    sensors: Sequence[SensorResponse],
+    rng: np.random.Generator,
+    batch_size: int = 4,
+    crop: int = 64,
+    scales: Sequence[int] = TRAINING_SCALES,
+) -> List[WaldCase]:
+    """A batch of Wald pairs sharing one cube, sensor and scale (so that they stack).
+
+    Random crop, 90° rotation and flip; LR-HSI noise at 30–45 dB SNR on 3 of 4 batches; MSI
+    noise on half; the LR-HSI misregistered by up to one HR pixel on a quarter of them.
+    """
+    weights = np.array([c.data.shape[1] * c.data.shape[2] for c in cubes_], dtype=float) ** 0.5
+    cube = cubes_[rng.choice(len(cubes_), p=weights / weights.sum())]
+    while True:
+        sensor = sensors[rng.integers(len(sensors))]
+        try:
+            spectral_response_matrix(sensor, cube.wavelengths_nm)
+            break
+        except ValueError:
+            continue
+    _, rows, cols = cube.data.shape
+    usable = [s for s in scales if min(rows, cols) // s >= 6]
+    scale = int(rng.choice(usable))
+    size = min(crop, rows, cols) // scale * scale
+    hsi_snr = float(rng.uniform(30, 45)) if rng.random() < 0.75 else None
+    msi_snr = float(rng.uniform(30, 45)) if rng.random() < 0.5 else None
+    shift = tuple(rng.uniform(-1, 1, size=2)) if rng.random() < 0.25 else (0.0, 0.0)
+    batch = []
+    for _ in range(batch_size):
+        r = int(rng.integers(rows - size + 1))
+        c = int(rng.integers(cols - size + 1))
+        patch = HyperspectralCube(cube.name, _augment(cube.data[:, r : r + size, c : c + size], rng), cube.wavelengths_nm)
+        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr, shift))
+    return batch

@@ -1,0 +1,209 @@
+"""Sensor-agnostic fusion around the CSAKD network.
+
+Users bring any hyperspectral sensor (20 to 300 bands) and any multispectral one (3 to 13
+bands). The network itself sees neither: it works in a K-dimensional spectral subspace of
+the scene.
+
+* :class:`SceneStatistics` holds what is fitted once per scene on the low-resolution grid:
+  the LR-HSI's band means, its principal spectral basis U (B×K) and a scalar scale, and a
+  linear regression that predicts the K subspace coefficients from the MSI bands (fitted
+  where both are observed, at low resolution).
+* The network's inputs are the LR-HSI's subspace coefficients and the MSI mapped through
+  that regression, so both have K channels whatever the sensors.
+* Its base is a regression-based detail injection: the upsampled coefficients plus the
+  high-pass part of the MSI-predicted coefficients. Where the MSI predicts a component
+  poorly the regression shrinks it, so the base is already a sound classical fusion; the
+  network learns the correction.
+* The full spectrum is bicubic(LR-HSI) + ρ·U·(detail): everything of the LR-HSI outside the
+  subspace is kept as bicubic upsampling, so no band's information is thrown away.
+
+Statistics are fitted on the whole scene, never per tile, so that tiles agree with each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .network import CSAKDNet, NetworkConfig, NetworkOutput, bicubic_upsample_many, upsample
+
+WALD_SIGMA_PER_SCALE = 0.53
+
+
+@dataclass
+class SceneStatistics:
+    band_mean: np.ndarray  # (B,)
+    scale: float  # ρ: one number, so that the subspace keeps the bands' relative weight
+    basis: np.ndarray  # (B, K), orthonormal columns
+    msi_mean: np.ndarray  # (M,)
+    msi_std: np.ndarray  # (M,)
+    regression: np.ndarray  # (K, M + 1): coefficients ≈ regression @ [normalised MSI; 1]
+
+    @classmethod
+    def estimate(
+        cls,
+        lr_hsi: np.ndarray,
+        msi_at_lr: np.ndarray,
+        subspace_dim: int,
+        valid: Optional[np.ndarray] = None,
+        max_pixels: int = 200_000,
+        ridge: float = 1e-3,
+        seed: int = 0,
+    ) -> "SceneStatistics":
+        """Fit the scene's statistics on the LR grid.
+
+        lr_hsi (B, h, w) and msi_at_lr (M, h, w): the MSI degraded onto the LR-HSI's grid.
+        valid (h, w): pixels where both inputs have data. At most ``max_pixels`` random
+        pixels are used, which keeps a very large scene's fit fast and its memory bounded.
+        """
+        bands, rows, cols = lr_hsi.shape
+        msi_bands = msi_at_lr.shape[0]
+        if msi_at_lr.shape[1:] != (rows, cols):
+            raise ValueError(f"MSI at LR {msi_at_lr.shape[1:]} does not match the LR-HSI grid {(rows, cols)}")
+        y = lr_hsi.reshape(bands, -1).astype(np.float64)
+        z = msi_at_lr.reshape(msi_bands, -1).astype(np.float64)
+        keep = np.isfinite(y).all(0) & np.isfinite(z).all(0)
+        if valid is not None:
+            keep &= valid.reshape(-1)
+        index = np.flatnonzero(keep)
+        if index.size < 4:
+            raise ValueError("fewer than 4 pixels where both images have data: cannot fit the scene")
+        if index.size > max_pixels:
+            index = np.random.default_rng(seed).choice(index, max_pixels, replace=False)
+        y = y[:, index]
+        z = z[:, index]
+        band_mean = y.mean(1)
+        centred = y - band_mean[:, None]
+        scale = float(np.sqrt((centred**2).mean())) or 1.0
+        centred /= scale
+        k = min(subspace_dim, bands)
+        eigenvalues, eigenvectors = np.linalg.eigh(centred @ centred.T / centred.shape[1])
+        basis = eigenvectors[:, ::-1][:, :k]
+        # A sign convention makes the basis reproducible across platforms and runs.
+        basis = basis * np.where(basis.sum(0) < 0, -1.0, 1.0)
+        if k < subspace_dim:
+            basis = np.concatenate([basis, np.zeros((bands, subspace_dim - k))], axis=1)
+        coefficients = basis.T @ centred
+        msi_mean = z.mean(1)
+        msi_std = z.std(1)
+        msi_std[msi_std == 0] = 1.0
+        design = np.concatenate([(z - msi_mean[:, None]) / msi_std[:, None], np.ones((1, z.shape[1]))])
+        gram = design @ design.T / design.shape[1] + ridge * np.eye(msi_bands + 1)
+        regression = np.linalg.solve(gram, design @ coefficients.T / design.shape[1]).T
+        return cls(band_mean, scale, basis, msi_mean, msi_std, regression)
+
+    def to_tensors(self, device="cpu", dtype=torch.float32) -> Dict[str, torch.Tensor]:
+        """The statistics as tensors with a leading batch dimension of 1."""
+        return stack_statistics([self], device, dtype)
+
+
+def stack_statistics(statistics, device="cpu", dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    """Batch the statistics of several scenes (same band counts) for one forward pass."""
+    stacked = {
+        name: torch.as_tensor(np.stack([np.asarray(getattr(s, name)) for s in statistics]), dtype=dtype, device=device)
+        for name in ("band_mean", "basis", "msi_mean", "msi_std", "regression")
+    }
+    stacked["scale"] = torch.tensor([s.scale for s in statistics], dtype=dtype, device=device)
+    return stacked
+
+
+def gaussian_downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Wald-protocol degradation in torch: Gaussian blur (σ = 0.53·s) and decimation by s,
+    each output pixel centred on its s×s footprint; edges replicated. (N, C, H, W) → (N, C, H/s, W/s).
+    """
+    if scale == 1:
+        return x
+    sigma = WALD_SIGMA_PER_SCALE * scale
+    radius = int(math.ceil(3 * sigma))
+    offsets = torch.arange(scale + 2 * radius, dtype=x.dtype, device=x.device) - radius - (scale - 1) / 2
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    n, c, h, w = x.shape
+    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    # Separable: rows then columns, one strided convolution each.
+    flat = padded.reshape(n * c, 1, h + 2 * radius, w + 2 * radius)
+    flat = F.conv2d(flat, kernel.view(1, 1, -1, 1), stride=(scale, 1))
+    flat = F.conv2d(flat, kernel.view(1, 1, 1, -1), stride=(1, scale))
+    return flat.reshape(n, c, h // scale, w // scale)
+
+
+@dataclass(frozen=True)
+class FusionModelConfig:
+    network: NetworkConfig
+    subspace_dim: int
+
+    def to_dict(self) -> Dict:
+        return {"network": self.network.to_dict(), "subspace_dim": self.subspace_dim}
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "FusionModelConfig":
+        return cls(NetworkConfig.from_dict(data["network"]), int(data["subspace_dim"]))
+
+
+class SubspaceFusionModel(nn.Module):
+    """The CSAKD network wrapped for any sensor pair (see the module docstring)."""
+
+    def __init__(self, config: FusionModelConfig):
+        super().__init__()
+        if config.network.hsi_channels != config.subspace_dim or config.network.msi_channels != config.subspace_dim:
+            raise ValueError("the network's input channels must both equal the subspace dimension")
+        self.config = config
+        self.network = CSAKDNet(config.network)
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.config.network.unshuffle
+
+    def encode(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, stats: Dict[str, torch.Tensor]):
+        """(N,B,h,w), (N,M,H,W) → subspace coefficients (N,K,h,w), MSI-predicted coefficients (N,K,H,W)."""
+        n = lr_hsi.shape[0]
+        centred = lr_hsi - stats["band_mean"].view(n, -1, 1, 1)
+        coefficients = torch.einsum("nbk,nbhw->nkhw", stats["basis"], centred) / stats["scale"].view(n, 1, 1, 1)
+        msi = (hr_msi - stats["msi_mean"].view(n, -1, 1, 1)) / stats["msi_std"].view(n, -1, 1, 1)
+        weights, intercept = stats["regression"][..., :-1], stats["regression"][..., -1]
+        predicted = torch.einsum("nkm,nmhw->nkhw", weights, msi) + intercept.view(n, -1, 1, 1)
+        return coefficients, predicted
+
+    def forward(
+        self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, stats: Dict[str, torch.Tensor]
+    ) -> NetworkOutput:
+        """Fused full spectrum (N,B,H,W) and the network's fused feature.
+
+        H and W must be an integer multiple s of h and w; any size is accepted (inputs are
+        padded internally to what the network needs).
+        """
+        lr_rows, lr_cols = lr_hsi.shape[-2:]
+        hr_rows, hr_cols = hr_msi.shape[-2:]
+        scale = hr_rows // lr_rows
+        if hr_rows != scale * lr_rows or hr_cols != scale * lr_cols:
+            raise ValueError(
+                f"high-resolution size {(hr_rows, hr_cols)} is not an integer multiple of {(lr_rows, lr_cols)}"
+            )
+        pad_rows = _lr_padding(lr_rows, scale, self.pad_multiple)
+        pad_cols = _lr_padding(lr_cols, scale, self.pad_multiple)
+        if pad_rows or pad_cols:
+            lr_hsi = F.pad(lr_hsi, (0, pad_cols, 0, pad_rows), mode="replicate")
+            hr_msi = F.pad(hr_msi, (0, pad_cols * scale, 0, pad_rows * scale), mode="replicate")
+        coefficients, predicted = self.encode(lr_hsi, hr_msi, stats)
+        hr_size = tuple(hr_msi.shape[-2:])
+        coefficients_up = upsample(coefficients, hr_size, mode="bicubic")
+        injected = predicted - upsample(gaussian_downsample(predicted, scale), hr_size, mode="bicubic")
+        out = self.network(coefficients, predicted)
+        detail = injected + (out.image - coefficients_up)
+        spectrum = bicubic_upsample_many(lr_hsi, hr_size) + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
+            "nbk,nkhw->nbhw", stats["basis"], detail
+        )
+        return NetworkOutput(spectrum[..., :hr_rows, :hr_cols], out.fused)
+
+
+def _lr_padding(lr_size: int, scale: int, multiple: int) -> int:
+    pad = 0
+    while ((lr_size + pad) * scale) % multiple:
+        pad += 1
+    return pad

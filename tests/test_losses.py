@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from csakd_qgis.losses import (
+    SMOOTH_L1_BETA,
+    bandwise_loss,
+    feature_distillation_loss,
+    reconstruction_loss,
+    spectral_angle_loss,
+    student_loss,
+    teacher_loss,
+)
+
+
+def spectra(*vectors):
+    """(N=1, B, H=1, W=len(vectors)): one spectrum per pixel."""
+    return torch.tensor(vectors, dtype=torch.float64).T.reshape(1, len(vectors[0]), 1, len(vectors))
+
+
+def test_spectral_angle_loss_of_identical_spectra_is_zero():
+    x = spectra([1.0, 2.0, 3.0], [0.5, 0.1, 4.0])
+    assert spectral_angle_loss(x, x).item() == pytest.approx(0.0, abs=1e-12)
+    # Scaling a spectrum keeps its angle.
+    assert spectral_angle_loss(3 * x, x).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_spectral_angle_loss_of_orthogonal_spectra_is_one():
+    assert spectral_angle_loss(spectra([1.0, 0.0]), spectra([0.0, 2.0])).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_spectral_angle_loss_at_sixty_degrees():
+    # cos 60° = 0.5, so the loss is 1 − 0.5 = 0.5.
+    a = spectra([1.0, 0.0])
+    b = spectra([math.cos(math.radians(60)), math.sin(math.radians(60))])
+    assert spectral_angle_loss(a, b).item() == pytest.approx(0.5, abs=1e-12)
+    # Averaged over pixels: one identical pair (0) and one 60° pair (0.5) give 0.25.
+    two = spectral_angle_loss(spectra([1.0, 0.0], [1.0, 0.0]), spectra([1.0, 0.0], [0.5, math.sqrt(3) / 2]))
+    assert two.item() == pytest.approx(0.25, abs=1e-12)
+
+
+def test_bandwise_loss_by_hand():
+    # Two bands, two pixels.
+    # band 0: target (1, 3), prediction (2, 3): mean |error| 0.5, mean |target| 2 → 0.25
+    # band 1: target (−4, 4), prediction (−4, 0): mean |error| 2, mean |target| 4 → 0.5
+    # mean over bands: 0.375
+    target = torch.tensor([[[[1.0, 3.0]], [[-4.0, 4.0]]]], dtype=torch.float64)
+    prediction = torch.tensor([[[[2.0, 3.0]], [[-4.0, 0.0]]]], dtype=torch.float64)
+    assert bandwise_loss(prediction, target).item() == pytest.approx(0.375, abs=1e-6)
+
+
+def test_bandwise_loss_weighs_dark_and_bright_bands_alike():
+    # The same 10 % error in a band 1000 times brighter gives the same loss.
+    target = torch.tensor([[[[1.0]], [[1000.0]]]], dtype=torch.float64)
+    assert bandwise_loss(target * 1.1, target).item() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_feature_loss_of_zero_logits_is_ln2():
+    # BCE(x = 0, p) = −p·ln σ(0) − (1 − p)·ln(1 − σ(0)) = ln 2 for every target p.
+    teacher_feature = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+    loss = feature_distillation_loss(torch.zeros(2, 5, 3, 3), teacher_feature)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_feature_loss_is_lowest_where_student_matches_teacher():
+    # d/dx BCE(x, σ(t)) = σ(x) − σ(t): zero at x = t, so x = t is the minimum.
+    t = torch.tensor([[[[1.5]]]])
+    at_teacher = feature_distillation_loss(t.clone(), t)
+    assert at_teacher < feature_distillation_loss(t + 0.3, t)
+    assert at_teacher < feature_distillation_loss(t - 0.3, t)
+
+
+def test_smooth_l1_quadratic_and_linear_regimes():
+    beta = SMOOTH_L1_BETA
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    # |d| < β: 0.5·d²/β; d = β/4 gives 0.5·β²/16/β = β/32.
+    small = torch.full_like(zero, beta / 4)
+    assert reconstruction_loss(small, zero).item() == pytest.approx(beta / 32, rel=1e-9)
+    # |d| ≥ β: |d| − 0.5·β; d = −50·β gives 49.5·β.
+    large = torch.full_like(zero, -50 * beta)
+    assert reconstruction_loss(large, zero).item() == pytest.approx(49.5 * beta, rel=1e-9)
+    # Mean over elements: (β/32 + 49.5·β) / 2.
+    both = torch.cat([small, large], dim=1)
+    assert reconstruction_loss(both, torch.zeros_like(both)).item() == pytest.approx((beta / 32 + 49.5 * beta) / 2, rel=1e-9)
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(2, 6, 4, 5, generator=g, dtype=torch.float64) + 0.1 for _ in range(3)] + [
+        torch.randn(2, 8, 4, 5, generator=g, dtype=torch.float64) for _ in range(2)
+    ]
+
+
+def test_teacher_loss_is_the_weighted_sum_of_its_terms():
+    teacher, target, *_ = _batch(1)
+    # method.md: SmoothL1(T, X) + 0.1·SAM + 0.1·band-wise.
+    expected = (
+        reconstruction_loss(teacher, target)
+        + 0.1 * spectral_angle_loss(teacher, target)
+        + 0.1 * bandwise_loss(teacher, target)
+    )
+    torch.testing.assert_close(teacher_loss(teacher, target), expected, rtol=1e-12, atol=0)
+
+
+def test_student_loss_is_the_weighted_sum_of_its_terms():
+    student, target, teacher, student_feature, teacher_feature = _batch(2)
+    # method.md: SmoothL1(S, X) + 0.1·SmoothL1(S, T) + 0.1·BCE(features) + 0.1·band-wise + 0.1·SAM.
+    expected = (
+        reconstruction_loss(student, target)
+        + 0.1 * reconstruction_loss(student, teacher)
+        + 0.1 * feature_distillation_loss(student_feature, teacher_feature)
+        + 0.1 * bandwise_loss(student, target)
+        + 0.1 * spectral_angle_loss(student, target)
+    )
+    result = student_loss(student, target, teacher, student_feature, teacher_feature)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=0)
+    # Every term contributes: a loss missing one of them would differ by at least this much.
+    smallest_term = min(
+        0.1 * reconstruction_loss(student, teacher),
+        0.1 * feature_distillation_loss(student_feature, teacher_feature),
+        0.1 * bandwise_loss(student, target),
+        0.1 * spectral_angle_loss(student, target),
+    )
+    assert smallest_term > 1e-4
+
+
+def test_student_loss_does_not_train_the_teacher():
+    student, target, teacher, student_feature, teacher_feature = _batch(3)
+    for t in (student, teacher, student_feature, teacher_feature):
+        t.requires_grad_(True)
+    student_loss(student, target, teacher, student_feature, teacher_feature).backward()
+    assert teacher.grad is None
+    assert teacher_feature.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert student_feature.grad is not None and student_feature.grad.abs().sum() > 0

@@ -1,0 +1,216 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csakd_qgis.degradation import blur_and_decimate
+from csakd_qgis.model import (
+    FusionModelConfig,
+    SceneStatistics,
+    SubspaceFusionModel,
+    gaussian_downsample,
+)
+from csakd_qgis.network import NetworkConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def linear_scene(bands=12, rank=4, msi_bands=4, rows=9, cols=11, seed=0):
+    """A scene whose spectra lie exactly in a ``rank``-dimensional affine subspace and whose
+    MSI is an invertible linear map of the subspace coefficients plus an offset: the
+    coefficients are then an exact linear function of the MSI."""
+    rng = np.random.default_rng(seed)
+    endmembers = rng.random((bands, rank))
+    coefficients = rng.normal(size=(rank, rows * cols))
+    mean = rng.random(bands) + 1.0
+    hsi = (mean[:, None] + endmembers @ coefficients).reshape(bands, rows, cols)
+    mixing = rng.normal(size=(msi_bands, rank)) + 2 * np.eye(msi_bands, rank)
+    msi = (mixing @ coefficients + rng.random((msi_bands, 1))).reshape(msi_bands, rows, cols)
+    return hsi, msi
+
+
+def subspace_coefficients(stats, hsi):
+    return stats.basis.T @ (hsi.reshape(hsi.shape[0], -1) - stats.band_mean[:, None]) / stats.scale
+
+
+def regression_prediction(stats, msi):
+    z = (msi.reshape(msi.shape[0], -1) - stats.msi_mean[:, None]) / stats.msi_std[:, None]
+    return stats.regression @ np.vstack([z, np.ones((1, z.shape[1]))])
+
+
+def test_basis_is_orthonormal():
+    rng = np.random.default_rng(1)
+    hsi = rng.random((15, 10, 12))
+    msi = rng.random((3, 10, 12))
+    stats = SceneStatistics.estimate(hsi, msi, subspace_dim=6)
+    assert stats.basis.shape == (15, 6)
+    np.testing.assert_allclose(stats.basis.T @ stats.basis, np.eye(6), atol=1e-12)
+
+
+def test_regression_recovers_an_exactly_linear_relation():
+    hsi, msi = linear_scene()
+    # ridge = 0: the default ridge shrinks the fit by ~1e-3, which would hide an error of that size.
+    stats = SceneStatistics.estimate(hsi, msi, subspace_dim=4, ridge=0.0)
+    truth = subspace_coefficients(stats, hsi)
+    # The data is exactly rank 4, so the basis spans it and the coefficients reproduce the spectra.
+    reconstructed = stats.band_mean[:, None] + stats.scale * stats.basis @ truth
+    np.testing.assert_allclose(reconstructed, hsi.reshape(12, -1), atol=1e-9)
+    np.testing.assert_allclose(regression_prediction(stats, msi), truth, atol=1e-6)
+
+
+def test_default_ridge_stays_close_to_the_exact_relation():
+    hsi, msi = linear_scene(seed=3)
+    stats = SceneStatistics.estimate(hsi, msi, subspace_dim=4)
+    truth = subspace_coefficients(stats, hsi)
+    error = np.abs(regression_prediction(stats, msi) - truth).max()
+    # Measured 0.3 %: the ridge shrinks the fit slightly, it must not distort it.
+    assert error < 0.01 * np.abs(truth).max()
+
+
+def _assert_same_statistics(a, b):
+    np.testing.assert_allclose(a.band_mean, b.band_mean, rtol=1e-10)
+    assert a.scale == pytest.approx(b.scale, rel=1e-10)
+    np.testing.assert_allclose(a.basis, b.basis, atol=1e-8)
+    np.testing.assert_allclose(a.msi_mean, b.msi_mean, rtol=1e-10)
+    np.testing.assert_allclose(a.msi_std, b.msi_std, rtol=1e-10)
+    np.testing.assert_allclose(a.regression, b.regression, atol=1e-8)
+
+
+def test_nan_pixels_and_invalid_pixels_are_left_out_of_the_fit():
+    rng = np.random.default_rng(2)
+    hsi = rng.random((10, 8, 9))
+    msi = rng.random((3, 8, 9))
+    reference = SceneStatistics.estimate(hsi[:, :, 2:], msi[:, :, 2:], subspace_dim=3)
+
+    damaged_hsi, damaged_msi = hsi.copy(), msi.copy()
+    damaged_hsi[4, :, 0] = np.nan  # one band missing is enough to drop the pixel
+    damaged_msi[:, :, 1] = 1e6  # finite nonsense, excluded only by the mask
+    valid = np.ones((8, 9), bool)
+    valid[:, 1] = False
+    stats = SceneStatistics.estimate(damaged_hsi, damaged_msi, subspace_dim=3, valid=valid)
+    _assert_same_statistics(stats, reference)
+    assert np.isfinite(stats.regression).all()
+
+
+def test_fewer_than_four_valid_pixels_is_an_error():
+    rng = np.random.default_rng(0)
+    hsi = rng.random((6, 5, 5))
+    msi = rng.random((3, 5, 5))
+    valid = np.zeros((5, 5), bool)
+    valid[0, :3] = True
+    with pytest.raises(ValueError, match="fewer than 4 pixels"):
+        SceneStatistics.estimate(hsi, msi, 3, valid=valid)
+    # The fourth pixel makes it fittable.
+    valid[0, 3] = True
+    SceneStatistics.estimate(hsi, msi, 3, valid=valid)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_gaussian_downsample_matches_numpy_degradation_in_the_interior(scale):
+    rng = np.random.default_rng(scale)
+    rows, cols = 12 * scale, 13 * scale
+    image = rng.random((2, rows, cols))
+    expected = blur_and_decimate(image, scale)
+    result = gaussian_downsample(torch.from_numpy(image)[None], scale)[0].numpy()
+    assert result.shape == expected.shape == (2, 12, 13)
+    # Interior: LR pixels whose kernel support (numpy: 4σ; torch: ceil(3σ) + (s−1)/2) stays
+    # inside the image, where replicate and reflect borders cannot differ.
+    sigma = 0.53 * scale
+    reach = max(4 * sigma, math.ceil(3 * sigma) + (scale - 1) / 2)
+
+    def interior(n_lr, n_hr):
+        centres = np.arange(n_lr) * scale + (scale - 1) / 2
+        return (centres - reach >= 0) & (centres + reach <= n_hr - 1)
+
+    inner = np.ix_(interior(12, rows), interior(13, cols))
+    assert expected[0][inner].size >= 4
+    # The two kernels differ only by one tap pair per axis (at ±4.5 px for s = 2, ±8.5 px for
+    # s = 4) that the torch kernel keeps and numpy's 4σ cut drops; each pair holds < 1.3e-4 of
+    # the kernel mass, so over two axes the difference is < 3e-4 of the data range (here 1).
+    np.testing.assert_allclose(result[:, inner[0], inner[1]], expected[:, inner[0], inner[1]], atol=3e-4, rtol=0)
+    # The borders do differ; the interior restriction above is needed.
+    assert np.abs(result - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_gaussian_downsample_keeps_a_constant_constant(scale):
+    image = torch.full((1, 3, 5 * scale, 4 * scale), 7.5, dtype=torch.float64)
+    result = gaussian_downsample(image, scale)
+    assert result.shape == (1, 3, 5, 4)
+    torch.testing.assert_close(result, torch.full_like(result, 7.5), rtol=1e-12, atol=0)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    network = NetworkConfig(4, 4, width=8, growth=4, blocks=(1, 1, 1, 1), attention_dim=8, heads=2, unshuffle=4)
+    return SubspaceFusionModel(FusionModelConfig(network, subspace_dim=4)).eval()
+
+
+def scene_inputs(bands, lr_rows, lr_cols, scale, msi_bands=3, seed=0):
+    rng = np.random.default_rng(seed)
+    lr = rng.random((bands, lr_rows, lr_cols)).astype(np.float32)
+    hr = rng.random((msi_bands, lr_rows * scale, lr_cols * scale)).astype(np.float32)
+    return lr, hr
+
+
+@pytest.mark.parametrize("lr_size,scale", [((5, 7), 3), ((3, 3), 2), ((6, 5), 4)])
+def test_sizes_not_a_multiple_of_the_unshuffle_factor(lr_size, scale):
+    model = tiny_model()
+    lr, hr = scene_inputs(9, *lr_size, scale)
+    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4).to_tensors()
+    with torch.no_grad():
+        out = model(torch.from_numpy(lr)[None], torch.from_numpy(hr)[None], stats)
+    assert out.image.shape == (1, 9, lr_size[0] * scale, lr_size[1] * scale)
+    assert torch.isfinite(out.image).all()
+
+
+def test_hr_size_must_be_a_multiple_of_the_lr_size():
+    model = tiny_model()
+    lr, hr = scene_inputs(9, 4, 4, 3)
+    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, 3), 4).to_tensors()
+    with pytest.raises(ValueError, match="integer multiple"):
+        model(torch.from_numpy(lr)[None], torch.from_numpy(hr)[None, :, :12, :11], stats)
+
+
+def _zero_head(model):
+    with torch.no_grad():
+        model.network.head_refine.weight.zero_()
+        model.network.head_refine.bias.zero_()
+
+
+def test_zero_head_with_an_uninformative_msi_is_bicubic_upsampling():
+    model = tiny_model()
+    _zero_head(model)
+    scale = 4
+    lr, _ = scene_inputs(9, 6, 5, scale)
+    hr = np.full((3, 24, 20), 0.3, dtype=np.float32)
+    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4).to_tensors()
+    lr_t = torch.from_numpy(lr)[None]
+    with torch.no_grad():
+        out = model(lr_t, torch.from_numpy(hr)[None], stats).image
+    bicubic = F.interpolate(lr_t, size=(24, 20), mode="bicubic", align_corners=False)
+    # A constant MSI predicts constant coefficients whose high-pass part is zero up to
+    # float32 rounding (~1e-7 of values ~1).
+    torch.testing.assert_close(out, bicubic, rtol=0, atol=1e-5)
+
+
+def test_zero_head_output_is_bicubic_plus_injected_detail():
+    model = tiny_model()
+    _zero_head(model)
+    scale = 4
+    lr, hr = scene_inputs(9, 6, 5, scale, seed=4)
+    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4).to_tensors()
+    lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
+    with torch.no_grad():
+        out = model(lr_t, hr_t, stats).image
+        _, predicted = model.encode(lr_t, hr_t, stats)
+    size = (24, 20)
+    detail = predicted - F.interpolate(gaussian_downsample(predicted, scale), size=size, mode="bicubic", align_corners=False)
+    expected = F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False) + stats["scale"] * torch.einsum(
+        "bk,nkhw->nbhw", stats["basis"][0], detail
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # The MSI does carry detail here, so the comparison above is not bicubic against bicubic.
+    assert (out - F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False)).abs().max() > 1e-2

@@ -1,0 +1,375 @@
+"""The plugin frame: loading in QGIS, import hygiene, metadata, packaging, install."""
+
+import ast
+import configparser
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+from qgis.core import QgsApplication
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_NAME = "csakd_fusion"
+PROVIDER_ID = "csakd"
+PROVIDER_NAME = "Hyperspectral Fusion (CSAKD)"
+# Debian's /usr/bin/qgis_process wrapper passes an option QGIS 3.22 rejects.
+QGIS_PROCESS = "/usr/bin/qgis_process.bin"
+
+
+def _load_packager():
+    # The packager's file list is the definition of "the plugin", so tests reuse it.
+    spec = importlib.util.spec_from_file_location(
+        "package_plugin", PROJECT_ROOT / "scripts" / "package_plugin.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+package_plugin = _load_packager()
+
+
+def _clean_env(**overrides):
+    env = dict(os.environ)
+    # pytest-qgis points QGIS_CUSTOM_CONFIG_PATH at its own profile; a nested make
+    # would otherwise inherit the outer make's jobserver settings.
+    for key in ("QGIS_CUSTOM_CONFIG_PATH", "QGIS_OPTIONS_PATH", "QGIS_PLUGINPATH",
+                "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHONPATH"):
+        env.pop(key, None)
+    env["QT_QPA_PLATFORM"] = "offscreen"
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def _run(cmd, **kwargs):
+    result = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        **kwargs,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {result.returncode}\n"
+        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+    return result
+
+
+# --- loading inside a running QGIS -------------------------------------------------
+
+
+def test_class_factory_init_processing_registers_and_unload_removes(
+    csakd_plugin_package, qgis_processing, qgis_iface
+):
+    registry = QgsApplication.processingRegistry()
+    assert registry.providerById(PROVIDER_ID) is None
+
+    plugin = csakd_plugin_package.classFactory(qgis_iface)
+    plugin.initProcessing()
+    provider = registry.providerById(PROVIDER_ID)
+    assert provider is not None
+    assert provider.name() == PROVIDER_NAME
+    assert provider.longName()
+    assert not provider.icon().isNull()
+    assert Path(provider.svgIconPath()).is_file()
+
+    # QGIS desktop calls initGui after initProcessing: must not register twice.
+    plugin.initGui()
+    assert [p.id() for p in registry.providers()].count(PROVIDER_ID) == 1
+
+    plugin.unload()
+    assert registry.providerById(PROVIDER_ID) is None
+
+
+def test_init_gui_alone_registers_provider(csakd_plugin_package, qgis_processing, qgis_iface):
+    registry = QgsApplication.processingRegistry()
+    plugin = csakd_plugin_package.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        assert registry.providerById(PROVIDER_ID) is not None
+    finally:
+        plugin.unload()
+    assert registry.providerById(PROVIDER_ID) is None
+
+
+def test_provider_fixture_loads_every_available_algorithm(csakd_provider, csakd_plugin_package):
+    from csakd_fusion.processing_provider.algorithms import available_algorithms
+
+    expected = sorted(alg.name() for alg in available_algorithms())
+    loaded = sorted(alg.name() for alg in csakd_provider.algorithms())
+    assert loaded == expected
+    for alg in csakd_provider.algorithms():
+        assert alg.id() == f"{PROVIDER_ID}:{alg.name()}"
+
+
+# --- import hygiene ----------------------------------------------------------------
+
+_BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class _Blocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "qgis", "PyQt5", "sip"}:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, _Blocked())
+    """
+)
+
+
+def test_engine_imports_without_torch_and_qgis(tmp_path):
+    """Importing the engine must work where neither PyTorch nor QGIS can be loaded."""
+    code = _BLOCKER + textwrap.dedent(
+        f"""
+        sys.path.insert(0, {str(PROJECT_ROOT)!r})
+        import csakd_qgis
+        loaded = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "qgis", "PyQt5"}})
+        assert not loaded, loaded
+        print("ok", csakd_qgis.__name__)
+        """
+    )
+    result = _run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env())
+    assert "ok csakd_qgis" in result.stdout
+
+
+def test_plugin_package_import_does_not_need_torch_or_qgis(tmp_path):
+    """The Plugin Manager may import the package before any dependency check runs."""
+    code = _BLOCKER + textwrap.dedent(
+        f"""
+        import importlib.util
+        root = {str(PROJECT_ROOT)!r}
+        spec = importlib.util.spec_from_file_location(
+            {PLUGIN_NAME!r}, root + "/__init__.py", submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        importlib.import_module({PLUGIN_NAME!r} + ".csakd_qgis")
+        assert callable(module.classFactory)
+        print("ok")
+        """
+    )
+    assert "ok" in _run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env()).stdout
+
+
+def test_plugin_imports_under_any_folder_name_without_touching_sys_path(tmp_path):
+    """QGIS imports the plugin by its folder name, a checkout may be named anything."""
+    folders = []
+    for folder_name in ("main", PLUGIN_NAME):
+        folder = tmp_path / folder_name
+        for rel in package_plugin.plugin_files():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / rel, folder / rel)
+        folders.append(folder)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+
+    code = textwrap.dedent(
+        f"""
+        import importlib, importlib.util, sys
+        folders = {[str(f) for f in folders]!r}
+        before = list(sys.path)
+        for folder in folders:
+            name = folder.rsplit("/", 1)[1]
+            spec = importlib.util.spec_from_file_location(
+                name, folder + "/__init__.py", submodule_search_locations=[folder])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            plugin = module.classFactory(None)
+            provider_module = importlib.import_module(name + ".processing_provider.provider")
+            assert provider_module.__file__.startswith(folder), provider_module.__file__
+            assert type(plugin).__module__ == name + ".csakd_plugin", type(plugin).__module__
+            importlib.import_module(name + ".csakd_qgis")
+            importlib.import_module(name + ".processing_provider.algorithms").available_algorithms()
+        assert sys.path == before, set(sys.path) ^ set(before)
+        generic = sorted(
+            m for m in sys.modules
+            if m.split(".")[0] in {{"processing_provider", "csakd_plugin", "csakd_qgis", "resources"}}
+        )
+        assert not generic, generic
+        print("ok")
+        """
+    )
+    result = _run([sys.executable, "-c", code], cwd=workdir, env=_clean_env())
+    assert "ok" in result.stdout
+
+
+def _plugin_python_files():
+    for rel in package_plugin.plugin_files():
+        if rel.suffix == ".py":
+            yield rel
+
+
+def test_plugin_code_uses_only_relative_imports_for_its_own_modules():
+    """An absolute import of a sibling works in a checkout but breaks once installed."""
+    own_names = {"csakd_qgis", "processing_provider", "csakd_plugin", "resources", "tests"}
+    offences = []
+    for rel in _plugin_python_files():
+        tree = ast.parse((PROJECT_ROOT / rel).read_text(encoding="utf-8"), str(rel))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                names = []
+            offences += [f"{rel}:{node.lineno} imports {n}" for n in names
+                         if n.split(".")[0] in own_names]
+            # sys.path.append/insert/extend in plugin code would leak into all of QGIS.
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"append", "insert", "extend"}
+                and ast.unparse(node.func.value) == "sys.path"
+            ):
+                offences.append(f"{rel}:{node.lineno} modifies sys.path")
+    assert not offences, "\n".join(offences)
+
+
+# --- metadata ----------------------------------------------------------------------
+
+REQUIRED_METADATA = [
+    "name", "qgisMinimumVersion", "description", "about", "version", "author", "email",
+    "repository", "tracker", "homepage", "hasProcessingProvider", "tags", "category",
+    "experimental", "icon",
+]
+
+
+def _metadata():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(PROJECT_ROOT / "metadata.txt", encoding="utf-8")
+    return parser["general"]
+
+
+def test_metadata_has_every_required_key():
+    meta = _metadata()
+    missing = [key for key in REQUIRED_METADATA if not meta.get(key, "").strip()]
+    assert not missing, f"metadata.txt lacks {missing}"
+    assert meta["name"] == PROVIDER_NAME
+    assert meta["hasProcessingProvider"] == "yes"
+    assert meta["qgisMinimumVersion"] == "3.22"
+    assert meta["category"] == "Analysis"
+    assert meta["tracker"] == meta["repository"].rstrip("/") + "/issues"
+    assert (PROJECT_ROOT / meta["icon"]).is_file()
+    version_parts = meta["version"].split(".")
+    assert len(version_parts) == 3 and all(p.isdigit() for p in version_parts)
+
+
+# --- packaging and installing ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_package(tmp_path_factory):
+    dist = tmp_path_factory.mktemp("dist")
+    _run(["make", "--no-print-directory", "package", f"DIST_DIR={dist}"],
+         cwd=PROJECT_ROOT, env=_clean_env())
+    version = _metadata()["version"]
+    archive = dist / f"{PLUGIN_NAME}-{version}.zip"
+    assert archive.is_file(), sorted(p.name for p in dist.iterdir())
+    return archive
+
+
+def test_package_zip_has_one_clean_top_folder(built_package):
+    with zipfile.ZipFile(built_package) as archive:
+        names = archive.namelist()
+        assert archive.testzip() is None
+    assert {n.split("/")[0] for n in names} == {PLUGIN_NAME}
+    inside = {n.split("/", 1)[1] for n in names}
+    for required in ("__init__.py", "metadata.txt", "csakd_plugin.py",
+                     "processing_provider/provider.py", "processing_provider/algorithms.py",
+                     "resources/icon.svg"):
+        assert required in inside, f"{required} missing from the package"
+    assert any(n.startswith("csakd_qgis/") for n in inside)
+    forbidden = [n for n in inside
+                 if n.startswith(("tests/", ".venv/", ".git", "scripts/", "dist/",
+                                  "demo_output/", ".qgis-settings/"))
+                 or "__pycache__" in n or n.endswith(".pyc")
+                 or Path(n).name.startswith("test_")]
+    assert not forbidden, forbidden
+
+
+def test_package_installs_the_way_the_plugin_manager_does(built_package, tmp_path):
+    # Mirrors "Install from ZIP" in QGIS 3.22: the plugin's folder name is taken from
+    # the first *metadata.txt in sorted order, then QGIS's own unzip extracts it.
+    with zipfile.ZipFile(built_package) as archive:
+        metadata_files = sorted(n for n in archive.namelist() if n.endswith("metadata.txt"))
+    assert metadata_files[0] == f"{PLUGIN_NAME}/metadata.txt", metadata_files
+    plugin_name = os.path.split(metadata_files[0])[0]
+
+    unzip_path = Path(QgsApplication.pkgDataPath()) / "python" / "pyplugin_installer" / "unzip.py"
+    spec = importlib.util.spec_from_file_location("_qgis_plugin_unzip", unzip_path)
+    qgis_unzip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qgis_unzip)
+    plugins_dir = tmp_path / "plugins"
+    qgis_unzip.unzip(str(built_package), str(plugins_dir))
+
+    installed = plugins_dir / plugin_name
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(installed / "metadata.txt", encoding="utf-8")
+    assert parser["general"]["name"] == PROVIDER_NAME
+    assert (installed / parser["general"]["icon"]).is_file()
+
+
+def _qgis_process(args, profile, plugin_path=None):
+    env = _clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
+    if plugin_path is not None:
+        env["QGIS_PLUGINPATH"] = str(plugin_path)
+    return _run([QGIS_PROCESS, *args], env=env, cwd=profile)
+
+
+def _assert_provider_listed(profile, plugin_path=None):
+    listing = _qgis_process(["list"], profile, plugin_path).stdout
+    assert PROVIDER_NAME in listing.splitlines(), listing
+    providers = json.loads(_qgis_process(["--json", "list"], profile, plugin_path).stdout)
+    provider = providers["providers"].get(PROVIDER_ID)
+    assert provider is not None, sorted(providers["providers"])
+    # Once processing_provider.algorithms returns the fusion algorithm, this also
+    # proves that qgis_process can load it from the installed copy.
+    from csakd_fusion.processing_provider.algorithms import available_algorithms
+
+    expected = {f"{PROVIDER_ID}:{alg.name()}" for alg in available_algorithms()}
+    assert expected <= set(provider["algorithms"]), sorted(provider["algorithms"])
+    return listing
+
+
+def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
+    tmp_path, built_package, csakd_plugin_package
+):
+    profile = tmp_path / "qgis-config"
+    plugins_dir = profile / "profiles" / "default" / "python" / "plugins"
+    dist = built_package.parent
+    make = ["make", "--no-print-directory", "install", f"DIST_DIR={dist}"]
+    env = _clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
+    _run(make, cwd=PROJECT_ROOT, env=env)
+    installed = plugins_dir / PLUGIN_NAME
+    assert (installed / "metadata.txt").is_file()
+    assert not (installed / "tests").exists()
+
+    enabled = _qgis_process(["plugins"], profile).stdout
+    assert f"* {PLUGIN_NAME}" in enabled.splitlines(), enabled
+    _assert_provider_listed(profile)
+
+    # A reinstall replaces the old copy wholesale instead of merging into it.
+    (installed / "left_over_from_old_version.py").write_text("raise ImportError\n")
+    _run(make, cwd=PROJECT_ROOT, env=env)
+    assert not (installed / "left_over_from_old_version.py").exists()
+    _assert_provider_listed(profile)
+
+
+def test_make_install_into_custom_plugins_dir(tmp_path, built_package, csakd_plugin_package):
+    profile = tmp_path / "qgis-config"
+    plugins_dir = tmp_path / "plugins"
+    _run(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}",
+          f"QGIS_PLUGINS_DIR={plugins_dir}"],
+         cwd=PROJECT_ROOT, env=_clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
+    assert (plugins_dir / PLUGIN_NAME / "__init__.py").is_file()
+    assert not (profile / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME).exists()
+    _assert_provider_listed(profile, plugin_path=plugins_dir)

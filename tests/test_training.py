@@ -1,0 +1,80 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from csakd_qgis import datasets, train
+from csakd_qgis.bundle import load_bundle
+from csakd_qgis.network import count_parameters
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def few_validation_cases(data_dir=None):
+    """One Wald case per validation cube (scale 8, Sentinel-2 10 m): the full 27 cases cost
+    ~30 s per run on a busy 2-core machine, and every case goes through the same code."""
+    return [c for c in datasets.validation_cases(data_dir, scales=(8,)) if c.sensor == "Sentinel-2 10 m"]
+
+
+def _checkpoint_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+
+
+def _check_card(card, role, steps):
+    assert card["role"] == role
+    assert set(card["config"]) == {"network", "subspace_dim"}
+    summary = card["validation"]["summary"]
+    assert set(summary) == {role, "bicubic", "gsa"}
+    for name in (role, "bicubic", "gsa"):
+        for metric in ("psnr", "sam", "ergas"):
+            assert math.isfinite(summary[name][metric]), (name, metric)
+    assert {c["cube"] for c in card["validation"]["cases"]} == {
+        "EnMAP Potsdam block C",
+        "HyMap02 Berlin",
+        "AVIRIS Jasper Ridge",
+    }
+    training = card["training"]
+    assert training["steps"] == steps
+    assert training["batch_size"] == 2 and training["crop"] == 32
+    assert training["best_epoch"] >= 1 and training["minutes"] >= 0
+    assert len(training["cubes"]) == 5
+
+
+def test_train_writes_bundles_and_resumes(tmp_path, shared_data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(train, "validation_cases", few_validation_cases)
+    checkpoint = tmp_path / "ck.pt"
+    common = ["--steps-per-epoch", "2", "--batch-size", "2", "--crop", "32", "--output", str(tmp_path)]
+    common += ["--checkpoint", str(checkpoint), "--data", str(shared_data_dir), "--threads", "1", "--log-every", "1"]
+
+    assert train.main(["--minutes", "0.05", "--fresh"] + common) == 0
+    first = capsys.readouterr().out
+    assert "resumed" not in first
+    state = _checkpoint_state(checkpoint)
+    assert state["step"] >= 1 and len(state["history"]) >= 1
+
+    student, student_card = load_bundle(tmp_path / "csakd_student.json")
+    teacher, teacher_card = load_bundle(tmp_path / "csakd_teacher.json")
+    assert student.config == train.student_config()
+    assert teacher.config == train.teacher_config()
+    _check_card(student_card, "student", state["step"])
+    _check_card(teacher_card, "teacher", state["step"])
+    assert student_card["parameters"] == count_parameters(student)
+    assert teacher_card["parameters"] == count_parameters(teacher)
+    assert teacher_card["parameters"] > student_card["parameters"]
+    # The shipped student is the one that was validated: its card's numbers are reproduced.
+    rows = train.validate(student, few_validation_cases(shared_data_dir))
+    assert np.mean([r["psnr"] for r in rows]) == pytest.approx(student_card["validation"]["summary"]["student"]["psnr"], abs=1e-6)
+
+    # A larger budget without --fresh continues the same run. The budget counts time already
+    # spent, so it is set just above what the checkpoint holds: at least one more step.
+    minutes = state["elapsed"] / 60 + 0.03
+    assert train.main(["--minutes", f"{minutes:.4f}"] + common) == 0
+    second = capsys.readouterr().out
+    assert f"resumed from {checkpoint} at step {state['step']}" in second
+    resumed = _checkpoint_state(checkpoint)
+    assert resumed["step"] > state["step"]
+    assert len(resumed["history"]) > len(state["history"])
+    assert resumed["history"][: len(state["history"])] == state["history"]
+    _, student_card = load_bundle(tmp_path / "csakd_student.json")
+    assert student_card["training"]["steps"] == resumed["step"]
