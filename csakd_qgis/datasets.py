@@ -20,7 +20,7 @@ from . import cubes
 from .degradation import add_noise, blur_and_decimate, simulate_msi
 from .srf import SensorResponse, list_sensors, load_srf, spectral_response_matrix
 
-TRAINING_SCALES = (2, 3, 4, 5, 6, 8)
+TRAINING_SCALES = (2, 3, 4, 5, 6, 8, 10)
 VALIDATION_SCALES = (3, 4, 8)
 
 

@@ -155,6 +155,10 @@ class SubspaceFusionModel(nn.Module):
             raise ValueError("the network's input channels must both equal the subspace dimension")
         self.config = config
         self.network = CSAKDNet(config.network)
+        # An untrained model is exactly the classical base; training only ever adds to it,
+        # instead of first unlearning a random residual.
+        nn.init.zeros_(self.network.head_refine.weight)
+        nn.init.zeros_(self.network.head_refine.bias)
 
     @property
     def pad_multiple(self) -> int:

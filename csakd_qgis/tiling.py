@@ -116,14 +116,17 @@ class StripBlender:
         self.sum[:, local, c : c + w] += values * weights
         self.weight[local, c : c + w] += weights
 
-    def flush_until(self, row: int) -> None:
-        """Emit every row above ``row``: no later tile may touch them."""
+    def flush_until(self, row: int, chunk_rows: int = 64) -> None:
+        """Emit every row above ``row`` (no later tile may touch them), ``chunk_rows`` at a
+        time, so that the normalised copy and the caller's conversions stay small."""
         count = row - self.start
         if count <= 0:
             return
-        with np.errstate(invalid="ignore", divide="ignore"):
-            finished = self.sum[:, :count] / self.weight[None, :count]
-        self.emit(self.start, finished)
+        for offset in range(0, count, chunk_rows):
+            end = min(count, offset + chunk_rows)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                finished = self.sum[:, offset:end] / self.weight[None, offset:end]
+            self.emit(self.start + offset, finished)
         self.sum = self.sum[:, count:].copy()
         self.weight = self.weight[count:].copy()
         self.start = row

@@ -30,8 +30,17 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def qgis_python() -> str:
+    """The interpreter behind QGIS's Python (sys.executable is the QGIS binary in the desktop)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (Path(sys.exec_prefix) / "bin" / version, Path(sys.exec_prefix) / "bin" / "python3"):
+        if candidate.exists():
+            return str(candidate)
+    return "python3"
+
+
 def missing_torch_message() -> str:
-    python = sys.executable or "python3"
+    python = qgis_python()
     system = platform.system()
     if system == "Windows":
         how = (

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterBand,
@@ -20,7 +19,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QIcon
 
-from .dependencies import missing_torch_message, torch_available
+from . import dependencies
 from .styling import TrueColourPostProcessor
 
 _ICON = Path(__file__).resolve().parent.parent / "resources" / "icon.svg"
@@ -161,8 +160,8 @@ class HyperspectralFusionAlgorithm(QgsProcessingAlgorithm):
         return super().checkParameterValues(parameters, context)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        if not torch_available():
-            raise QgsProcessingException(missing_torch_message())
+        if not dependencies.torch_available():
+            raise QgsProcessingException(dependencies.missing_torch_message())
         from ..csakd_qgis.api import FusionCancelled, fuse_files
         from ..csakd_qgis.bundle import BundleError
         from ..csakd_qgis.georaster import FusionInputError

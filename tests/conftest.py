@@ -86,17 +86,10 @@ BUNDLED_MODEL = PROJECT_ROOT / "resources" / "models" / "csakd_student.json"
 
 @pytest.fixture(scope="session")
 def fusion_model():
-    """The model card the fusion tests run with.
-
-    TODO(lead, before commit): return BUNDLED_MODEL only, and fail when it is missing.
-    Until the trained student is bundled, a development bundle stands in for it.
-    """
-    if BUNDLED_MODEL.is_file():
-        return BUNDLED_MODEL
-    development = Path("/tmp/trtest/csakd_student.json")
-    if not development.is_file():
-        pytest.fail(f"no model bundle: neither {BUNDLED_MODEL} nor the development bundle exists")
-    return development
+    """The bundled student: the model the fusion algorithm uses by default."""
+    if not BUNDLED_MODEL.is_file():
+        pytest.fail(f"the bundled model {BUNDLED_MODEL} is missing; run `make train` to produce it")
+    return BUNDLED_MODEL
 
 
 def recording_feedback():
@@ -278,3 +271,4 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+

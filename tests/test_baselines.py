@@ -10,7 +10,6 @@ from csakd_qgis.metrics import psnr, sam
 from csakd_qgis.srf import load_srf, spectral_response_matrix
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-JASPER = DATA_DIR / "cubes" / "jasperRidge2_R198.mat"
 
 
 def test_upsample_matrix_rows_sum_to_one():
@@ -90,7 +89,7 @@ def test_gsa_accepts_integer_input():
     assert out.dtype == np.float64 and np.isfinite(out).all()
 
 
-@pytest.mark.skipif(not JASPER.is_file(), reason="Jasper Ridge cube not available")
+@pytest.mark.usefixtures("shared_data_dir")
 def test_gsa_beats_bicubic_on_jasper_ridge_sentinel2_scale4():
     cube, wl = load_jasper_ridge(DATA_DIR)
     s2 = load_srf("sentinel2a_msi_srf", DATA_DIR / "srf").subset(["B2", "B3", "B4", "B8"])

@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 import pytest
+
+from tests.model_helpers import randomise_head
 import torch
 
 from csakd_qgis import bundle as bundle_module
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     network = NetworkConfig(4, 4, width=8, growth=4, blocks=(1, 1, 1, 1), attention_dim=8, heads=2, unshuffle=2)
-    return SubspaceFusionModel(FusionModelConfig(network, subspace_dim=4)).eval()
+    return randomise_head(SubspaceFusionModel(FusionModelConfig(network, subspace_dim=4)), seed).eval()
 
 
 @pytest.fixture

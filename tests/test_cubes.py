@@ -6,9 +6,6 @@ import pytest
 from csakd_qgis.cubes import load_jasper_ridge, load_moffett, load_samson
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_cubes = pytest.mark.skipif(
-    not (DATA_DIR / "cubes").is_dir(), reason="../shared/data/cubes not available"
-)
 
 
 def _neighbour_corr(img):
@@ -19,7 +16,7 @@ def _neighbour_corr(img):
     return min(a, b)
 
 
-@needs_cubes
+@pytest.mark.usefixtures("shared_data_dir")
 @pytest.mark.parametrize(
     "loader,shape,wl_range",
     [
@@ -38,14 +35,14 @@ def test_cube_loads_coherently(loader, shape, wl_range):
     assert _neighbour_corr(cube[shape[0] // 2]) > 0.5
 
 
-@needs_cubes
+@pytest.mark.usefixtures("shared_data_dir")
 def test_samson_wavelengths_even():
     _, wl = load_samson(DATA_DIR)
     assert wl[0] == pytest.approx(401) and wl[-1] == pytest.approx(889)
     np.testing.assert_allclose(np.diff(wl), (889 - 401) / 155)
 
 
-@needs_cubes
+@pytest.mark.usefixtures("shared_data_dir")
 def test_jasper_water_map_is_one_column_band():
     # The abundance map shipped with the file puts the reservoir in a
     # vertical strip (cols ~30-60) with the column-major reshape; the row

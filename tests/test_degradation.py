@@ -21,7 +21,6 @@ from csakd_qgis.srf import (
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SRF_DIR = DATA_DIR / "srf"
-needs_srf = pytest.mark.skipif(not SRF_DIR.is_dir(), reason="../shared/data/srf not available")
 
 
 def test_gaussian_sigma():
@@ -138,7 +137,7 @@ def test_wald_pair_noise_is_reproducible():
     np.testing.assert_array_equal(a[2], cube)
 
 
-@needs_srf
+@pytest.mark.usefixtures("shared_data_dir")
 def test_list_sensors_excludes_hyperspectral_tables():
     names = list_sensors(SRF_DIR)
     assert "sentinel2a_msi_srf" in names and "landsat8_9_oli_srf" in names
@@ -146,7 +145,7 @@ def test_list_sensors_excludes_hyperspectral_tables():
         assert hs not in names
 
 
-@needs_srf
+@pytest.mark.usefixtures("shared_data_dir")
 def test_load_srf_by_stem_and_subset():
     s2 = load_srf("sentinel2a_msi_srf", SRF_DIR)
     assert s2.band_names[:4] == ["B1", "B2", "B3", "B4"] and len(s2.band_names) == 13
@@ -161,7 +160,7 @@ def test_load_srf_by_stem_and_subset():
         load_srf("enmap", SRF_DIR)
 
 
-@needs_srf
+@pytest.mark.usefixtures("shared_data_dir")
 def test_srf_matrix_rows_sum_to_one_and_swir_dropped():
     s2 = load_srf("sentinel2a_msi_srf", SRF_DIR)
     centres = np.arange(400.0, 901.0, 10.0)

@@ -2,6 +2,8 @@ import math
 
 import numpy as np
 import pytest
+
+from tests.model_helpers import randomise_head
 import torch
 import torch.nn.functional as F
 
@@ -145,7 +147,7 @@ def test_gaussian_downsample_keeps_a_constant_constant(scale):
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     network = NetworkConfig(4, 4, width=8, growth=4, blocks=(1, 1, 1, 1), attention_dim=8, heads=2, unshuffle=4)
-    return SubspaceFusionModel(FusionModelConfig(network, subspace_dim=4)).eval()
+    return randomise_head(SubspaceFusionModel(FusionModelConfig(network, subspace_dim=4)), seed).eval()
 
 
 def scene_inputs(bands, lr_rows, lr_cols, scale, msi_bands=3, seed=0):
