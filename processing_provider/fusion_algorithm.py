@@ -20,7 +20,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QIcon
 
 from . import dependencies
-from .styling import TrueColourPostProcessor
+from .styling import TRUE_COLOUR
 
 _ICON = Path(__file__).resolve().parent.parent / "resources" / "icon.svg"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -195,7 +195,6 @@ class HyperspectralFusionAlgorithm(QgsProcessingAlgorithm):
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
             details.name = "Fused hyperspectral image"
-            self._post_processor = TrueColourPostProcessor()
-            details.setPostProcessor(self._post_processor)
+            details.setPostProcessor(TRUE_COLOUR)
         feedback.pushInfo(f"done in {report.seconds:.1f} s on {report.device}")
         return {self.OUTPUT: output}

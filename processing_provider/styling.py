@@ -57,3 +57,8 @@ class TrueColourPostProcessor(QgsProcessingLayerPostProcessorInterface):
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if isinstance(layer, QgsRasterLayer):
             apply_true_colour(layer)
+
+
+# One stateless instance for every run: Processing calls it after the algorithm object that
+# registered it is gone, so it must not belong to that object.
+TRUE_COLOUR = TrueColourPostProcessor()
