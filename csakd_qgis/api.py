@@ -200,6 +200,7 @@ def fuse_files(
     progress: Optional[Callable[[float], None]] = None,
     cancelled: Optional[Callable[[], bool]] = None,
     log: Callable[[str], None] = lambda message: None,
+    adapt_minutes: float = 0.0,
 ) -> FusionReport:
     """Fuse two co-registered rasters (any GDAL format, any CRS) into a GeoTIFF.
 
@@ -207,6 +208,7 @@ def fuse_files(
     (or per 1-based index in ``bands``), with each band's wavelength, FWHM and bad-band flag.
     It is written tile by tile to a temporary file renamed into place at the end, so a
     failed or cancelled run leaves nothing behind. Raises FusionInputError on bad input.
+    ``adapt_minutes`` > 0 first fine-tunes the model on the scene's own Wald-degraded pair.
     """
     import rasterio
     from rasterio.errors import RasterioIOError
@@ -260,8 +262,10 @@ def fuse_files(
             lr_fit = lr_fit[usable]
             lr_fit[:, ~np.isfinite(lr_fit).all(0)] = np.nan
             stats = fit_scene(lr_fit, msi_fit, fused_model.config.subspace_dim)
-            fuser = TileFuser(fused_model, stats, grid.scale, torch_device)
             used_indexes = [i for i, keep in zip(indexes, usable) if keep]
+            if adapt_minutes > 0:
+                fused_model = _adapted(fused_model, lr_vrt, msi_vrt, used_indexes, grid, adapt_minutes, log, cancelled)
+            fuser = TileFuser(fused_model, stats, grid.scale, torch_device)
             position = np.flatnonzero(usable)
 
             hr_col0 = int(round((grid.transform.c - hr_ds.transform.c) / hr_ds.transform.a))
@@ -298,6 +302,31 @@ def fuse_files(
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
     return FusionReport(str(torch_device), name, seconds, tiles, grid.scale)
+
+
+ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bounded memory
+
+
+def _adapted(model, lr_vrt, msi_vrt, indexes, grid, minutes, log, cancelled):
+    """The model fine-tuned on a central window of the scene (see user_training.adapt_to_scene)."""
+    from rasterio.windows import Window
+
+    from .georaster import FusionInputError, read_as_float
+    from .user_training import adapt_to_scene
+
+    rows, cols = min(grid.lr_height, ADAPTATION_WINDOW), min(grid.lr_width, ADAPTATION_WINDOW)
+    window = Window((grid.lr_width - cols) // 2, (grid.lr_height - rows) // 2, cols, rows)
+    hsi = read_as_float(lr_vrt, window=window, indexes=indexes)
+    msi = read_as_float(msi_vrt, window=window)
+    valid = np.isfinite(hsi).all(0) & np.isfinite(msi).all(0)
+    if valid.mean() < 0.5:
+        raise FusionInputError("scene adaptation needs a centre area where both images have data; set its minutes to 0")
+    hsi = np.where(valid, hsi, np.nanmean(hsi, axis=(1, 2), keepdims=True))
+    msi = np.where(valid, msi, np.nanmean(msi, axis=(1, 2), keepdims=True))
+    adapted, _ = adapt_to_scene(model, hsi, msi, grid.scale, minutes, log=log, cancelled=cancelled or (lambda: False))
+    if cancelled is not None and cancelled():
+        raise FusionCancelled("fusion cancelled during scene adaptation")
+    return adapted
 
 
 def _check_writable(output_path: Path) -> None:

@@ -108,6 +108,34 @@ _LAUNCHER = (
 )
 
 
+def robustness(data_dir=None) -> Dict:
+    """Scale 4, Sentinel-2 10 m: 30 dB noise on either input, and the LR-HSI shifted by 1 HR pixel."""
+    from .api import fuse_arrays, load_model
+    from .baselines import bicubic_upsample, gsa
+    from .bundle import default_model_path
+    from .datasets import make_wald_case, validation_cubes, validation_sensors
+    from .train import _metrics
+
+    sensor = validation_sensors()["Sentinel-2 10 m"]
+    variants = {
+        "HSI noise 30 dB": {"hsi_snr_db": 30.0},
+        "MSI noise 30 dB": {"msi_snr_db": 30.0},
+        "HSI shifted 1 px": {"shift": (1.0, 1.0)},
+    }
+    student, _ = load_model(default_model_path(), "cpu")
+    rows = []
+    for cube in validation_cubes(data_dir):
+        for label, options in variants.items():
+            case = make_wald_case(cube, sensor, 4, rng=np.random.default_rng(0), **options)
+            case.sensor = label
+            rows.append({
+                "bicubic": _metrics(case, bicubic_upsample(case.lr_hsi, 4, case.reference.shape[1:])),
+                "gsa": _metrics(case, gsa(case.lr_hsi, case.hr_msi, 4)),
+                "student": _metrics(case, fuse_arrays(case.lr_hsi, case.hr_msi, model=student)),
+            })
+    return {"cases": rows}
+
+
 def _run_measured(command: List[str]) -> Dict:
     """Wall time and peak resident memory of a command in its own process."""
     started = time.perf_counter()
@@ -216,6 +244,12 @@ def print_report(results: Dict) -> None:
     summary = results["quality"]["summary"]
     cells = "  ".join(f"{summary[m]['psnr']:6.2f}/{summary[m]['sam']:5.2f}/{summary[m]['ergas']:5.2f}" for m in methods)
     print(f"{'mean':24s} {'':16s} {'':2s}  {cells}")
+    if results.get("robustness"):
+        print("\n2b. Robustness, scale 4, Sentinel-2 10 m (PSNR dB / SAM °)")
+        print(f"{'cube':24s} {'variant':18s} " + "  ".join(f"{m:>14s}" for m in ("bicubic", "gsa", "student")))
+        for row in results["robustness"]["cases"]:
+            cells = "  ".join(f"{row[m]['psnr']:6.2f}/{row[m]['sam']:6.2f}" for m in ("bicubic", "gsa", "student"))
+            print(f"{row['bicubic']['cube'][:24]:24s} {row['bicubic']['sensor']:18s} {cells}")
     if results.get("end_to_end"):
         print("\n3. End-to-end: 224-band scene → GeoTIFF on the MSI grid (same creation options)")
         print(f"{'output':18s} {'fusion s':>9s} {'gdalwarp s':>11s} {'ratio':>6s} {'fusion peak MB':>15s} {'gdalwarp peak MB':>17s}")
@@ -241,6 +275,7 @@ def main(argv=None) -> int:
     results["costs"] = network_costs(args.repeats)
     print("measuring quality on the validation cubes…", flush=True)
     results["quality"] = quality(args.data)
+    results["robustness"] = robustness(args.data)
     if args.sizes:
         print("measuring end-to-end fusion against gdalwarp…", flush=True)
         results["end_to_end"] = end_to_end(args.sizes, args.data)

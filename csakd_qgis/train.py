@@ -21,9 +21,9 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -116,58 +116,113 @@ def summarise(rows: List[Dict]) -> Dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "sam", "ergas")}
 
 
-def train(args) -> Path:
-    torch.manual_seed(args.seed)
-    # Near-zero activations and gradients turn subnormal; on x86 CPUs every operation on a
-    # subnormal costs ~100× more, which made steps several times slower.
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    output = Path(args.output)
-    checkpoint_path = Path(args.checkpoint or DEFAULT_CHECKPOINT)
-    rng = np.random.default_rng(args.seed)
+class BudgetTooShort(ValueError):
+    """The time budget ran out before the first training step finished."""
 
-    print(f"loading real cubes from {args.data or 'the shared data folder'}", flush=True)
-    cubes = training_cubes(args.data)
-    sensors = training_sensors()
-    cases = validation_cases(args.data, scales=args.validation_scales)
-    print(f"training cubes: {', '.join(f'{c.name} {c.data.shape}' for c in cubes)}", flush=True)
-    print(f"validation: {len(cases)} Wald cases on cubes never trained on", flush=True)
-    baselines = baseline_metrics(cases)
-    for name, rows in baselines.items():
-        m = summarise(rows)
-        print(f"  {name:8s} PSNR {m['psnr']:.2f} dB  SAM {m['sam']:.2f}°  ERGAS {m['ergas']:.2f}", flush=True)
 
-    teacher = SubspaceFusionModel(teacher_config(args.subspace_dim))
-    student = SubspaceFusionModel(student_config(args.subspace_dim))
+class TrainingCancelled(Exception):
+    """Raised only when cancelled before anything could be validated."""
+
+
+@dataclass
+class TrainingRun:
+    """What one co-training run needs; the data comes in through ``sample_batch``."""
+
+    sample_batch: Callable[[np.random.Generator], List[WaldCase]]
+    validation: List[WaldCase]
+    teacher: FusionModelConfig
+    student: FusionModelConfig
+    minutes: float
+    checkpoint: Path
+    lr: float = 1e-3
+    steps_per_epoch: int = 400
+    log_every: int = 25
+    seed: int = 2024
+    fresh: bool = False
+    start_student: Optional[Dict] = None  # a state dict to start the student from
+    baselines: Dict = field(default_factory=dict)
+
+
+def co_train(
+    run: TrainingRun,
+    log: Callable[[str], None] = print,
+    cancelled: Callable[[], bool] = lambda: False,
+    progress: Optional[Callable[[float], None]] = None,
+) -> Dict:
+    """Online distillation: each step trains the teacher, then the student against the
+    reference, the teacher's output and its fused feature. Validates after every epoch,
+    keeps the best student (mean validation PSNR), checkpoints, resumes. Returns the state."""
+    torch.manual_seed(run.seed)
+    rng = np.random.default_rng(run.seed)
+    teacher = SubspaceFusionModel(run.teacher)
+    student = SubspaceFusionModel(run.student)
+    if run.start_student is not None:
+        student.load_state_dict(run.start_student)
     distiller = Distiller(teacher, student)
-    teacher_opt = torch.optim.AdamW(teacher.parameters(), lr=args.lr, weight_decay=1e-4)
-    student_opt = torch.optim.AdamW(list(student.parameters()) + list(distiller.adapter.parameters()), lr=args.lr, weight_decay=1e-4)
+    teacher_opt = torch.optim.AdamW(teacher.parameters(), lr=run.lr, weight_decay=1e-4)
+    student_opt = torch.optim.AdamW(list(student.parameters()) + list(distiller.adapter.parameters()), lr=run.lr, weight_decay=1e-4)
+    if not run.baselines:
+        run.baselines = baseline_metrics(run.validation)
 
     state = {"step": 0, "elapsed": 0.0, "history": [], "best": None}
-    if checkpoint_path.exists() and not args.fresh:
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if run.checkpoint.exists() and not run.fresh:
+        saved = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
         distiller.load_state_dict(saved["distiller"])
         teacher_opt.load_state_dict(saved["teacher_opt"])
         student_opt.load_state_dict(saved["student_opt"])
         rng.bit_generator.state = saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
-        print(f"resumed from {checkpoint_path} at step {state['step']} ({state['elapsed'] / 60:.1f} min done)", flush=True)
+        log(f"resumed from {run.checkpoint} at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
 
-    budget = args.minutes * 60.0
+    def validate_and_checkpoint(epoch_losses):
+        teacher_rows = validate(teacher, run.validation)
+        student_rows = validate(student, run.validation)
+        t_sum, s_sum = summarise(teacher_rows), summarise(student_rows)
+        epoch = len(state["history"]) + 1
+        losses = np.mean(epoch_losses, axis=0).tolist() if epoch_losses else [float("nan")] * 2
+        state["history"].append(
+            {"epoch": epoch, "step": state["step"], "minutes": state["elapsed"] / 60, "teacher": t_sum,
+             "student": s_sum, "losses": losses}
+        )
+        b, g = summarise(run.baselines["bicubic"]), summarise(run.baselines["gsa"])
+        log(
+            f"epoch {epoch:3d} validation PSNR/SAM  teacher {t_sum['psnr']:.2f}/{t_sum['sam']:.2f}  "
+            f"student {s_sum['psnr']:.2f}/{s_sum['sam']:.2f}  GSA {g['psnr']:.2f}/{g['sam']:.2f}  "
+            f"bicubic {b['psnr']:.2f}/{b['sam']:.2f}"
+        )
+        if state["best"] is None or s_sum["psnr"] > state["best"]["student"]["psnr"]:
+            state["best"] = {
+                "epoch": epoch, "step": state["step"], "student": s_sum, "teacher": t_sum,
+                "student_rows": student_rows, "teacher_rows": teacher_rows,
+                "student_state": {k: v.clone() for k, v in student.state_dict().items()},
+                "teacher_state": {k: v.clone() for k, v in teacher.state_dict().items()},
+            }
+        saved = {
+            "distiller": distiller.state_dict(), "teacher_opt": teacher_opt.state_dict(),
+            "student_opt": student_opt.state_dict(), "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(), "state": state,
+        }
+        _atomic_write(run.checkpoint, lambda p: torch.save(saved, p))
+
+    budget = run.minutes * 60.0
     started = time.time() - state["elapsed"]
     teacher.train()
     student.train()
-    while state["elapsed"] < budget:
+    stop = False
+    while state["elapsed"] < budget and not stop:
         epoch_losses = []
-        for _ in range(args.steps_per_epoch):
+        for _ in range(run.steps_per_epoch):
+            if cancelled():
+                log("cancelled: keeping the best model validated so far")
+                stop = True
+                break
             fraction = min(1.0, state["elapsed"] / budget)
-            lr = args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * fraction)))
+            lr = run.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * fraction)))
             for opt in (teacher_opt, student_opt):
                 for group in opt.param_groups:
                     group["lr"] = lr
-            batch = training_batch(cubes, sensors, rng, args.batch_size, args.crop)
-            lr_hsi, hr_msi, stats, reference = prepare_batch(batch, args.subspace_dim)
+            lr_hsi, hr_msi, stats, reference = prepare_batch(run.sample_batch(rng), run.student.subspace_dim)
             norm = stats["scale"].view(-1, 1, 1, 1)
             target = reference / norm
 
@@ -193,51 +248,85 @@ def train(args) -> Path:
 
             state["step"] += 1
             state["elapsed"] = time.time() - started
+            if state["step"] == 1 and state["elapsed"] > budget:
+                raise BudgetTooShort(
+                    f"the time budget ({run.minutes:g} min) ran out before the first training step finished "
+                    f"({state['elapsed']:.0f} s); give at least {max(1, math.ceil(state['elapsed'] * 20 / 60))} minutes"
+                )
             epoch_losses.append((t_loss.item(), s_loss.item()))
-            if state["step"] % args.log_every == 0:
-                t_mean, s_mean = np.mean(epoch_losses[-args.log_every :], axis=0)
-                print(
-                    f"step {state['step']:6d}  {state['elapsed'] / 60:6.1f}/{args.minutes:.0f} min  "
-                    f"lr {lr:.2e}  teacher loss {t_mean:.4f}  student loss {s_mean:.4f}",
-                    flush=True,
+            if progress is not None:
+                progress(min(1.0, state["elapsed"] / budget))
+            if state["step"] % run.log_every == 0:
+                t_mean, s_mean = np.mean(epoch_losses[-run.log_every :], axis=0)
+                log(
+                    f"step {state['step']:6d}  {state['elapsed'] / 60:6.1f}/{run.minutes:g} min  "
+                    f"lr {lr:.2e}  teacher loss {t_mean:.4f}  student loss {s_mean:.4f}"
                 )
             if state["elapsed"] >= budget:
                 break
-
-        teacher_rows = validate(teacher, cases)
-        student_rows = validate(student, cases)
-        t_sum, s_sum = summarise(teacher_rows), summarise(student_rows)
-        epoch = len(state["history"]) + 1
-        state["history"].append(
-            {"epoch": epoch, "step": state["step"], "minutes": state["elapsed"] / 60, "teacher": t_sum, "student": s_sum,
-             "losses": np.mean(epoch_losses, axis=0).tolist()}
-        )
-        b, g = summarise(baselines["bicubic"]), summarise(baselines["gsa"])
-        print(
-            f"epoch {epoch:3d} validation PSNR/SAM  teacher {t_sum['psnr']:.2f}/{t_sum['sam']:.2f}  "
-            f"student {s_sum['psnr']:.2f}/{s_sum['sam']:.2f}  GSA {g['psnr']:.2f}/{g['sam']:.2f}  "
-            f"bicubic {b['psnr']:.2f}/{b['sam']:.2f}",
-            flush=True,
-        )
-        if state["best"] is None or s_sum["psnr"] > state["best"]["student"]["psnr"]:
-            state["best"] = {
-                "epoch": epoch, "step": state["step"], "student": s_sum, "teacher": t_sum,
-                "student_rows": student_rows, "teacher_rows": teacher_rows,
-                "student_state": {k: v.clone() for k, v in student.state_dict().items()},
-                "teacher_state": {k: v.clone() for k, v in teacher.state_dict().items()},
-            }
-        saved = {
-            "distiller": distiller.state_dict(), "teacher_opt": teacher_opt.state_dict(),
-            "student_opt": student_opt.state_dict(), "rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "state": state,
-        }
-        _atomic_write(checkpoint_path, lambda p: torch.save(saved, p))
-
-    return write_bundles(output, state, baselines, cubes, args)
+        if epoch_losses or state["best"] is None:
+            validate_and_checkpoint(epoch_losses)
+    return state
 
 
-def write_bundles(output: Path, state: Dict, baselines: Dict, cubes, args) -> Path:
+def train(args) -> Path:
+    """The bundled model's training (``make train``): the shared real cubes, every SRF."""
+    # Near-zero activations and gradients turn subnormal; on x86 CPUs every operation on a
+    # subnormal costs ~100× more, which made steps several times slower.
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    print(f"loading real cubes from {args.data or 'the shared data folder'}", flush=True)
+    cubes = training_cubes(args.data)
+    sensors = training_sensors()
+    cases = validation_cases(args.data, scales=args.validation_scales)
+    print(f"training cubes: {', '.join(f'{c.name} {c.data.shape}' for c in cubes)}", flush=True)
+    print(f"validation: {len(cases)} Wald cases on cubes never trained on", flush=True)
+    baselines = baseline_metrics(cases)
+    for name, rows in baselines.items():
+        m = summarise(rows)
+        print(f"  {name:8s} PSNR {m['psnr']:.2f} dB  SAM {m['sam']:.2f}°  ERGAS {m['ergas']:.2f}", flush=True)
+    run = TrainingRun(
+        sample_batch=lambda rng: training_batch(cubes, sensors, rng, args.batch_size, args.crop),
+        validation=cases,
+        teacher=teacher_config(args.subspace_dim),
+        student=student_config(args.subspace_dim),
+        minutes=args.minutes,
+        checkpoint=Path(args.checkpoint or DEFAULT_CHECKPOINT),
+        lr=args.lr,
+        steps_per_epoch=args.steps_per_epoch,
+        log_every=args.log_every,
+        seed=args.seed,
+        fresh=args.fresh,
+        baselines=baselines,
+    )
+    state = co_train(run, log=lambda message: print(message, flush=True))
+    training_info = {
+        "cubes": [f"{c.name} {list(c.data.shape)}" for c in cubes],
+        "sensors": "all SRFs in ../shared/data/srf plus Sentinel-2 10 m and RGB subsets",
+        "scales": list(TRAINING_SCALES),
+        "augmentation": "random crops, 90° rotations, flips; noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches; misregistration up to 1 HR pixel on 1/6",
+        "batch_size": args.batch_size,
+        "crop": args.crop,
+        "seed": args.seed,
+        "command": "make train",
+    }
+    output = Path(args.output)
+    paths = {role: output / f"csakd_{role}.json" for role in ("teacher", "student")}
+    return write_bundles(paths, state, baselines, training_info, run)
+
+
+def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training_info: Dict, run: TrainingRun) -> Path:
+    """Bundles of the best validated models, one per role in ``paths`` ({"student": card path, ...});
+    returns the student's card path."""
     best = state["best"]
+    training = dict(training_info)
+    training.update(
+        validation_cubes=sorted({r["cube"] for r in best["student_rows"]}),
+        steps=state["step"],
+        best_epoch=best["epoch"],
+        minutes=round(state["elapsed"] / 60, 1),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+    )
     common = {
         "plugin_version": __version__,
         "inputs": {
@@ -252,31 +341,19 @@ def write_bundles(output: Path, state: Dict, baselines: Dict, cubes, args) -> Pa
             "scalar (RMS of the centred LR-HSI); MSI bands standardised and mapped to the subspace by a linear "
             "regression fitted at low resolution"
         ),
-        "training": {
-            "cubes": [f"{c.name} {list(c.data.shape)}" for c in cubes],
-            "validation_cubes": sorted({r["cube"] for r in best["student_rows"]}),
-            "sensors": "all SRFs in ../shared/data/srf plus Sentinel-2 10 m and RGB subsets",
-            "scales": list(TRAINING_SCALES),
-            "augmentation": "random crops, 90° rotations, flips; noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches; misregistration up to 1 HR pixel on 1/6",
-            "steps": state["step"],
-            "best_epoch": best["epoch"],
-            "minutes": round(state["elapsed"] / 60, 1),
-            "batch_size": args.batch_size,
-            "crop": args.crop,
-            "seed": args.seed,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
-            "command": "make train",
-        },
+        "training": training,
+        "history": state["history"],
     }
     baseline_summary = {name: summarise(rows) for name, rows in baselines.items()}
+    configs = {"teacher": run.teacher, "student": run.student}
     bundles = {}
-    for role, config_fn in (("teacher", teacher_config), ("student", student_config)):
-        model = SubspaceFusionModel(config_fn(args.subspace_dim))
+    for role, path in paths.items():
+        model = SubspaceFusionModel(configs[role])
         model.load_state_dict(best[f"{role}_state"])
         card = dict(common)
         card.update(
             role=role,
-            name=f"csakd_{role}",
+            name=Path(path).stem,
             parameters=count_parameters(model),
             macs_per_256_tile=_macs_256(model, 4),
             validation={
@@ -286,7 +363,7 @@ def write_bundles(output: Path, state: Dict, baselines: Dict, cubes, args) -> Pa
                 "baselines": baselines,
             },
         )
-        bundles[role] = save_bundle(output / f"csakd_{role}.json", model, card)
+        bundles[role] = save_bundle(path, model, card)
         print(f"wrote {bundles[role]}", flush=True)
     return bundles["student"]
 

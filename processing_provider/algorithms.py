@@ -4,5 +4,6 @@
 def available_algorithms():
     """Return fresh algorithm instances; QGIS takes ownership of each one."""
     from .fusion_algorithm import HyperspectralFusionAlgorithm
+    from .training_algorithm import TrainFusionModelAlgorithm
 
-    return [HyperspectralFusionAlgorithm()]
+    return [HyperspectralFusionAlgorithm(), TrainFusionModelAlgorithm()]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import recording_feedback
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The name QGIS imports the plugin under once installed. A checkout's folder can be
 # called anything (CI clones into "main"), so tests never rely on that name.
@@ -90,28 +92,6 @@ def fusion_model():
     if not BUNDLED_MODEL.is_file():
         pytest.fail(f"the bundled model {BUNDLED_MODEL} is missing; run `make train` to produce it")
     return BUNDLED_MODEL
-
-
-def recording_feedback():
-    """A QgsProcessingFeedback that keeps every message (``messages``) and progress value."""
-    from qgis.core import QgsProcessingFeedback
-
-    class RecordingFeedback(QgsProcessingFeedback):
-        def __init__(self):
-            super().__init__()
-            self.messages = []
-            self.progress_values = []
-            self.progressChanged.connect(self.progress_values.append)
-
-        def pushInfo(self, info):  # noqa: N802 (QGIS name)
-            self.messages.append(info)
-            super().pushInfo(info)
-
-        def reportError(self, error, fatalError=False):  # noqa: N802,N803 (QGIS names)
-            self.messages.append(error)
-            super().reportError(error, fatalError)
-
-    return RecordingFeedback()
 
 
 @pytest.fixture(scope="session")

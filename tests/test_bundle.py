@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.model_helpers import randomise_head
+from tests.helpers import randomise_head
 import torch
 
 from csakd_qgis import bundle as bundle_module

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.model_helpers import randomise_head
+from tests.helpers import randomise_head
 import torch
 import torch.nn.functional as F
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.model_helpers import randomise_head
+from tests.helpers import randomise_head
 import torch
 
 from csakd_qgis.api import fuse_arrays, run_tiles

@@ -1,0 +1,317 @@
+"""Training a teacher and a student on the user's own data (the "Train Fusion Model" algorithm),
+and adapting a student to one scene before fusing it.
+
+Training pairs always come from the Wald protocol (protocol.md):
+
+* a real LR-HSI + HR-MSI pair at working scale s: the LR-HSI is the reference; the model sees
+  it degraded by s, beside the MSI averaged onto the LR-HSI's grid;
+* a high-resolution hyperspectral cube + a sensor SRF: the cube is the reference, the MSI is
+  simulated through the SRF, the LR-HSI is the cube degraded by the chosen scale.
+
+The last fifth of every scene's columns is held out for validation and never trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .datasets import HyperspectralCube, WaldCase, _augment, make_wald_case
+from .degradation import blur_and_decimate
+from .georaster import FusionInputError
+from .srf import SensorResponse, spectral_response_matrix
+
+HOLDOUT_FRACTION = 0.2
+MIN_LR_PIXELS = 4  # per side, of a training or validation crop after degradation
+
+STUDENT_SIZES = ("small", "medium", "paper")
+
+
+def student_config_for(size: str, subspace_dim: int = 8):
+    """The student's config by size name: small = the bundled student, medium = wider and
+    deeper, paper = the paper's student layout (nf 86, gc 43, blocks 1/4/4/1) — slow on a CPU."""
+    from dataclasses import replace
+
+    from .model import FusionModelConfig
+    from .network import NetworkConfig
+    from .train import student_config
+
+    if size == "small":
+        return student_config(subspace_dim)
+    if size == "medium":
+        return FusionModelConfig(replace(student_config(subspace_dim).network, width=48, growth=24, blocks=(1, 3, 3, 1), attention_dim=48), subspace_dim)
+    if size == "paper":
+        return FusionModelConfig(
+            NetworkConfig(subspace_dim, subspace_dim, width=86, growth=43, blocks=(1, 4, 4, 1), attention_dim=64, heads=4, unshuffle=1),
+            subspace_dim,
+        )
+    raise ValueError(f"student size must be one of {', '.join(STUDENT_SIZES)}, not {size!r}")
+
+
+@dataclass
+class TrainingScene:
+    """One source of training pairs: a reference cube and how its MSI is made."""
+
+    name: str
+    reference: np.ndarray  # (B, rows, cols)
+    wavelengths_nm: Optional[np.ndarray]
+    scale: int
+    msi: Optional[np.ndarray] = None  # (M, rows, cols): a real MSI on the reference grid
+    sensor: Optional[SensorResponse] = None  # or an SRF to simulate it
+
+    def columns(self, start: int, stop: Optional[int]) -> "TrainingScene":
+        cut = slice(start, stop)
+        return TrainingScene(
+            self.name, self.reference[:, :, cut], self.wavelengths_nm, self.scale,
+            None if self.msi is None else self.msi[:, :, cut], self.sensor,
+        )
+
+    def split(self) -> tuple:
+        """(training part, held-out part): the last fifth of the columns is held out."""
+        cols = self.reference.shape[2]
+        held = max(MIN_LR_PIXELS * self.scale, int(round(cols * HOLDOUT_FRACTION)))
+        if cols - held < MIN_LR_PIXELS * self.scale or min(self.reference.shape[1], held) < MIN_LR_PIXELS * self.scale:
+            raise FusionInputError(
+                f"{self.name} is too small to train on at scale {self.scale}: it needs at least "
+                f"{MIN_LR_PIXELS * self.scale * 2} × {MIN_LR_PIXELS * self.scale} reference pixels "
+                f"(it has {self.reference.shape[2]} × {self.reference.shape[1]})"
+            )
+        return self.columns(0, cols - held), self.columns(cols - held, None)
+
+    def case(self, reference: np.ndarray, msi: Optional[np.ndarray], rng=None, **noise) -> WaldCase:
+        if self.msi is None:
+            cube = HyperspectralCube(self.name, reference, self.wavelengths_nm)
+            case = make_wald_case(cube, self.sensor, self.scale, rng, **noise)
+            case.sensor = self.sensor.name
+            return case
+        s = self.scale
+        rows, cols = reference.shape[1] // s * s, reference.shape[2] // s * s
+        reference = np.ascontiguousarray(reference[:, :rows, :cols], dtype=np.float32)
+        lr = blur_and_decimate(reference, s).astype(np.float32)
+        return WaldCase(lr, np.ascontiguousarray(msi[:, :rows, :cols], dtype=np.float32), reference, s, self.name, "own MSI")
+
+    def sample(self, rng: np.random.Generator, batch_size: int, crop: int) -> List[WaldCase]:
+        _, rows, cols = self.reference.shape
+        size = max(MIN_LR_PIXELS * self.scale, min(crop, rows, cols) // self.scale * self.scale)
+        batch = []
+        for _ in range(batch_size):
+            r = int(rng.integers(rows - size + 1))
+            c = int(rng.integers(cols - size + 1))
+            stacked = self.reference[:, r : r + size, c : c + size]
+            if self.msi is not None:
+                stacked = np.concatenate([stacked, self.msi[:, r : r + size, c : c + size]])
+            stacked = _augment(stacked, rng)
+            bands = self.reference.shape[0]
+            batch.append(self.case(stacked[:bands], stacked[bands:] if self.msi is not None else None, rng))
+        return batch
+
+
+def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000) -> TrainingScene:
+    """A real co-registered pair, both read on the LR-HSI's working grid (see georaster)."""
+    import rasterio
+
+    from .georaster import hr_on_working_grid, lr_on_working_grid, plan_grid, read_as_float
+    from .raster_io import read_spectral_metadata
+
+    with rasterio.open(lr_path) as lr_ds, rasterio.open(hr_path) as hr_ds:
+        grid = plan_grid(lr_ds, hr_ds)
+        if grid.lr_width * grid.lr_height > max_lr_pixels:
+            raise FusionInputError(
+                f"the pair {Path(lr_path).name} covers {grid.lr_width}×{grid.lr_height} hyperspectral pixels; "
+                f"clip it to at most {max_lr_pixels} pixels for training (Clip Raster by Extent)"
+            )
+        meta = read_spectral_metadata(lr_ds)
+        with lr_on_working_grid(lr_ds, grid) as lr_vrt, hr_on_working_grid(hr_ds, grid) as msi_vrt:
+            hsi = read_as_float(lr_vrt)
+            msi = read_as_float(msi_vrt)
+    keep = np.isfinite(hsi).any(axis=(1, 2))
+    if meta.bad_bands is not None:
+        keep &= ~meta.bad_bands
+    hsi = hsi[keep]
+    valid = np.isfinite(hsi).all(0) & np.isfinite(msi).all(0)
+    if valid.mean() < 0.5:
+        raise FusionInputError(f"less than half of the pair {Path(lr_path).name} has data in both images")
+    hsi = np.where(valid, hsi, np.nanmean(hsi, axis=(1, 2), keepdims=True)).astype(np.float32)
+    msi = np.where(valid, msi, np.nanmean(msi, axis=(1, 2), keepdims=True)).astype(np.float32)
+    wavelengths = meta.wavelengths_nm[keep] if meta.wavelengths_nm is not None else None
+    return TrainingScene(Path(lr_path).stem, hsi, wavelengths, grid.scale, msi=msi)
+
+
+def scene_from_cube(path, sensor: SensorResponse, scale: int) -> TrainingScene:
+    """A high-resolution hyperspectral cube; its MSI is simulated through ``sensor``."""
+    from .raster_io import read_cube
+
+    cube, meta, _ = read_cube(path)
+    if meta.wavelengths_nm is None:
+        raise FusionInputError(
+            f"{Path(path).name} has no band wavelengths, so its MSI cannot be simulated through an SRF; "
+            "add wavelength metadata (e.g. an ENVI header) or train on a real LR-HSI/HR-MSI pair"
+        )
+    keep = np.isfinite(cube).all(axis=(1, 2))
+    if meta.bad_bands is not None:
+        keep &= ~meta.bad_bands
+    spectral_response_matrix(sensor, meta.wavelengths_nm[keep])  # fails early if the SRF misses the cube
+    return TrainingScene(Path(path).stem, cube[keep], meta.wavelengths_nm[keep], int(scale), sensor=sensor)
+
+
+def check_band_counts(scenes: Sequence[TrainingScene]) -> None:
+    counts = {s.name: s.reference.shape[0] for s in scenes}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{name}: {count}" for name, count in counts.items())
+        raise FusionInputError(
+            f"the training scenes have different numbers of usable hyperspectral bands ({listing}); "
+            "one model is trained per sensor: give scenes of the same sensor (and the same band selection)"
+        )
+
+
+@dataclass
+class UserTrainingResult:
+    student_card: Path
+    report: Optional[Path]
+    state: Dict = field(default_factory=dict)
+
+
+def train_on_scenes(
+    scenes: Sequence[TrainingScene],
+    output_card: Path,
+    minutes: float,
+    student_size: str = "small",
+    start_model: Optional[Path] = None,
+    report_path: Optional[Path] = None,
+    checkpoint: Optional[Path] = None,
+    batch_size: int = 4,
+    crop: int = 64,
+    steps_per_epoch: int = 60,
+    seed: int = 2024,
+    log: Callable[[str], None] = print,
+    cancelled: Callable[[], bool] = lambda: False,
+    progress: Optional[Callable[[float], None]] = None,
+) -> UserTrainingResult:
+    """Co-train teacher and student on the scenes' training parts; write the best student."""
+    import tempfile
+
+    import torch
+
+    from .bundle import load_bundle
+    from .report import write_training_report
+    from .train import TrainingRun, co_train, teacher_config, write_bundles
+
+    if not scenes:
+        raise FusionInputError("no training data: give LR-HSI/HR-MSI pairs, or hyperspectral cubes with an SRF")
+    if minutes <= 0:
+        raise FusionInputError("the time budget must be positive (minutes)")
+    check_band_counts(scenes)
+    parts = [scene.split() for scene in scenes]
+    training = [p[0] for p in parts]
+    validation = [p[1].case(p[1].reference, p[1].msi) for p in parts]
+    student = student_config_for(student_size)
+    start_state = None
+    if start_model is not None:
+        model, card = load_bundle(start_model)
+        if model.config == student:
+            start_state = model.state_dict()
+            log(f"starting the student from {card.get('name', Path(start_model).stem)}")
+        else:
+            log(f"the starting model's architecture differs from the '{student_size}' student: training from scratch")
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory(prefix="csakd-train-") as folder:
+        run = TrainingRun(
+            sample_batch=lambda rng: training[int(rng.integers(len(training)))].sample(rng, batch_size, crop),
+            validation=validation,
+            teacher=teacher_config(student.subspace_dim),
+            student=student,
+            minutes=minutes,
+            checkpoint=Path(checkpoint) if checkpoint else Path(folder) / "checkpoint.pt",
+            steps_per_epoch=steps_per_epoch,
+            log_every=max(1, steps_per_epoch // 3),
+            seed=seed,
+            fresh=checkpoint is None,
+            start_student=start_state,
+        )
+        started = time.time()
+        state = co_train(run, log=log, cancelled=cancelled, progress=progress)
+        info = {
+            "cubes": [f"{s.name} {list(s.reference.shape)} (training part)" for s in training],
+            "sensors": sorted({"own MSI" if s.msi is not None else s.sensor.name for s in scenes}),
+            "scales": sorted({s.scale for s in scenes}),
+            "student_size": student_size,
+            "started_from": str(start_model) if start_state is not None else "scratch",
+            "batch_size": batch_size,
+            "crop": crop,
+            "seed": seed,
+            "command": "Train Fusion Model (csakd:trainfusionmodel)",
+            "wall_minutes": round((time.time() - started) / 60, 2),
+        }
+        card = write_bundles({"student": Path(output_card)}, state, run.baselines, info, run)
+    report = write_training_report(report_path, state, run.baselines) if report_path else None
+    return UserTrainingResult(card, report, state)
+
+
+@dataclass
+class AdaptationReport:
+    minutes: float
+    steps: int
+    psnr_before: float
+    psnr_after: float
+    kept: bool  # False when adaptation did not help on the held-out part and was discarded
+
+
+def adapt_to_scene(
+    model,
+    hsi: np.ndarray,
+    msi_at_hsi: np.ndarray,
+    scale: int,
+    minutes: float,
+    crop: int = 64,
+    batch_size: int = 4,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    cancelled: Callable[[], bool] = lambda: False,
+):
+    """Fine-tune a copy of ``model`` on the scene's own Wald-degraded pair.
+
+    hsi (B, h, w) and msi_at_hsi (M, h, w) are the LR-HSI and the MSI averaged onto its grid;
+    the last fifth of the columns is held out to measure what the adaptation bought. Returns
+    (model to use, AdaptationReport); the original model when adapting did not help.
+    """
+    import copy
+
+    import torch
+
+    from .api import fuse_arrays
+    from .losses import teacher_loss
+    from .metrics import psnr
+    from .train import prepare_batch
+
+    scene = TrainingScene("scene", hsi.astype(np.float32), None, int(scale), msi=msi_at_hsi.astype(np.float32))
+    training, held_out = scene.split()
+    case = held_out.case(held_out.reference, held_out.msi)
+    before = psnr(case.reference, fuse_arrays(case.lr_hsi, case.hr_msi, model=model))
+    adapted = copy.deepcopy(model).train()
+    optimiser = torch.optim.AdamW(adapted.parameters(), lr=2e-4, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    torch.set_flush_denormal(True)
+    started, steps = time.time(), 0
+    while time.time() - started < minutes * 60 and not cancelled():
+        lr_hsi, hr_msi, stats, reference = prepare_batch(training.sample(rng, batch_size, crop), model.config.subspace_dim)
+        norm = stats["scale"].view(-1, 1, 1, 1)
+        # The student alone, with the reconstruction, angle and band-wise terms of the joint loss.
+        loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)
+        optimiser.step()
+        steps += 1
+    adapted.eval()
+    after = psnr(case.reference, fuse_arrays(case.lr_hsi, case.hr_msi, model=adapted))
+    kept = after > before
+    report = AdaptationReport(round((time.time() - started) / 60, 2), steps, before, after, kept)
+    log(
+        f"scene adaptation: {steps} steps in {report.minutes:.1f} min; held-out PSNR {before:.2f} → {after:.2f} dB "
+        + ("(adapted model used)" if kept else "(no gain: the original model is used)")
+    )
+    return (adapted if kept else model), report

@@ -1,0 +1,163 @@
+"""csakd:trainfusionmodel through Processing: a student trained on the user's data is a
+bundle that csakd:hyperspectralfusion accepts, and bad input is refused clearly."""
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+TRAIN_ID = "csakd:trainfusionmodel"
+
+
+def run_training(feedback=None, **parameters):
+    import processing
+
+    from tests.helpers import recording_feedback
+
+    feedback = feedback or recording_feedback()
+    return processing.run(TRAIN_ID, parameters, feedback=feedback), feedback
+
+
+@pytest.fixture(scope="module")
+def trained_on_block_a(shared_data_dir, tmp_path_factory, qgis_processing, csakd_plugin_package):
+    """Two minutes of co-training on EnMAP Potsdam block A with Sentinel-2's 10 m bands (×3)."""
+    from qgis.core import QgsApplication
+
+    from csakd_fusion.processing_provider.provider import CsakdProvider
+
+    registry = QgsApplication.processingRegistry()
+    added = None
+    if registry.providerById("csakd") is None:
+        added = CsakdProvider()
+        registry.addProvider(added)
+    folder = tmp_path_factory.mktemp("trained")
+    try:
+        results, feedback = run_training(
+            CUBES=[str(shared_data_dir / "enmap_potsdam" / "enmap_potsdam_blockA_96x64.tif")],
+            SRF=str(shared_data_dir / "srf" / "sentinel2a_msi_srf.csv"),
+            SRF_BANDS="B2,B3,B4,B8",
+            SCALE=3,
+            MINUTES=2.0,
+            OUTPUT_MODEL=str(folder / "potsdam_student.json"),
+            REPORT=str(folder / "report.html"),
+        )
+    finally:
+        if added is not None:
+            registry.removeProvider("csakd")
+    return results, feedback, folder
+
+
+def test_training_writes_a_bundle_a_report_and_progress(trained_on_block_a):
+    from csakd_qgis.bundle import load_bundle
+
+    results, feedback, folder = trained_on_block_a
+    card_path = folder / "potsdam_student.json"
+    assert results["OUTPUT_MODEL"] == str(card_path)
+    model, card = load_bundle(card_path)
+    assert card["role"] == "student"
+    assert card["training"]["scales"] == [3]
+    summary = card["validation"]["summary"]
+    assert summary["student"]["psnr"] > summary["bicubic"]["psnr"]
+    assert any("epoch" in m and "GSA" in m and "teacher" in m for m in feedback.messages)
+    report = (folder / "report.html").read_text()
+    assert report.count("<svg") == 3 and "Validation PSNR" in report
+    assert "<table>" in report and f"{summary['student']['psnr']:.2f}" in report
+
+
+def test_trained_model_fuses_a_held_out_block_better_than_bicubic(trained_on_block_a, wald_pair_factory, run_fusion, tmp_path):
+    from csakd_qgis.baselines import bicubic_upsample
+    from csakd_qgis.metrics import psnr
+
+    _, _, folder = trained_on_block_a
+    pair = wald_pair_factory("enmap_potsdam_blockC_64x128.tif", lr_holes=())
+    output = tmp_path / "fused_c.tif"
+    run_fusion(LRHSI=str(pair.lr_path), HRMSI=str(pair.hr_path), OUTPUT=str(output), MODEL=str(folder / "potsdam_student.json"))
+    good = ~pair.bad_bands
+    with rasterio.open(output) as fused:
+        result = fused.read(masked=True).astype(np.float64).filled(np.nan)[good]
+    reference = pair.reference[good]
+    rows, cols = result.shape[1:]
+    reference = reference[:, :rows, :cols]
+    bicubic = bicubic_upsample(pair.lr[good], pair.scale, reference.shape[1:])
+    fused_psnr, bicubic_psnr = psnr(reference, result), psnr(reference, bicubic)
+    assert fused_psnr > bicubic_psnr + 3, (fused_psnr, bicubic_psnr)
+
+
+def test_scene_adaptation_reports_its_gain(potsdam_wald_pair, run_fusion, tmp_path):
+    pair = potsdam_wald_pair
+    output = tmp_path / "adapted.tif"
+    _, feedback = run_fusion(LRHSI=str(pair.lr_path), HRMSI=str(pair.hr_path), OUTPUT=str(output), ADAPT_MINUTES=0.2)
+    lines = [m for m in feedback.messages if m.startswith("scene adaptation:")]
+    assert len(lines) == 1 and "held-out PSNR" in lines[0], feedback.messages
+    with rasterio.open(output) as fused:
+        assert fused.count == 224
+
+
+def _expect_error(tmp_path, fragment, **parameters):
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException) as raised:
+        run_training(**parameters)
+    assert fragment in str(raised.value), str(raised.value)
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".json", ".pt")]
+    return str(raised.value)
+
+
+def test_pairs_that_do_not_overlap_are_refused(csakd_provider, potsdam_wald_pair, tmp_path):
+    from affine import Affine
+
+    moved = tmp_path / "moved_lr.tif"
+    with rasterio.open(potsdam_wald_pair.lr_path) as src:
+        profile = src.profile
+        profile["transform"] = src.transform * Affine.translation(10_000, 0)
+        with rasterio.open(moved, "w", **profile) as dst:
+            dst.write(src.read())
+    _expect_error(tmp_path, "do not overlap", LRHSI_LAYERS=[str(moved)], HRMSI_LAYERS=[str(potsdam_wald_pair.hr_path)],
+                  MINUTES=0.5, OUTPUT_MODEL=str(tmp_path / "m.json"))
+
+
+def test_pairs_with_different_band_counts_are_refused(csakd_provider, potsdam_wald_pair, tmp_path):
+    fewer = tmp_path / "fewer_bands_lr.tif"
+    with rasterio.open(potsdam_wald_pair.lr_path) as src:
+        profile = src.profile
+        profile["count"] = 100
+        with rasterio.open(fewer, "w", **profile) as dst:
+            dst.write(src.read(list(range(1, 101))))
+    lr, hr = str(potsdam_wald_pair.lr_path), str(potsdam_wald_pair.hr_path)
+    _expect_error(tmp_path, "different numbers of usable hyperspectral bands", LRHSI_LAYERS=[lr, str(fewer)],
+                  HRMSI_LAYERS=[hr, hr], MINUTES=0.5, OUTPUT_MODEL=str(tmp_path / "m.json"))
+
+
+def test_unmatched_pair_lists_are_refused(csakd_provider, potsdam_wald_pair, tmp_path):
+    lr = str(potsdam_wald_pair.lr_path)
+    _expect_error(tmp_path, "matched by order", LRHSI_LAYERS=[lr, lr], HRMSI_LAYERS=[str(potsdam_wald_pair.hr_path)],
+                  MINUTES=0.5, OUTPUT_MODEL=str(tmp_path / "m.json"))
+
+
+def test_a_budget_too_short_for_one_step_is_refused(csakd_provider, shared_data_dir, tmp_path):
+    message = _expect_error(
+        tmp_path, "before the first training step finished",
+        CUBES=[str(shared_data_dir / "enmap_potsdam" / "enmap_potsdam_blockA_96x64.tif")],
+        SRF=str(shared_data_dir / "srf" / "sentinel2a_msi_srf.csv"), SRF_BANDS="B2,B3,B4,B8",
+        MINUTES=0.01, OUTPUT_MODEL=str(tmp_path / "m.json"),
+    )
+    assert "give at least" in message
+
+
+def test_a_cancelled_run_leaves_a_usable_bundle(csakd_provider, shared_data_dir, tmp_path):
+    from csakd_qgis.bundle import load_bundle
+    from tests.helpers import recording_feedback
+
+    feedback = recording_feedback()
+    feedback.progressChanged.connect(lambda value: feedback.cancel())
+    results, _ = run_training(
+        feedback=feedback,
+        CUBES=[str(shared_data_dir / "enmap_potsdam" / "enmap_potsdam_blockA_96x64.tif")],
+        SRF=str(shared_data_dir / "srf" / "sentinel2a_msi_srf.csv"), SRF_BANDS="B2,B3,B4,B8",
+        MINUTES=5.0, OUTPUT_MODEL=str(tmp_path / "cancelled.json"),
+    )
+    assert feedback.isCanceled()
+    model, card = load_bundle(results["OUTPUT_MODEL"])
+    assert card["training"]["steps"] >= 1
+    assert any("cancelled" in m for m in feedback.messages)
