@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import cubes
-from .degradation import add_noise, blur_and_decimate, simulate_msi
+from .degradation import wald_pair
 from .srf import SensorResponse, list_sensors, load_srf, spectral_response_matrix
 
 TRAINING_SCALES = (2, 3, 4, 5, 6, 8, 10)
@@ -146,17 +146,9 @@ def make_wald_case(
     if crop is not None:
         r, c, h, w = crop
         data = data[:, r : r + h, c : c + w]
-    rows = data.shape[1] // scale * scale
-    cols = data.shape[2] // scale * scale
-    reference = np.ascontiguousarray(data[:, :rows, :cols])
     response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
-    lr = blur_and_decimate(reference, scale, shift=shift)
-    msi = simulate_msi(reference, response)
-    if hsi_snr_db is not None:
-        lr = add_noise(lr, hsi_snr_db, rng)
-    if msi_snr_db is not None:
-        msi = add_noise(msi, msi_snr_db, rng)
-    return WaldCase(lr.astype(np.float32), msi.astype(np.float32), reference, scale, cube.name, sensor.name)
+    lr, msi, reference = wald_pair(data, scale, response, rng, hsi_snr_db, msi_snr_db, shift)
+    return WaldCase(lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, sensor.name)
 
 
 def validation_cases(data_dir=None, scales: Sequence[int] = VALIDATION_SCALES) -> List[WaldCase]:

@@ -6,10 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterBand,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
@@ -17,19 +15,14 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
 )
-from qgis.PyQt.QtGui import QIcon
 
 from . import dependencies
+from .base import CsakdAlgorithm, advanced
 from .styling import TRUE_COLOUR
 
-_ICON = Path(__file__).resolve().parent.parent / "resources" / "icon.svg"
 DEVICES = ["auto", "cpu", "cuda"]
 OUTPUT_TYPES = ["float32", "int16", "uint16"]
 
-
-def _advanced(parameter):
-    parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-    return parameter
 
 
 def layer_path(layer, role: str) -> str:
@@ -70,7 +63,7 @@ def parse_creation_options(text: str) -> dict:
     return options
 
 
-class HyperspectralFusionAlgorithm(QgsProcessingAlgorithm):
+class HyperspectralFusionAlgorithm(CsakdAlgorithm):
     LRHSI = "LRHSI"
     HRMSI = "HRMSI"
     MODEL = "MODEL"
@@ -88,15 +81,6 @@ class HyperspectralFusionAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802
         return "Hyperspectral Fusion"
-
-    def group(self):
-        return ""
-
-    def groupId(self):  # noqa: N802
-        return ""
-
-    def icon(self):
-        return QIcon(str(_ICON))
 
     def tags(self):
         return ["hyperspectral", "multispectral", "fusion", "pansharpening", "super-resolution", "EnMAP", "PRISMA", "CSAKD"]
@@ -138,19 +122,19 @@ class HyperspectralFusionAlgorithm(QgsProcessingAlgorithm):
                 self.MODEL, "Model bundle (.json; empty = bundled student)", extension="json", optional=True
             )
         )
-        self.addParameter(_advanced(QgsProcessingParameterNumber(
+        self.addParameter(advanced(QgsProcessingParameterNumber(
             self.TILE_SIZE, "Tile size (output pixels)", QgsProcessingParameterNumber.Integer, 256, False, 32, 4096)))
-        self.addParameter(_advanced(QgsProcessingParameterNumber(
+        self.addParameter(advanced(QgsProcessingParameterNumber(
             self.OVERLAP, "Tile overlap (output pixels)", QgsProcessingParameterNumber.Integer, 32, False, 0, 1024)))
-        self.addParameter(_advanced(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)))
-        self.addParameter(_advanced(QgsProcessingParameterBand(
+        self.addParameter(advanced(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)))
+        self.addParameter(advanced(QgsProcessingParameterBand(
             self.BANDS, "Hyperspectral bands to fuse (default: all)", parentLayerParameterName=self.LRHSI,
             optional=True, allowMultiple=True)))
-        self.addParameter(_advanced(QgsProcessingParameterEnum(
+        self.addParameter(advanced(QgsProcessingParameterEnum(
             self.OUTPUT_TYPE, "Output data type", OUTPUT_TYPES, defaultValue=0)))
-        self.addParameter(_advanced(QgsProcessingParameterString(
+        self.addParameter(advanced(QgsProcessingParameterString(
             self.CREATION_OPTIONS, "GeoTIFF creation options (KEY=VALUE separated by spaces)", optional=True)))
-        self.addParameter(_advanced(QgsProcessingParameterNumber(
+        self.addParameter(advanced(QgsProcessingParameterNumber(
             self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Double,
             0.0, False, 0.0, 600.0)))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Fused hyperspectral image"))

@@ -7,10 +7,8 @@ from pathlib import Path
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
@@ -18,12 +16,11 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
 )
-from qgis.PyQt.QtGui import QIcon
 
 from . import dependencies
+from .base import CsakdAlgorithm, advanced
 from .fusion_algorithm import layer_path
 
-_ICON = Path(__file__).resolve().parent.parent / "resources" / "icon.svg"
 SIZES = ["small", "medium", "paper"]
 PAIR_SUFFIXES = ("_lrhsi", "_hrmsi")
 
@@ -46,12 +43,8 @@ def pairs_in_folder(folder: Path):
     return pairs
 
 
-def _advanced(parameter):
-    parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-    return parameter
 
-
-class TrainFusionModelAlgorithm(QgsProcessingAlgorithm):
+class TrainFusionModelAlgorithm(CsakdAlgorithm):
     LRHSI_LAYERS = "LRHSI_LAYERS"
     HRMSI_LAYERS = "HRMSI_LAYERS"
     PAIRS_FOLDER = "PAIRS_FOLDER"
@@ -71,15 +64,6 @@ class TrainFusionModelAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802
         return "Train Fusion Model (teacher + student)"
-
-    def group(self):
-        return ""
-
-    def groupId(self):  # noqa: N802
-        return ""
-
-    def icon(self):
-        return QIcon(str(_ICON))
 
     def tags(self):
         return ["hyperspectral", "multispectral", "fusion", "training", "distillation", "CSAKD"]
@@ -130,7 +114,7 @@ class TrainFusionModelAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(self.STUDENT_SIZE, "Student size", SIZES, defaultValue=0))
         self.addParameter(QgsProcessingParameterFile(
             self.START_MODEL, "Starting model (.json; empty = the bundled student)", extension="json", optional=True))
-        self.addParameter(_advanced(QgsProcessingParameterBoolean(self.FROM_SCRATCH, "Train from scratch", False)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean(self.FROM_SCRATCH, "Train from scratch", False)))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Model bundle", "Model card (*.json)"))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.REPORT, "Training report", "HTML files (*.html)", optional=True, createByDefault=True))

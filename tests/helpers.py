@@ -1,5 +1,8 @@
 """Helpers shared by the tests."""
 
+import os
+import subprocess
+
 
 def randomise_head(model, seed=0):
     """A new SubspaceFusionModel starts as the classical base (zero output convolution);
@@ -34,3 +37,27 @@ def recording_feedback():
             super().reportError(error, fatalError)
 
     return RecordingFeedback()
+
+
+def clean_env(**overrides):
+    env = dict(os.environ)
+    # pytest-qgis points QGIS_CUSTOM_CONFIG_PATH at its own profile; a nested make
+    # would otherwise inherit the outer make's jobserver settings.
+    for key in ("QGIS_CUSTOM_CONFIG_PATH", "QGIS_OPTIONS_PATH", "QGIS_PLUGINPATH",
+                "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHONPATH"):
+        env.pop(key, None)
+    env["QT_QPA_PLATFORM"] = "offscreen"
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_command(cmd, **kwargs):
+    result = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        **kwargs,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {result.returncode}\n"
+        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+    return result

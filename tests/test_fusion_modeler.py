@@ -4,11 +4,12 @@ command line with qgis_process after ``make install``."""
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import rasterio
+
+from tests.helpers import clean_env, run_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_NAME = "csakd_fusion"
@@ -138,37 +139,19 @@ def test_batch_style_runs_write_separate_outputs(potsdam_wald_pair, wald_pair_fa
     assert sorted(p.name for p in tmp_path.glob("batch_*")) == ["batch_A.tif", "batch_C.tif"]
 
 
-def _clean_env(**overrides):
-    env = dict(os.environ)
-    for key in ("QGIS_CUSTOM_CONFIG_PATH", "QGIS_OPTIONS_PATH", "QGIS_PLUGINPATH",
-                "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHONPATH"):
-        env.pop(key, None)
-    env["QT_QPA_PLATFORM"] = "offscreen"
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
-
-
-def _run(cmd, **kwargs):
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, **kwargs)
-    assert result.returncode == 0, (
-        f"{' '.join(map(str, cmd))} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    )
-    return result
-
-
 def test_qgis_process_runs_the_installed_plugin(potsdam_wald_pair, fusion_model, tmp_path):
     """`make install` into a throw-away profile, then the command line; QGIS's own Python has no
     torch here, so this also proves that python_path.txt leads the plugin to the venv's torch."""
     profile = tmp_path / "qgis-config"
-    env = _clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
-    _run(["make", "--no-print-directory", "install", f"DIST_DIR={tmp_path / 'dist'}"], cwd=PROJECT_ROOT, env=env)
+    env = clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
+    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={tmp_path / 'dist'}"], cwd=PROJECT_ROOT, env=env)
     installed = profile / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME
     recorded = (installed / "python_path.txt").read_text().split()
     assert recorded and all(os.path.isdir(p) for p in recorded)
 
     pair = potsdam_wald_pair
     output = tmp_path / "cli" / "fused.tif"
-    result = _run(
+    result = run_command(
         [QGIS_PROCESS, "--json", "run", "csakd:hyperspectralfusion", "--",
          f"LRHSI={pair.lr_path}", f"HRMSI={pair.hr_path}", f"MODEL={fusion_model}", f"OUTPUT={output}"],
         env=env, cwd=tmp_path,

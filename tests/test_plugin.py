@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import zipfile
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from qgis.core import QgsApplication
+
+from tests.helpers import clean_env, run_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_NAME = "csakd_fusion"
@@ -34,30 +35,6 @@ def _load_packager():
 
 
 package_plugin = _load_packager()
-
-
-def _clean_env(**overrides):
-    env = dict(os.environ)
-    # pytest-qgis points QGIS_CUSTOM_CONFIG_PATH at its own profile; a nested make
-    # would otherwise inherit the outer make's jobserver settings.
-    for key in ("QGIS_CUSTOM_CONFIG_PATH", "QGIS_OPTIONS_PATH", "QGIS_PLUGINPATH",
-                "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHONPATH"):
-        env.pop(key, None)
-    env["QT_QPA_PLATFORM"] = "offscreen"
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
-
-
-def _run(cmd, **kwargs):
-    result = subprocess.run(
-        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-        **kwargs,
-    )
-    assert result.returncode == 0, (
-        f"{' '.join(map(str, cmd))} exited {result.returncode}\n"
-        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    )
-    return result
 
 
 # --- loading inside a running QGIS -------------------------------------------------
@@ -135,7 +112,7 @@ def test_engine_imports_without_torch_and_qgis(tmp_path):
         print("ok", csakd_qgis.__name__)
         """
     )
-    result = _run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env())
+    result = run_command([sys.executable, "-c", code], cwd=tmp_path, env=clean_env())
     assert "ok csakd_qgis" in result.stdout
 
 
@@ -155,7 +132,7 @@ def test_plugin_package_import_does_not_need_torch_or_qgis(tmp_path):
         print("ok")
         """
     )
-    assert "ok" in _run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env()).stdout
+    assert "ok" in run_command([sys.executable, "-c", code], cwd=tmp_path, env=clean_env()).stdout
 
 
 def test_plugin_imports_under_any_folder_name_without_touching_sys_path(tmp_path):
@@ -197,7 +174,7 @@ def test_plugin_imports_under_any_folder_name_without_touching_sys_path(tmp_path
         print("ok")
         """
     )
-    result = _run([sys.executable, "-c", code], cwd=workdir, env=_clean_env())
+    result = run_command([sys.executable, "-c", code], cwd=workdir, env=clean_env())
     assert "ok" in result.stdout
 
 
@@ -271,8 +248,8 @@ def test_metadata_has_every_required_key():
 @pytest.fixture(scope="module")
 def built_package(tmp_path_factory):
     dist = tmp_path_factory.mktemp("dist")
-    _run(["make", "--no-print-directory", "package", f"DIST_DIR={dist}"],
-         cwd=PROJECT_ROOT, env=_clean_env())
+    run_command(["make", "--no-print-directory", "package", f"DIST_DIR={dist}"],
+         cwd=PROJECT_ROOT, env=clean_env())
     version = _metadata()["version"]
     archive = dist / f"{PLUGIN_NAME}-{version}.zip"
     assert archive.is_file(), sorted(p.name for p in dist.iterdir())
@@ -321,10 +298,10 @@ def test_package_installs_the_way_the_plugin_manager_does(built_package, tmp_pat
 
 
 def _qgis_process(args, profile, plugin_path=None):
-    env = _clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
+    env = clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
     if plugin_path is not None:
         env["QGIS_PLUGINPATH"] = str(plugin_path)
-    return _run([QGIS_PROCESS, *args], env=env, cwd=profile)
+    return run_command([QGIS_PROCESS, *args], env=env, cwd=profile)
 
 
 def _assert_provider_listed(profile, plugin_path=None):
@@ -349,8 +326,8 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
     plugins_dir = profile / "profiles" / "default" / "python" / "plugins"
     dist = built_package.parent
     make = ["make", "--no-print-directory", "install", f"DIST_DIR={dist}"]
-    env = _clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
-    _run(make, cwd=PROJECT_ROOT, env=env)
+    env = clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
+    run_command(make, cwd=PROJECT_ROOT, env=env)
     installed = plugins_dir / PLUGIN_NAME
     assert (installed / "metadata.txt").is_file()
     assert not (installed / "tests").exists()
@@ -361,7 +338,7 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
 
     # A reinstall replaces the old copy wholesale instead of merging into it.
     (installed / "left_over_from_old_version.py").write_text("raise ImportError\n")
-    _run(make, cwd=PROJECT_ROOT, env=env)
+    run_command(make, cwd=PROJECT_ROOT, env=env)
     assert not (installed / "left_over_from_old_version.py").exists()
     _assert_provider_listed(profile)
 
@@ -369,9 +346,9 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
 def test_make_install_into_custom_plugins_dir(tmp_path, built_package, csakd_plugin_package):
     profile = tmp_path / "qgis-config"
     plugins_dir = tmp_path / "plugins"
-    _run(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}",
+    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}",
           f"QGIS_PLUGINS_DIR={plugins_dir}"],
-         cwd=PROJECT_ROOT, env=_clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
+         cwd=PROJECT_ROOT, env=clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
     assert (plugins_dir / PLUGIN_NAME / "__init__.py").is_file()
     assert not (profile / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME).exists()
     _assert_provider_listed(profile, plugin_path=plugins_dir)
