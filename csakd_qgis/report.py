@@ -75,8 +75,8 @@ def write_training_report(path: Path, state: Dict, baselines: Dict) -> Path:
         psnr[name] = [(m, baseline[name]["psnr"]) for m in minutes]
         sam[name] = [(m, baseline[name]["sam"]) for m in minutes]
     losses = {
-        "teacher loss": [(m, h["losses"][0]) for m, h in zip(minutes, history) if h["losses"][0] == h["losses"][0]],
-        "student loss": [(m, h["losses"][1]) for m, h in zip(minutes, history) if h["losses"][1] == h["losses"][1]],
+        "teacher loss": [(m, h["losses"][0]) for m, h in zip(minutes, history) if h["losses"][0] is not None],
+        "student loss": [(m, h["losses"][1]) for m, h in zip(minutes, history) if h["losses"][1] is not None],
     }
     table = [_row(["case", "scale", "bicubic PSNR / SAM", "GSA PSNR / SAM", "student PSNR / SAM", "teacher PSNR / SAM"], "th")]
     for i, case in enumerate(best["student_rows"]):

@@ -179,8 +179,9 @@ def co_train(
         teacher_rows = validate(teacher, run.validation)
         student_rows = validate(student, run.validation)
         t_sum, s_sum = summarise(teacher_rows), summarise(student_rows)
-        epoch = len(state["history"]) + 1
-        losses = np.mean(epoch_losses, axis=0).tolist() if epoch_losses else [float("nan")] * 2
+        # Epoch 0 is the starting point, validated before any step: what training must beat.
+        epoch = len(state["history"])
+        losses = np.mean(epoch_losses, axis=0).tolist() if epoch_losses else [None, None]
         state["history"].append(
             {"epoch": epoch, "step": state["step"], "minutes": state["elapsed"] / 60, "teacher": t_sum,
              "student": s_sum, "losses": losses}
@@ -206,6 +207,8 @@ def co_train(
         _atomic_write(run.checkpoint, lambda p: torch.save(saved, p))
 
     budget = run.minutes * 60.0
+    if not state["history"]:
+        validate_and_checkpoint([])
     started = time.time() - state["elapsed"]
     teacher.train()
     student.train()
@@ -264,7 +267,7 @@ def co_train(
                 )
             if state["elapsed"] >= budget:
                 break
-        if epoch_losses or state["best"] is None:
+        if epoch_losses:
             validate_and_checkpoint(epoch_losses)
     return state
 

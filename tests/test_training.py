@@ -37,7 +37,7 @@ def _check_card(card, role, steps):
     training = card["training"]
     assert training["steps"] == steps
     assert training["batch_size"] == 2 and training["crop"] == 32
-    assert training["best_epoch"] >= 1 and training["minutes"] >= 0
+    assert training["best_epoch"] >= 0 and training["minutes"] >= 0
     assert len(training["cubes"]) == 5
 
 
@@ -51,7 +51,7 @@ def test_train_writes_bundles_and_resumes(tmp_path, shared_data_dir, monkeypatch
     first = capsys.readouterr().out
     assert "resumed" not in first
     state = _checkpoint_state(checkpoint)
-    assert state["step"] >= 1 and len(state["history"]) >= 1
+    assert state["step"] >= 1 and len(state["history"]) >= 2  # epoch 0 (the start) and at least one more
 
     student, student_card = load_bundle(tmp_path / "csakd_student.json")
     teacher, teacher_card = load_bundle(tmp_path / "csakd_teacher.json")
