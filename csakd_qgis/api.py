@@ -37,7 +37,7 @@ def resolve_device(device: Optional[str] = None):
 
 
 @lru_cache(maxsize=4)
-def _cached_bundle(path: str, device: str):
+def _cached_bundle(path: str, device: str, modified: float):
     from .bundle import load_bundle
 
     return load_bundle(path, device)
@@ -48,7 +48,10 @@ def load_model(path: Union[str, Path, None] = None, device: Optional[str] = None
     from .bundle import card_path_for, default_model_path
 
     resolved = resolve_device(device)
-    return _cached_bundle(str(card_path_for(path or default_model_path()).resolve()), str(resolved))
+    card = card_path_for(path or default_model_path()).resolve()
+    # The card's time stamp is part of the key: a bundle retrained in place is loaded afresh.
+    modified = card.stat().st_mtime if card.exists() else 0.0
+    return _cached_bundle(str(card), str(resolved), modified)
 
 
 def check_inputs(lr_hsi: np.ndarray, hr_msi: np.ndarray) -> int:
