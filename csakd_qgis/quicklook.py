@@ -38,7 +38,14 @@ def write_quicklook(geotiff: Path, png: Path, max_size: int = 1024) -> Path:
     rgb = np.stack([stretch(b) for b in data])
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(png, "w", driver="PNG", width=rgb.shape[2], height=rgb.shape[1], count=3, dtype="uint8") as out:
-        out.write(rgb)
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        # A quicklook is a picture, not a map: it has no georeferencing on purpose.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(png, "w", driver="PNG", width=rgb.shape[2], height=rgb.shape[1], count=3, dtype="uint8") as out:
+            out.write(rgb)
     Path(str(png) + ".aux.xml").unlink(missing_ok=True)
     return png

@@ -8,7 +8,7 @@ Training pairs always come from the Wald protocol (protocol.md):
 * a high-resolution hyperspectral cube + a sensor SRF: the cube is the reference, the MSI is
   simulated through the SRF, the LR-HSI is the cube degraded by the chosen scale.
 
-The last fifth of every scene's columns is held out for validation and never trained on.
+The last fifth of every scene (along its longer side) is held out for validation and never trained on.
 """
 
 from __future__ import annotations
@@ -63,24 +63,28 @@ class TrainingScene:
     msi: Optional[np.ndarray] = None  # (M, rows, cols): a real MSI on the reference grid
     sensor: Optional[SensorResponse] = None  # or an SRF to simulate it
 
-    def columns(self, start: int, stop: Optional[int]) -> "TrainingScene":
-        cut = slice(start, stop)
+    def part(self, axis: int, start: int, stop: Optional[int]) -> "TrainingScene":
+        """The rows (axis 1) or columns (axis 2) from start to stop."""
+        cut = [slice(None)] * 3
+        cut[axis] = slice(start, stop)
+        cut = tuple(cut)
         return TrainingScene(
-            self.name, self.reference[:, :, cut], self.wavelengths_nm, self.scale,
-            None if self.msi is None else self.msi[:, :, cut], self.sensor,
+            self.name, self.reference[cut], self.wavelengths_nm, self.scale,
+            None if self.msi is None else self.msi[cut], self.sensor,
         )
 
     def split(self) -> tuple:
-        """(training part, held-out part): the last fifth of the columns is held out."""
-        cols = self.reference.shape[2]
-        held = max(MIN_LR_PIXELS * self.scale, int(round(cols * HOLDOUT_FRACTION)))
-        if cols - held < MIN_LR_PIXELS * self.scale or min(self.reference.shape[1], held) < MIN_LR_PIXELS * self.scale:
+        """(training part, held-out part): the last fifth along the longer side is held out."""
+        axis = 1 if self.reference.shape[1] > self.reference.shape[2] else 2
+        length, across = self.reference.shape[axis], self.reference.shape[3 - axis]
+        least = MIN_LR_PIXELS * self.scale
+        held = max(least, int(round(length * HOLDOUT_FRACTION)))
+        if length - held < least or across < least:
             raise FusionInputError(
                 f"{self.name} is too small to train on at scale {self.scale}: it needs at least "
-                f"{MIN_LR_PIXELS * self.scale * 2} × {MIN_LR_PIXELS * self.scale} reference pixels "
-                f"(it has {self.reference.shape[2]} × {self.reference.shape[1]})"
+                f"{least * 2} × {least} reference pixels (it has {self.reference.shape[2]} × {self.reference.shape[1]})"
             )
-        return self.columns(0, cols - held), self.columns(cols - held, None)
+        return self.part(axis, 0, length - held), self.part(axis, length - held, None)
 
     def case(self, reference: np.ndarray, msi: Optional[np.ndarray], rng=None, **noise) -> WaldCase:
         if self.msi is None:
@@ -275,7 +279,7 @@ def adapt_to_scene(
     """Fine-tune a copy of ``model`` on the scene's own Wald-degraded pair.
 
     hsi (B, h, w) and msi_at_hsi (M, h, w) are the LR-HSI and the MSI averaged onto its grid;
-    the last fifth of the columns is held out to measure what the adaptation bought. Returns
+    the last fifth (along the longer side) is held out to measure what the adaptation bought. Returns
     (model to use, AdaptationReport); the original model when adapting did not help.
     """
     import copy
