@@ -314,18 +314,16 @@ def _adapted(model, lr_vrt, msi_vrt, indexes, grid, minutes, log, cancelled):
     """The model fine-tuned on a central window of the scene (see user_training.adapt_to_scene)."""
     from rasterio.windows import Window
 
-    from .georaster import FusionInputError, read_as_float
-    from .user_training import adapt_to_scene
+    from .georaster import read_as_float
+    from .user_training import adapt_to_scene, filled_pair
 
     rows, cols = min(grid.lr_height, ADAPTATION_WINDOW), min(grid.lr_width, ADAPTATION_WINDOW)
     window = Window((grid.lr_width - cols) // 2, (grid.lr_height - rows) // 2, cols, rows)
-    hsi = read_as_float(lr_vrt, window=window, indexes=indexes)
-    msi = read_as_float(msi_vrt, window=window)
-    valid = np.isfinite(hsi).all(0) & np.isfinite(msi).all(0)
-    if valid.mean() < 0.5:
-        raise FusionInputError("scene adaptation needs a centre area where both images have data; set its minutes to 0")
-    hsi = np.where(valid, hsi, np.nanmean(hsi, axis=(1, 2), keepdims=True))
-    msi = np.where(valid, msi, np.nanmean(msi, axis=(1, 2), keepdims=True))
+    hsi, msi = filled_pair(
+        read_as_float(lr_vrt, window=window, indexes=indexes),
+        read_as_float(msi_vrt, window=window),
+        "scene adaptation needs a centre area where both images have data; set its minutes to 0",
+    )
     adapted, _ = adapt_to_scene(model, hsi, msi, grid.scale, minutes, log=log, cancelled=cancelled or (lambda: False))
     if cancelled is not None and cancelled():
         raise FusionCancelled("fusion cancelled during scene adaptation")

@@ -114,6 +114,17 @@ class TrainingScene:
         return batch
 
 
+def filled_pair(hsi: np.ndarray, msi: np.ndarray, too_sparse: str) -> tuple:
+    """The pair as float32 with pixels missing in either image set to the band means;
+    FusionInputError(too_sparse) when fewer than half the pixels have data in both."""
+    valid = np.isfinite(hsi).all(0) & np.isfinite(msi).all(0)
+    if valid.mean() < 0.5:
+        raise FusionInputError(too_sparse)
+    hsi = np.where(valid, hsi, np.nanmean(hsi, axis=(1, 2), keepdims=True)).astype(np.float32)
+    msi = np.where(valid, msi, np.nanmean(msi, axis=(1, 2), keepdims=True)).astype(np.float32)
+    return hsi, msi
+
+
 def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000) -> TrainingScene:
     """A real co-registered pair, both read on the LR-HSI's working grid (see georaster)."""
     import rasterio
@@ -136,11 +147,7 @@ def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000) -> Trainin
     if meta.bad_bands is not None:
         keep &= ~meta.bad_bands
     hsi = hsi[keep]
-    valid = np.isfinite(hsi).all(0) & np.isfinite(msi).all(0)
-    if valid.mean() < 0.5:
-        raise FusionInputError(f"less than half of the pair {Path(lr_path).name} has data in both images")
-    hsi = np.where(valid, hsi, np.nanmean(hsi, axis=(1, 2), keepdims=True)).astype(np.float32)
-    msi = np.where(valid, msi, np.nanmean(msi, axis=(1, 2), keepdims=True)).astype(np.float32)
+    hsi, msi = filled_pair(hsi, msi, f"less than half of the pair {Path(lr_path).name} has data in both images")
     wavelengths = meta.wavelengths_nm[keep] if meta.wavelengths_nm is not None else None
     return TrainingScene(Path(lr_path).stem, hsi, wavelengths, grid.scale, msi=msi)
 
