@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +21,14 @@ import numpy as np
 DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 32
 DEFAULT_HALO_LR = 4
-SUBSPACE_FIT_PIXELS = 200_000
+SUBSPACE_FIT_PIXELS = 50_000
+# GDAL's block cache, bounded: its default (5 % of RAM) fills with finished output blocks and
+# makes memory grow with the raster. Resampling the LR-HSI needs room for a strip of the
+# source's blocks (a pixel-interleaved 224-band block alone is 58 MB); writing whole output
+# blocks needs little.
+RESAMPLE_CACHE_BYTES = 256 * 1024 * 1024
+WRITE_CACHE_BYTES = 64 * 1024 * 1024
+RESAMPLE_SHARE = 0.1  # of the progress bar: resampling the LR-HSI onto the working grid
 
 
 class FusionCancelled(Exception):
@@ -79,7 +88,11 @@ class FusionReport:
 
 
 class TileFuser:
-    """Runs a bundle's model tile by tile over a scene whose statistics are fitted once."""
+    """Runs a bundle's model tile by tile over a scene whose statistics are fitted once.
+
+    A tile gives the model's K-channel subspace detail; :class:`SpectrumComposer` turns
+    blended detail into full spectra.
+    """
 
     def __init__(self, model, stats, scale: int, device):
         import torch
@@ -90,22 +103,73 @@ class TileFuser:
         self.stat_tensors = stats.to_tensors(device)
         self.scale = scale
         self.device = device
+        self.channels = stats.basis.shape[1]
 
     def fuse_tile(self, lr_tile: np.ndarray, hr_tile: np.ndarray) -> np.ndarray:
-        """Fused tile; NaN wherever either input had no data to give."""
+        """The tile's (K, H, W) detail; NaN wherever either input had no data to give."""
         torch = self.torch
         lr_valid = np.isfinite(lr_tile).all(0)
         hr_valid = np.isfinite(hr_tile).all(0)
         lr = np.where(lr_valid, lr_tile, self.stats.band_mean[:, None, None]).astype(np.float32)
         hr = np.where(hr_valid, hr_tile, self.stats.msi_mean[:, None, None]).astype(np.float32)
         with torch.inference_mode():
-            out = self.model(
+            detail, _ = self.model.subspace_detail(
                 torch.from_numpy(lr)[None].to(self.device), torch.from_numpy(hr)[None].to(self.device), self.stat_tensors
-            ).image[0]
-        fused = out.float().cpu().numpy()
+            )
+        detail = detail[0].float().cpu().numpy()
         valid = hr_valid & lr_valid.repeat(self.scale, 0).repeat(self.scale, 1)
-        fused[:, ~valid] = np.nan
-        return fused
+        detail[:, ~valid] = np.nan
+        return detail
+
+
+class SpectrumComposer:
+    """Turns blended rows of subspace detail into full spectra, ``block_cols`` columns at a
+    time, and hands each block to ``write(row0, col0, spectra)``.
+
+    Only one block of full spectra (bands × block rows × block columns) exists at a time, so
+    memory does not grow with the raster's width or the number of bands times its area.
+    """
+
+    LR_MARGIN = 3  # LR pixels around a block: bicubic interpolation reaches 2
+
+    def __init__(self, stats, scale: int, lr_shape, read_lr, write, block_cols: int = 256, device="cpu"):
+        self.stats = stats
+        self.stat_tensors = stats.to_tensors(device)
+        self.scale = scale
+        self.lr_rows, self.lr_cols = lr_shape
+        self.read_lr = read_lr
+        self.write = write
+        self.block_cols = block_cols
+        self.device = device
+
+    def __call__(self, row0: int, detail: np.ndarray) -> None:
+        for col0 in range(0, detail.shape[2], self.block_cols):
+            block = detail[:, :, col0 : col0 + self.block_cols]
+            self.write(row0, col0, self.compose(row0, col0, block))
+
+    def compose(self, row0: int, col0: int, detail: np.ndarray) -> np.ndarray:
+        import torch
+
+        from .model import compose_spectrum
+
+        s, margin = self.scale, self.LR_MARGIN
+        rows, cols = detail.shape[1:]
+        lr_r0, lr_c0 = max(0, row0 // s - margin), max(0, col0 // s - margin)
+        lr_r1 = min(self.lr_rows, -(-(row0 + rows) // s) + margin)
+        lr_c1 = min(self.lr_cols, -(-(col0 + cols) // s) + margin)
+        lr = self.read_lr((lr_r0, lr_c0, lr_r1 - lr_r0, lr_c1 - lr_c0))
+        lr = np.where(np.isfinite(lr), lr, self.stats.band_mean[:, None, None]).astype(np.float32)
+        # Detail rows and columns of this block sit at these offsets inside the window's HR grid.
+        r_off, c_off = row0 - lr_r0 * s, col0 - lr_c0 * s
+        padded = np.zeros((detail.shape[0], (lr_r1 - lr_r0) * s, (lr_c1 - lr_c0) * s), np.float32)
+        padded[:, r_off : r_off + rows, c_off : c_off + cols] = np.nan_to_num(detail)
+        with torch.inference_mode():
+            spectra = compose_spectrum(
+                torch.from_numpy(lr)[None].to(self.device), torch.from_numpy(padded)[None].to(self.device), self.stat_tensors
+            )[0, :, r_off : r_off + rows, c_off : c_off + cols]
+        spectra = spectra.float().cpu().numpy()
+        spectra[:, ~np.isfinite(detail).all(0)] = np.nan
+        return spectra
 
 
 def fit_scene(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, subspace_dim: int):
@@ -148,16 +212,18 @@ def fuse_arrays(
     fuser = TileFuser(model, stats, scale, torch_device)
     output = np.empty((lr_hsi.shape[0],) + hr_msi.shape[1:], dtype=np.float32)
 
-    def emit(row0: int, rows: np.ndarray) -> None:
-        output[:, row0 : row0 + rows.shape[1]] = rows
+    def read_lr(w):
+        return lr_hsi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]]
+
+    def write(row0: int, col0: int, spectra: np.ndarray) -> None:
+        output[:, row0 : row0 + spectra.shape[1], col0 : col0 + spectra.shape[2]] = spectra
 
     run_tiles(
         fuser,
         lr_hsi.shape[1:],
-        lr_hsi.shape[0],
-        lambda w: lr_hsi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]],
+        read_lr,
         lambda w: hr_msi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]],
-        emit,
+        SpectrumComposer(stats, scale, lr_hsi.shape[1:], read_lr, write, device=torch_device),
         tile_size,
         overlap,
         progress,
@@ -166,16 +232,19 @@ def fuse_arrays(
     return output
 
 
-def run_tiles(fuser, lr_shape, bands, read_lr, read_hr, emit, tile_size, overlap, progress=None, cancelled=None) -> int:
+def run_tiles(
+    fuser, lr_shape, read_lr, read_hr, emit, tile_size, overlap, progress=None, cancelled=None, block_rows: int = 256
+) -> int:
     """Drive ``fuser`` over every tile; ``read_lr``/``read_hr`` take (row, col, rows, cols)
-    windows of their own grid; ``emit(row0, rows)`` receives finished output rows."""
+    windows of their own grid; ``emit(row0, rows)`` receives finished, blended rows of the
+    fuser's ``channels`` in pieces of ``block_rows`` aligned on multiples of it."""
     from .tiling import StripBlender, iterate_tiles, plan_rows_of_tiles
 
     scale = fuser.scale
     rows_of_tiles = plan_rows_of_tiles(lr_shape, scale, tile_size, overlap, DEFAULT_HALO_LR)
     total = sum(len(r) for r in rows_of_tiles)
     ramp = min(overlap, tile_size) // scale * scale
-    blender = StripBlender(bands, (lr_shape[0] * scale, lr_shape[1] * scale), ramp, emit)
+    blender = StripBlender(fuser.channels, (lr_shape[0] * scale, lr_shape[1] * scale), ramp, emit)
     for done, (tile, flush_row) in enumerate(iterate_tiles(rows_of_tiles), start=1):
         if cancelled is not None and cancelled():
             raise FusionCancelled("fusion cancelled")
@@ -183,7 +252,7 @@ def run_tiles(fuser, lr_shape, bands, read_lr, read_hr, emit, tile_size, overlap
         rows, cols = tile.crop_from_context()
         blender.add(tile.hr_window, context[:, rows, cols])
         if flush_row >= 0:
-            blender.flush_until(flush_row)
+            blender.flush_until(flush_row, block_rows)
         if progress is not None:
             progress(done / total)
     return total
@@ -218,7 +287,7 @@ def fuse_files(
     from rasterio.windows import Window
 
     from .files import atomic_output
-    from .georaster import FusionInputError, hr_on_working_grid, lr_on_working_grid, output_profile, plan_grid, read_as_float
+    from .georaster import FusionInputError, hr_on_working_grid, output_profile, plan_grid, read_as_float, read_padded
     from .raster_io import read_spectral_metadata
 
     started = time.time()
@@ -231,7 +300,9 @@ def fuse_files(
         except RasterioIOError as error:
             raise FusionInputError(f"cannot read the {role} {path}: {error}") from error
 
-    with open_raster(lr_hsi_path, "hyperspectral image (LRHSI)") as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_ds:
+    with rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
+        lr_hsi_path, "hyperspectral image (LRHSI)"
+    ) as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_ds:
         grid = plan_grid(lr_ds, hr_ds)
         indexes = _band_indexes(bands, lr_ds.count)
         if len(indexes) < 4:
@@ -251,9 +322,13 @@ def fuse_files(
             f"resolution ratio {grid.ratio:.2f} → working scale {grid.scale}; output {grid.width}×{grid.height} "
             f"pixels × {len(indexes)} bands"
         )
-        with lr_on_working_grid(lr_ds, grid) as lr_vrt, hr_on_working_grid(hr_ds, grid) as msi_vrt:
+        with ExitStack() as stack:
+            lr_cube = stack.enter_context(
+                _working_grid_cube(lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled)
+            )
+            msi_vrt = stack.enter_context(hr_on_working_grid(hr_ds, grid))
             fit_shape = _fit_shape(grid.lr_height, grid.lr_width)
-            lr_fit = read_as_float(lr_vrt, indexes=indexes, out_shape=(len(indexes),) + fit_shape)
+            lr_fit = lr_cube.sample(*fit_shape)
             msi_fit = read_as_float(msi_vrt, out_shape=(hr_ds.count,) + fit_shape)
             usable = np.isfinite(lr_fit).any(axis=(1, 2))
             if meta.bad_bands is not None:
@@ -266,40 +341,52 @@ def fuse_files(
             lr_fit[:, ~np.isfinite(lr_fit).all(0)] = np.nan
             stats = fit_scene(lr_fit, msi_fit, fused_model.config.subspace_dim)
             used_indexes = [i for i, keep in zip(indexes, usable) if keep]
+            all_used = bool(usable.all())
+
+            def read_lr(w):
+                window = lr_cube.read(*w)
+                return window if all_used else window[usable]
+
             if adapt_minutes > 0:
-                fused_model = _adapted(fused_model, lr_vrt, msi_vrt, used_indexes, grid, adapt_minutes, log, cancelled)
+                fused_model = _adapted(fused_model, read_lr, msi_vrt, grid, adapt_minutes, log, cancelled)
             fuser = TileFuser(fused_model, stats, grid.scale, torch_device)
             position = np.flatnonzero(usable)
 
             hr_col0 = int(round((grid.transform.c - hr_ds.transform.c) / hr_ds.transform.a))
             hr_row0 = int(round((grid.transform.f - hr_ds.transform.f) / hr_ds.transform.e))
             profile = output_profile(grid, len(indexes), output_dtype, creation_options)
+            block_rows, block_cols = _block_shape(profile)
             nodata = profile["nodata"]
-            with atomic_output(output_path, suffix=".tif") as temporary:
+            with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_BYTES), atomic_output(output_path, suffix=".tif") as temporary:
+                _release_freed_memory()
                 with rasterio.open(temporary, "w", **profile) as dst:
                     _write_band_metadata(dst, meta, indexes, usable)
 
-                    def emit(row0: int, rows: np.ndarray) -> None:
-                        count = min(rows.shape[1], grid.height - row0)
-                        if count <= 0:
+                    def write(row0: int, col0: int, spectra: np.ndarray) -> None:
+                        rows = min(spectra.shape[1], grid.height - row0)
+                        cols = min(spectra.shape[2], grid.width - col0)
+                        if rows <= 0 or cols <= 0:
                             return
-                        block = np.full((len(indexes), count, grid.width), np.nan, dtype=np.float32)
-                        block[position] = rows[:, :count, : grid.width]
-                        dst.write(_to_output(block, output_dtype, nodata), window=Window(0, row0, grid.width, count))
+                        if all_used:
+                            block = spectra[:, :rows, :cols]
+                        else:
+                            block = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
+                            block[position] = spectra[:, :rows, :cols]
+                        dst.write(_to_output(block, output_dtype, nodata), window=Window(col0, row0, cols, rows))
 
                     tiles = run_tiles(
                         fuser,
                         (grid.lr_height, grid.lr_width),
-                        len(used_indexes),
-                        lambda w: read_as_float(lr_vrt, window=Window(w[1], w[0], w[3], w[2]), indexes=used_indexes),
-                        lambda w: read_as_float(
-                            hr_ds, window=Window(hr_col0 + w[1], hr_row0 + w[0], w[3], w[2]), boundless=True
+                        read_lr,
+                        lambda w: read_padded(hr_ds, hr_row0 + w[0], hr_col0 + w[1], w[2], w[3]),
+                        SpectrumComposer(
+                            stats, grid.scale, (grid.lr_height, grid.lr_width), read_lr, write, block_cols, torch_device
                         ),
-                        emit,
                         tile_size,
                         overlap,
-                        progress,
+                        _part(progress, RESAMPLE_SHARE, 1.0),
                         cancelled,
+                        block_rows,
                     )
     seconds = time.time() - started
     name = card.get("name", "custom")
@@ -310,7 +397,7 @@ def fuse_files(
 ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bounded memory
 
 
-def _adapted(model, lr_vrt, msi_vrt, indexes, grid, minutes, log, cancelled):
+def _adapted(model, read_lr, msi_vrt, grid, minutes, log, cancelled):
     """The model fine-tuned on a central window of the scene (see user_training.adapt_to_scene)."""
     from rasterio.windows import Window
 
@@ -318,16 +405,61 @@ def _adapted(model, lr_vrt, msi_vrt, indexes, grid, minutes, log, cancelled):
     from .user_training import adapt_to_scene, filled_pair
 
     rows, cols = min(grid.lr_height, ADAPTATION_WINDOW), min(grid.lr_width, ADAPTATION_WINDOW)
-    window = Window((grid.lr_width - cols) // 2, (grid.lr_height - rows) // 2, cols, rows)
+    row0, col0 = (grid.lr_height - rows) // 2, (grid.lr_width - cols) // 2
     hsi, msi = filled_pair(
-        read_as_float(lr_vrt, window=window, indexes=indexes),
-        read_as_float(msi_vrt, window=window),
+        np.ascontiguousarray(read_lr((row0, col0, rows, cols))),
+        read_as_float(msi_vrt, window=Window(col0, row0, cols, rows)),
         "scene adaptation needs a centre area where both images have data; set its minutes to 0",
     )
     adapted, _ = adapt_to_scene(model, hsi, msi, grid.scale, minutes, log=log, cancelled=cancelled or (lambda: False))
     if cancelled is not None and cancelled():
         raise FusionCancelled("fusion cancelled during scene adaptation")
     return adapted
+
+
+@contextmanager
+def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancelled):
+    """The LR-HSI on the working grid in a scratch file beside the output, removed afterwards
+    whatever happens (the output's folder is where the user has room for large files)."""
+    from .georaster import WorkingGridCube
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".lr-working-grid", dir=output_path.parent)
+    os.close(handle)
+    try:
+        try:
+            cube = WorkingGridCube.materialise(lr_ds, grid, indexes, scratch, progress, cancelled)
+        except InterruptedError as error:
+            raise FusionCancelled(str(error)) from error
+        _release_freed_memory()
+        with cube:
+            yield cube
+    finally:
+        os.unlink(scratch)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by GDAL's cache and numpy back to the system (glibc keeps it
+    otherwise, and the process's footprint would stay at its high-water mark)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def _part(progress, start: float, end: float):
+    if progress is None:
+        return None
+    return lambda fraction: progress(start + (end - start) * fraction)
+
+
+def _block_shape(profile: dict) -> Tuple[int, int]:
+    """The output's block rows and columns (whole blocks are written at once)."""
+    if str(profile.get("tiled", "")).lower() in ("true", "yes", "1"):
+        return int(profile.get("blockysize", 256)), int(profile.get("blockxsize", 256))
+    return DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE
 
 
 def _check_writable(output_path: Path) -> None:

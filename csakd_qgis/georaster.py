@@ -6,11 +6,16 @@ LR-HSI's pixel size (measured in the MSI's CRS) divided by the MSI's pixel size,
 The LR-HSI is resampled onto a working grid of pixel size s × the MSI's pixel, aligned with
 the output grid, so every working pixel covers exactly s × s output pixels. For the Berlin
 pair (30 m / 3.6 m, r = 8.33) s = 8 and the working pixel is 28.8 m.
+
+The LR-HSI is resampled onto the working grid once per run, into an uncompressed scratch file
+(:class:`WorkingGridCube`): by averaging when the working pixel is larger than the sensor's,
+by cubic interpolation when it is smaller, and not at all when it is the LR-HSI's own grid.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,17 +123,32 @@ def plan_grid(lr_dataset, hr_dataset) -> FusionGrid:
     )
 
 
-def lr_on_working_grid(lr_dataset, grid: FusionGrid):
-    """A WarpedVRT of the LR-HSI on the working grid (reprojected when the CRS differs)."""
+def lr_resampling(lr_dataset, grid: FusionGrid):
+    """How the LR-HSI is resampled onto the working grid.
+
+    Working pixels larger than the sensor's: average; smaller: cubic interpolation; the
+    very same grid (same CRS, same pixel size, whole-pixel offset): the pixels themselves.
+    """
     from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
 
     lr_pixel_in_grid = grid.ratio / grid.scale
-    # Working pixels larger than the sensor's: average; smaller or equal: cubic interpolation.
-    resampling = Resampling.average if lr_pixel_in_grid < 0.95 else Resampling.cubic
+    if lr_pixel_in_grid < 0.95:
+        return Resampling.average
+    if lr_dataset.crs == grid.crs:
+        relative = ~lr_dataset.transform * grid.lr_transform
+        if all(abs(v - round(v)) < 1e-6 for v in (relative.a, relative.e, relative.c, relative.f)) and \
+                round(relative.a) == 1 and round(relative.e) == 1:
+            return Resampling.nearest
+    return Resampling.cubic
+
+
+def lr_on_working_grid(lr_dataset, grid: FusionGrid):
+    """A WarpedVRT of the LR-HSI on the working grid (reprojected when the CRS differs)."""
+    from rasterio.vrt import WarpedVRT
+
     return WarpedVRT(
         lr_dataset, crs=grid.crs, transform=grid.lr_transform, width=grid.lr_width, height=grid.lr_height,
-        resampling=resampling, src_nodata=lr_dataset.nodata, nodata=_vrt_nodata(lr_dataset),
+        resampling=lr_resampling(lr_dataset, grid), src_nodata=lr_dataset.nodata, nodata=_vrt_nodata(lr_dataset),
     )
 
 
@@ -183,3 +203,96 @@ def output_profile(grid: FusionGrid, bands: int, dtype: str = "float32", creatio
     for key, value in (creation_options or {}).items():
         profile[key.lower()] = value
     return profile
+
+
+def read_padded(dataset, row: int, col: int, rows: int, cols: int) -> np.ndarray:
+    """Like read_as_float for a window that may reach past the raster; the part outside is NaN.
+
+    (rasterio's boundless reads build a warped VRT on every call, far too slow per tile.)
+    """
+    from rasterio.windows import Window
+
+    out = np.full((dataset.count, rows, cols), np.nan, dtype=np.float32)
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + rows, dataset.height), min(col + cols, dataset.width)
+    if r1 > r0 and c1 > c0:
+        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = read_as_float(dataset, window=Window(c0, r0, c1 - c0, r1 - r0))
+    return out
+
+
+class WorkingGridCube:
+    """The LR-HSI resampled once onto the working grid, in an uncompressed scratch file.
+
+    Reading every tile through the warping VRT would resample and decompress the same
+    source blocks again and again (minutes for a large 224-band scene). The scratch file is
+    pixel-interleaved, so a window is one contiguous read per row; it is read with plain
+    file reads rather than mapped, so the process's memory does not grow with the scene.
+    """
+
+    STRIP_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, path, bands: int, rows: int, cols: int):
+        self.path = path
+        self.bands, self.rows, self.cols = bands, rows, cols
+        self._file = open(path, "rb")
+
+    @classmethod
+    def materialise(cls, lr_dataset, grid: FusionGrid, indexes, path, progress=None, cancelled=None) -> "WorkingGridCube":
+        """Resample bands ``indexes`` of ``lr_dataset`` onto ``grid``'s working grid into
+        ``path``, strip by strip (NaN for no data, scale and offset applied)."""
+        from affine import Affine
+        from rasterio import band
+        from rasterio.warp import reproject
+
+        bands, rows, cols = len(indexes), grid.lr_height, grid.lr_width
+        strip = max(1, cls.STRIP_BYTES // (bands * cols * 4))
+        resampling = lr_resampling(lr_dataset, grid)
+        scales = np.array([lr_dataset.scales[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
+        offsets = np.array([lr_dataset.offsets[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
+        with open(path, "wb") as scratch:
+            for row in range(0, rows, strip):
+                if cancelled is not None and cancelled():
+                    raise InterruptedError("cancelled while resampling the hyperspectral image")
+                count = min(strip, rows - row)
+                values = np.full((bands, count, cols), np.nan, dtype=np.float32)
+                # One warp of all bands at once: the source's blocks are decoded once per strip,
+                # not once per band.
+                reproject(
+                    band(lr_dataset, list(indexes)), values,
+                    src_nodata=lr_dataset.nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
+                    dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
+                    # Each band its own no-data: a bad band holds nothing where the others hold data.
+                    UNIFIED_SRC_NODATA="NO",
+                )
+                values = values * scales + offsets
+                scratch.write(np.ascontiguousarray(values.transpose(1, 2, 0)).tobytes())
+                if progress is not None:
+                    progress((row + count) / rows)
+        return cls(path, bands, rows, cols)
+
+    def read(self, row: int, col: int, rows: int, cols: int) -> np.ndarray:
+        """(bands, rows, cols) float32 of a window inside the grid."""
+        out = np.empty((rows, cols, self.bands), dtype=np.float32)
+        pixel = self.bands * 4
+        for i in range(rows):
+            self._file.seek(((row + i) * self.cols + col) * pixel)
+            out[i] = np.frombuffer(self._file.read(cols * pixel), dtype=np.float32).reshape(cols, self.bands)
+        return out.transpose(2, 0, 1)
+
+    def sample(self, rows: int, cols: int) -> np.ndarray:
+        """An evenly spaced (bands, rows, cols) subsample of the whole grid (for the scene statistics)."""
+        row_index = np.linspace(0, self.rows - 1, rows).round().astype(int)
+        col_index = np.linspace(0, self.cols - 1, cols).round().astype(int)
+        out = np.empty((self.bands, rows, cols), dtype=np.float32)
+        for i, row in enumerate(row_index):
+            out[:, i] = self.read(int(row), 0, 1, self.cols)[:, 0, col_index]
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -66,8 +66,8 @@ class SceneStatistics:
         msi_bands = msi_at_lr.shape[0]
         if msi_at_lr.shape[1:] != (rows, cols):
             raise ValueError(f"MSI at LR {msi_at_lr.shape[1:]} does not match the LR-HSI grid {(rows, cols)}")
-        y = lr_hsi.reshape(bands, -1).astype(np.float64)
-        z = msi_at_lr.reshape(msi_bands, -1).astype(np.float64)
+        y = lr_hsi.reshape(bands, -1)
+        z = msi_at_lr.reshape(msi_bands, -1)
         keep = np.isfinite(y).all(0) & np.isfinite(z).all(0)
         if valid is not None:
             keep &= valid.reshape(-1)
@@ -75,11 +75,14 @@ class SceneStatistics:
         if index.size < 4:
             raise ValueError("fewer than 4 pixels where both images have data: cannot fit the scene")
         if index.size > max_pixels:
-            index = np.random.default_rng(seed).choice(index, max_pixels, replace=False)
-        y = y[:, index]
-        z = z[:, index]
+            index = np.sort(np.random.default_rng(seed).choice(index, max_pixels, replace=False))
+        # Double precision only for the chosen pixels: a large scene's whole cube in float64
+        # would cost several times its own memory.
+        y = y[:, index].astype(np.float64)
+        z = z[:, index].astype(np.float64)
         band_mean = y.mean(1)
-        centred = y - band_mean[:, None]
+        centred = y
+        centred -= band_mean[:, None]
         scale = float(np.sqrt((centred**2).mean())) or 1.0
         centred /= scale
         k = min(subspace_dim, bands)
@@ -182,6 +185,16 @@ class SubspaceFusionModel(nn.Module):
         H and W must be an integer multiple s of h and w; any size is accepted (inputs are
         padded internally to what the network needs).
         """
+        detail, fused = self.subspace_detail(lr_hsi, hr_msi, stats)
+        return NetworkOutput(compose_spectrum(lr_hsi, detail, stats), fused)
+
+    def subspace_detail(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, stats: Dict[str, torch.Tensor]):
+        """The K-channel detail (N,K,H,W) that :func:`compose_spectrum` adds to the bicubic
+        LR-HSI, and the network's fused feature.
+
+        Tiles are blended in this K-channel space rather than over hundreds of bands: the
+        spectrum is linear in the detail, so blending either gives the same result.
+        """
         lr_rows, lr_cols = lr_hsi.shape[-2:]
         hr_rows, hr_cols = hr_msi.shape[-2:]
         scale = hr_rows // lr_rows
@@ -200,10 +213,20 @@ class SubspaceFusionModel(nn.Module):
         injected = predicted - upsample(gaussian_downsample(predicted, scale), hr_size, mode="bicubic")
         out = self.network(coefficients, predicted)
         detail = injected + (out.image - coefficients_up)
-        spectrum = bicubic_upsample_many(lr_hsi, hr_size) + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
-            "nbk,nkhw->nbhw", stats["basis"], detail
-        )
-        return NetworkOutput(spectrum[..., :hr_rows, :hr_cols], out.fused)
+        return detail[..., :hr_rows, :hr_cols], out.fused
+
+
+def compose_spectrum(lr_hsi: torch.Tensor, detail: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """bicubic(LR-HSI) + ρ·U·detail: (N,B,h,w) and (N,K,s·h,s·w) → (N,B,s·h,s·w).
+
+    Everything of the LR-HSI outside the subspace is kept as bicubic upsampling. Bicubic
+    interpolation at an integer scale reaches 2 LR pixels, so a window of the LR-HSI with
+    that much margin gives exactly the whole image's values inside it.
+    """
+    hr_size = tuple(detail.shape[-2:])
+    return bicubic_upsample_many(lr_hsi, hr_size) + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
+        "nbk,nkhw->nbhw", stats["basis"], detail
+    )
 
 
 def _lr_padding(lr_size: int, scale: int, multiple: int) -> int:

@@ -3,8 +3,8 @@
 The high-resolution output is cut into overlapping tiles aligned to the scale s (so every
 tile has an exact low-resolution counterpart). Each tile is run with a halo of extra context
 that is thrown away, and neighbouring tiles are cross-faded over their overlap. Rows are
-emitted strip by strip as soon as no later tile can touch them, so memory is bounded by one
-strip of tiles, never by the raster.
+emitted in pieces aligned with the output's blocks as soon as no later tile can touch them, so
+memory is bounded by one strip of tiles, never by the raster.
 """
 
 from __future__ import annotations
@@ -116,20 +116,23 @@ class StripBlender:
         self.sum[:, local, c : c + w] += values * weights
         self.weight[local, c : c + w] += weights
 
-    def flush_until(self, row: int, chunk_rows: int = 64) -> None:
-        """Emit every row above ``row`` (no later tile may touch them), ``chunk_rows`` at a
-        time, so that the normalised copy and the caller's conversions stay small."""
-        count = row - self.start
+    def flush_until(self, row: int, block_rows: int = 64) -> None:
+        """Emit finished rows above ``row`` (no later tile may touch them) in pieces of
+        ``block_rows`` aligned on multiples of it, so that a tiled output receives whole
+        blocks; rows short of a full piece wait, except at the raster's end."""
+        # self.start is always a multiple of block_rows (or the raster's end).
+        end = row if row >= self.rows else (row // block_rows) * block_rows
+        count = end - self.start
         if count <= 0:
             return
-        for offset in range(0, count, chunk_rows):
-            end = min(count, offset + chunk_rows)
+        for offset in range(0, count, block_rows):
+            stop = min(count, offset + block_rows)
             with np.errstate(invalid="ignore", divide="ignore"):
-                finished = self.sum[:, offset:end] / self.weight[None, offset:end]
+                finished = self.sum[:, offset:stop] / self.weight[None, offset:stop]
             self.emit(self.start + offset, finished)
         self.sum = self.sum[:, count:].copy()
         self.weight = self.weight[count:].copy()
-        self.start = row
+        self.start = end
 
 
 def iterate_tiles(rows_of_tiles: List[List[Tile]]) -> Iterator[Tuple[Tile, int]]:

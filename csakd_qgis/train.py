@@ -58,10 +58,15 @@ def teacher_config(subspace_dim: int = SUBSPACE_DIM) -> FusionModelConfig:
     )
 
 
-def prepare_batch(cases: List[WaldCase], subspace_dim: int):
-    """Tensors for one training step: inputs, stacked scene statistics, normalised target."""
+def prepare_batch(cases: List[WaldCase], subspace_dim: int, statistics: Optional[SceneStatistics] = None):
+    """Tensors for one training step: inputs, stacked scene statistics, normalised target.
+
+    Each crop's statistics are fitted on the crop itself, unless ``statistics`` (of the
+    whole scene the crops come from) are given.
+    """
     stats = [
-        SceneStatistics.estimate(c.lr_hsi, blur_and_decimate(c.hr_msi, c.scale), subspace_dim) for c in cases
+        statistics or SceneStatistics.estimate(c.lr_hsi, blur_and_decimate(c.hr_msi, c.scale), subspace_dim)
+        for c in cases
     ]
     lr = torch.from_numpy(np.stack([c.lr_hsi for c in cases]))
     hr = torch.from_numpy(np.stack([c.hr_msi for c in cases]))

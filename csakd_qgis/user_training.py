@@ -279,15 +279,18 @@ def adapt_to_scene(
     minutes: float,
     crop: int = 64,
     batch_size: int = 4,
+    learning_rate: float = 1e-4,
     seed: int = 0,
     log: Callable[[str], None] = print,
     cancelled: Callable[[], bool] = lambda: False,
 ):
     """Fine-tune a copy of ``model`` on the scene's own Wald-degraded pair.
 
-    hsi (B, h, w) and msi_at_hsi (M, h, w) are the LR-HSI and the MSI averaged onto its grid;
-    the last fifth (along the longer side) is held out to measure what the adaptation bought. Returns
-    (model to use, AdaptationReport); the original model when adapting did not help.
+    hsi (B, h, w) and msi_at_hsi (M, h, w) are the LR-HSI and the MSI averaged onto its grid.
+    The scene is cut along its longer side into a training part, a selection part (which
+    picks the best weights seen during training) and a held-out last fifth that measures
+    what the adaptation bought, on pixels neither trained nor selected on. Returns
+    (model to use, AdaptationReport); the original model when adapting did not help there.
     """
     import copy
 
@@ -296,19 +299,37 @@ def adapt_to_scene(
     from .api import fuse_arrays
     from .losses import teacher_loss
     from .metrics import psnr
+    from .model import SceneStatistics
     from .train import prepare_batch
 
     scene = TrainingScene("scene", hsi.astype(np.float32), None, int(scale), msi=msi_at_hsi.astype(np.float32))
     training, held_out = scene.split()
-    case = held_out.case(held_out.reference, held_out.msi)
-    before = psnr(case.reference, fuse_arrays(case.lr_hsi, case.hr_msi, model=model))
-    adapted = copy.deepcopy(model).train()
-    optimiser = torch.optim.AdamW(adapted.parameters(), lr=2e-4, weight_decay=1e-4)
+    try:
+        training, selection = training.split()
+    except FusionInputError:
+        selection = None  # too small to set a part aside: the last weights are the candidate
+    # Statistics of the whole training part, as fusing fits them on the whole scene; fitted
+    # per crop they would describe a few dozen pixels and teach the network another base.
+    whole = training.case(training.reference, training.msi)
+    statistics = SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, scale), model.config.subspace_dim)
+
+    def score(candidate, part) -> float:
+        case = part.case(part.reference, part.msi)
+        return psnr(case.reference, fuse_arrays(case.lr_hsi, case.hr_msi, model=candidate))
+
+    before = score(model, held_out)
+    adapted = copy.deepcopy(model)
+    best_state, best_score = copy.deepcopy(model.state_dict()), score(model, selection) if selection else -np.inf
+    optimiser = torch.optim.AdamW(adapted.parameters(), lr=learning_rate, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     torch.set_flush_denormal(True)
-    started, steps = time.time(), 0
+    check_every = max(20.0, minutes * 60 / 20)
+    started, steps, last_check = time.time(), 0, time.time()
     while time.time() - started < minutes * 60 and not cancelled():
-        lr_hsi, hr_msi, stats, reference = prepare_batch(training.sample(rng, batch_size, crop), model.config.subspace_dim)
+        adapted.train()
+        lr_hsi, hr_msi, stats, reference = prepare_batch(
+            training.sample(rng, batch_size, crop), model.config.subspace_dim, statistics
+        )
         norm = stats["scale"].view(-1, 1, 1, 1)
         # The student alone, with the reconstruction, angle and band-wise terms of the joint loss.
         loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)
@@ -317,8 +338,20 @@ def adapt_to_scene(
         torch.nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)
         optimiser.step()
         steps += 1
+        if selection is not None and time.time() - last_check >= check_every:
+            adapted.eval()
+            current = score(adapted, selection)
+            if current > best_score:
+                best_state, best_score = copy.deepcopy(adapted.state_dict()), current
+            last_check = time.time()
+    if selection is not None:
+        adapted.eval()
+        current = score(adapted, selection)
+        if current > best_score:
+            best_state = copy.deepcopy(adapted.state_dict())
+        adapted.load_state_dict(best_state)
     adapted.eval()
-    after = psnr(case.reference, fuse_arrays(case.lr_hsi, case.hr_msi, model=adapted))
+    after = score(adapted, held_out)
     kept = after > before
     report = AdaptationReport(round((time.time() - started) / 60, 2), steps, before, after, kept)
     log(

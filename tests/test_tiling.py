@@ -75,6 +75,7 @@ def test_neighbour_weights_sum_to_one_across_an_overlap_of_one_ramp():
 
 class ConstantFuser:
     scale = 4
+    channels = 3
 
     def fuse_tile(self, lr, hr):
         return np.ones((3,) + hr.shape[1:], np.float32)
@@ -84,12 +85,13 @@ class IdentityFuser:
     """Returns its HR input: the blended output must then rebuild the HR image."""
 
     scale = 4
+    channels = 3
 
     def fuse_tile(self, lr, hr):
         return hr.copy()
 
 
-def _run(fuser, hr_image, tile_size, overlap):
+def _run(fuser, hr_image, tile_size, overlap, block_rows=256):
     scale = fuser.scale
     lr_shape = (hr_image.shape[1] // scale, hr_image.shape[2] // scale)
     output = np.full(hr_image.shape, np.nan, np.float32)
@@ -102,12 +104,12 @@ def _run(fuser, hr_image, tile_size, overlap):
     run_tiles(
         fuser,
         lr_shape,
-        hr_image.shape[0],
         lambda w: np.zeros((5, w[2], w[3]), np.float32),
         lambda w: hr_image[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]],
         emit,
         tile_size,
         overlap,
+        block_rows=block_rows,
     )
     return output, emitted
 
@@ -125,13 +127,16 @@ def test_blending_puts_every_tile_in_its_place(tile_size, overlap):
     np.testing.assert_allclose(output, image, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("tile_size,overlap", [(32, 16), (24, 8), (128, 32)])
-def test_every_row_is_emitted_once_in_order(tile_size, overlap):
-    _, emitted = _run(ConstantFuser(), np.zeros((3, 100, 76), np.float32), tile_size, overlap)
+@pytest.mark.parametrize("tile_size,overlap,block_rows", [(32, 16, 16), (24, 8, 16), (128, 32, 16), (32, 16, 256)])
+def test_every_row_is_emitted_once_in_order_in_whole_blocks(tile_size, overlap, block_rows):
+    _, emitted = _run(ConstantFuser(), np.zeros((3, 100, 76), np.float32), tile_size, overlap, block_rows)
     rows = [r for row0, count in emitted for r in range(row0, row0 + count)]
     assert rows == list(range(100))
-    if tile_size < 100:
-        assert len(emitted) > 1, "rows are released strip by strip, not at the end"
+    # Whole output blocks: every piece starts on a block boundary and only the last is short.
+    assert all(row0 % block_rows == 0 for row0, _ in emitted)
+    assert all(count == block_rows for _, count in emitted[:-1])
+    if block_rows < 100:
+        assert len(emitted) == -(-100 // block_rows), "rows are released block by block, not at the end"
 
 
 def test_strip_blender_holds_at_most_a_strip():
@@ -142,10 +147,11 @@ def test_strip_blender_holds_at_most_a_strip():
     for tile, flush in iterate_tiles(plan):
         blender.add(tile.hr_window, np.ones((1, tile.hr_window[2], tile.hr_window[3]), np.float32))
         if flush >= 0:
-            blender.flush_until(flush)
-            assert blender.start == flush
-            # Only the overlap with the next row of tiles stays: 16-row tiles every 8 rows.
-            assert blender.weight.shape[0] <= 8
+            blender.flush_until(flush, block_rows=8)
+            assert blender.start == flush // 8 * 8 or flush == 40
+            # What stays: the overlap with the next row of tiles (16-row tiles every 8 rows)
+            # plus at most one unfinished block of 8 rows.
+            assert blender.weight.shape[0] <= 16
     assert blender.start == 40
 
 
