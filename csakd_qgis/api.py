@@ -278,8 +278,10 @@ def fuse_files(
 
     The output is on the HR-MSI's grid over the common area, one band per LR-HSI band
     (or per 1-based index in ``bands``), with each band's wavelength, FWHM and bad-band flag.
-    It is written tile by tile to a temporary file renamed into place at the end, so a
-    failed or cancelled run leaves nothing behind. Raises FusionInputError on bad input.
+    It is written block by block to a temporary file renamed into place at the end, so a
+    failed or cancelled run leaves nothing behind; the LR-HSI resampled onto the working grid
+    sits in a scratch file beside the output for the run's duration. Raises FusionInputError
+    on bad input.
     ``adapt_minutes`` > 0 first fine-tunes the model on the scene's own Wald-degraded pair.
     """
     import rasterio

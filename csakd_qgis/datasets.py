@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -129,6 +129,9 @@ class WaldCase:
     scale: int
     cube: str
     sensor: str
+    # Scene statistics of the whole scene the case was cut from (model.SceneStatistics), as
+    # fusion fits them on a whole scene; None: fitted on the case itself.
+    statistics: Optional[object] = None
 
 
 def make_wald_case(
@@ -176,8 +179,12 @@ def training_batch(
     batch_size: int = 4,
     crop: int = 64,
     scales: Sequence[int] = TRAINING_SCALES,
+    statistics: Optional[Callable[[HyperspectralCube, SensorResponse, int], object]] = None,
 ) -> List[WaldCase]:
     """A batch of Wald pairs sharing one cube, sensor and scale (so that they stack).
+
+    ``statistics(cube, sensor, scale)``, when given, supplies the scene statistics of the
+    whole cube's Wald pair for every crop.
 
     Random crop, 90° rotation and flip; LR-HSI noise at 30–45 dB SNR on a third of the batches,
     MSI noise on a quarter; the LR-HSI misregistered by up to one HR pixel on a sixth. (Noise on
@@ -205,4 +212,33 @@ def training_batch(
         c = int(rng.integers(cols - size + 1))
         patch = HyperspectralCube(cube.name, _augment(cube.data[:, r : r + size, c : c + size], rng), cube.wavelengths_nm)
         batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr, shift))
+    if statistics is not None:
+        whole = statistics(cube, sensor, scale)
+        for case in batch:
+            case.statistics = whole
     return batch
+
+
+class WholeSceneStatistics:
+    """Scene statistics of a whole cube's clean Wald pair, per (cube, sensor, scale), cached.
+
+    Fitted on a 64-pixel crop, the statistics describe a few dozen LR pixels: a regression
+    that local is a far better base than the one fusion fits on a whole scene, and a network
+    trained on top of it learns corrections that do not hold at run time.
+    """
+
+    def __init__(self, subspace_dim: int):
+        self.subspace_dim = subspace_dim
+        self.cache: Dict[tuple, object] = {}
+
+    def __call__(self, cube: HyperspectralCube, sensor: SensorResponse, scale: int):
+        from .degradation import blur_and_decimate
+        from .model import SceneStatistics
+
+        key = (cube.name, cube.data.shape, sensor.name, tuple(sensor.band_names), scale)
+        if key not in self.cache:
+            case = make_wald_case(cube, sensor, scale)
+            self.cache[key] = SceneStatistics.estimate(
+                case.lr_hsi, blur_and_decimate(case.hr_msi, scale), self.subspace_dim
+            )
+        return self.cache[key]

@@ -34,6 +34,10 @@ import torch.nn.functional as F
 from .network import CSAKDNet, NetworkConfig, NetworkOutput, bicubic_upsample_many, upsample
 
 WALD_SIGMA_PER_SCALE = 0.53
+# Ridge of the detail regression, relative to the MSI detail's mean variance: larger values
+# trade PSNR for SAM (measured on the validation cases: 1e-4 → 33.44 dB / 5.57°, 1e-3 →
+# 33.37 / 5.40, 1e-2 → 32.80 / 5.18).
+DETAIL_RIDGE = 1e-3
 
 
 @dataclass
@@ -55,12 +59,15 @@ class SceneStatistics:
         max_pixels: int = 200_000,
         ridge: float = 1e-3,
         seed: int = 0,
+        detail_ridge: Optional[float] = DETAIL_RIDGE,
     ) -> "SceneStatistics":
         """Fit the scene's statistics on the LR grid.
 
         lr_hsi (B, h, w) and msi_at_lr (M, h, w): the MSI degraded onto the LR-HSI's grid.
         valid (h, w): pixels where both inputs have data. At most ``max_pixels`` random
         pixels are used, which keeps a very large scene's fit fast and its memory bounded.
+        The regression's weights are then refitted on the images' detail (see
+        :meth:`detail_weights`), unless ``detail_ridge`` is None.
         """
         bands, rows, cols = lr_hsi.shape
         msi_bands = msi_at_lr.shape[0]
@@ -99,11 +106,65 @@ class SceneStatistics:
         design = np.concatenate([(z - msi_mean[:, None]) / msi_std[:, None], np.ones((1, z.shape[1]))])
         gram = design @ design.T / design.shape[1] + ridge * np.eye(msi_bands + 1)
         regression = np.linalg.solve(gram, design @ coefficients.T / design.shape[1]).T
-        return cls(band_mean, scale, basis, msi_mean, msi_std, regression)
+        statistics = cls(band_mean, scale, basis, msi_mean, msi_std, regression)
+        if detail_ridge is None:
+            return statistics
+        weights = statistics.detail_weights(lr_hsi, msi_at_lr, keep.reshape(rows, cols), max_pixels, detail_ridge)
+        if weights is not None:
+            statistics.regression = np.concatenate([weights, regression[:, -1:]], axis=1)
+        return statistics
+
+    def detail_weights(
+        self, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, valid: np.ndarray, max_pixels: int, ridge: float = DETAIL_RIDGE
+    ) -> Optional[np.ndarray]:
+        """(K, M) weights that predict the subspace coefficients' spatial detail from the MSI's,
+        fitted on the high-pass parts of both at low resolution; None when the image is too
+        small or too sparse to fit them.
+
+        The detail is what the base injects, and what the MSI says about it differs from what it
+        says about the whole signal: a component the MSI predicts well on average but whose
+        texture it does not share (NIR or SWIR seen from an RGB camera) gets small weights here
+        and is not sharpened with another band's edges. (Measured on the 27 validation cases:
+        +0.5 dB PSNR and −0.4° SAM against weights from the whole signal.)
+        """
+        rows, cols = valid.shape
+        step = max(1, int(math.ceil(math.sqrt(rows * cols / max_pixels))))
+        lr, msi, valid = lr_hsi[:, ::step, ::step], msi_at_lr[:, ::step, ::step], valid[::step, ::step]
+        rows, cols = (valid.shape[0] // 2) * 2, (valid.shape[1] // 2) * 2
+        if min(rows, cols) < 6:
+            return None
+        lr, msi, valid = lr[:, :rows, :cols], msi[:, :rows, :cols], valid[:rows, :cols]
+        coefficients = np.einsum(
+            "bk,bhw->khw", self.basis.astype(np.float32), np.where(valid, lr - self.band_mean[:, None, None], 0).astype(np.float32)
+        ) / np.float32(self.scale)
+        normalised = np.where(valid, (msi - self.msi_mean[:, None, None]) / self.msi_std[:, None, None], 0).astype(np.float32)
+        detail = _high_pass(np.concatenate([coefficients, normalised]))
+        # Only pixels whose neighbourhood is all data: a gap's edge is not texture. (The image's
+        # own border stays: small scenes cannot spare it, and its replicated edge is harmless.)
+        padded = np.pad(valid, 2, mode="edge")
+        usable = valid.copy()
+        for dr in range(-2, 3):
+            for dc in range(-2, 3):
+                usable &= padded[2 + dr : 2 + dr + rows, 2 + dc : 2 + dc + cols]
+        k, m = coefficients.shape[0], normalised.shape[0]
+        if usable.sum() < 10 * (m + 1):
+            return None
+        target = detail[:k][:, usable].astype(np.float64)
+        inputs = detail[k:][:, usable].astype(np.float64)
+        gram = inputs @ inputs.T / inputs.shape[1]
+        gram += ridge * np.trace(gram) / m * np.eye(m)
+        return np.linalg.solve(gram, inputs @ target.T / inputs.shape[1]).T
 
     def to_tensors(self, device="cpu", dtype=torch.float32) -> Dict[str, torch.Tensor]:
         """The statistics as tensors with a leading batch dimension of 1."""
         return stack_statistics([self], device, dtype)
+
+
+def _high_pass(image: np.ndarray) -> np.ndarray:
+    """image − its Wald degradation by 2 upsampled again: (C, h, w) with h, w even."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
+    low = upsample(gaussian_downsample(tensor, 2), tuple(image.shape[-2:]), mode="bicubic")
+    return (tensor - low)[0].numpy()
 
 
 def stack_statistics(statistics, device="cpu", dtype=torch.float32) -> Dict[str, torch.Tensor]:

@@ -32,7 +32,16 @@ import torch.nn as nn
 from . import __version__
 from .baselines import bicubic_upsample, gsa
 from .bundle import _atomic_write, save_bundle
-from .datasets import TRAINING_SCALES, VALIDATION_SCALES, WaldCase, training_batch, training_cubes, training_sensors, validation_cases
+from .datasets import (
+    TRAINING_SCALES,
+    VALIDATION_SCALES,
+    WaldCase,
+    WholeSceneStatistics,
+    training_batch,
+    training_cubes,
+    training_sensors,
+    validation_cases,
+)
 from .degradation import blur_and_decimate
 from .losses import student_loss, teacher_loss
 from .metrics import ergas, psnr, sam
@@ -61,11 +70,13 @@ def teacher_config(subspace_dim: int = SUBSPACE_DIM) -> FusionModelConfig:
 def prepare_batch(cases: List[WaldCase], subspace_dim: int, statistics: Optional[SceneStatistics] = None):
     """Tensors for one training step: inputs, stacked scene statistics, normalised target.
 
-    Each crop's statistics are fitted on the crop itself, unless ``statistics`` (of the
-    whole scene the crops come from) are given.
+    Each crop's statistics are ``statistics`` when given, else those the case carries (of the
+    whole scene it was cut from), else fitted on the crop itself.
     """
     stats = [
-        statistics or SceneStatistics.estimate(c.lr_hsi, blur_and_decimate(c.hr_msi, c.scale), subspace_dim)
+        statistics
+        or c.statistics
+        or SceneStatistics.estimate(c.lr_hsi, blur_and_decimate(c.hr_msi, c.scale), subspace_dim)
         for c in cases
     ]
     lr = torch.from_numpy(np.stack([c.lr_hsi for c in cases]))
@@ -293,8 +304,9 @@ def train(args) -> Path:
     for name, rows in baselines.items():
         m = summarise(rows)
         print(f"  {name:8s} PSNR {m['psnr']:.2f} dB  SAM {m['sam']:.2f}°  ERGAS {m['ergas']:.2f}", flush=True)
+    whole_scene = WholeSceneStatistics(args.subspace_dim)
     run = TrainingRun(
-        sample_batch=lambda rng: training_batch(cubes, sensors, rng, args.batch_size, args.crop),
+        sample_batch=lambda rng: training_batch(cubes, sensors, rng, args.batch_size, args.crop, statistics=whole_scene),
         validation=cases,
         teacher=teacher_config(args.subspace_dim),
         student=student_config(args.subspace_dim),

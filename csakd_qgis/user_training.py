@@ -114,6 +114,16 @@ class TrainingScene:
         return batch
 
 
+def whole_scene_statistics(scene: TrainingScene, subspace_dim: int):
+    """Scene statistics of the scene's whole Wald pair, for every crop cut from it: fusion fits
+    them on a whole scene, and fitted per crop they would describe a few dozen pixels and
+    teach the network corrections to another base (see datasets.WholeSceneStatistics)."""
+    from .model import SceneStatistics
+
+    whole = scene.case(scene.reference, scene.msi)
+    return SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, scene.scale), subspace_dim)
+
+
 def filled_pair(hsi: np.ndarray, msi: np.ndarray, too_sparse: str) -> tuple:
     """The pair as float32 with pixels missing in either image set to the band means;
     FusionInputError(too_sparse) when fewer than half the pixels have data in both."""
@@ -230,8 +240,17 @@ def train_on_scenes(
             log(f"the starting model's architecture differs from the '{student_size}' student: training from scratch")
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="csakd-train-") as folder:
+        whole = [whole_scene_statistics(scene, student.subspace_dim) for scene in training]
+
+        def sample_batch(rng):
+            index = int(rng.integers(len(training)))
+            cases = training[index].sample(rng, batch_size, crop)
+            for case in cases:
+                case.statistics = whole[index]
+            return cases
+
         run = TrainingRun(
-            sample_batch=lambda rng: training[int(rng.integers(len(training)))].sample(rng, batch_size, crop),
+            sample_batch=sample_batch,
             validation=validation,
             teacher=teacher_config(student.subspace_dim),
             student=student,
@@ -299,7 +318,6 @@ def adapt_to_scene(
     from .api import fuse_arrays
     from .losses import teacher_loss
     from .metrics import psnr
-    from .model import SceneStatistics
     from .train import prepare_batch
 
     scene = TrainingScene("scene", hsi.astype(np.float32), None, int(scale), msi=msi_at_hsi.astype(np.float32))
@@ -308,10 +326,7 @@ def adapt_to_scene(
         training, selection = training.split()
     except FusionInputError:
         selection = None  # too small to set a part aside: the last weights are the candidate
-    # Statistics of the whole training part, as fusing fits them on the whole scene; fitted
-    # per crop they would describe a few dozen pixels and teach the network another base.
-    whole = training.case(training.reference, training.msi)
-    statistics = SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, scale), model.config.subspace_dim)
+    statistics = whole_scene_statistics(training, model.config.subspace_dim)
 
     def score(candidate, part) -> float:
         case = part.case(part.reference, part.msi)
@@ -320,7 +335,8 @@ def adapt_to_scene(
     before = score(model, held_out)
     adapted = copy.deepcopy(model)
     best_state, best_score = copy.deepcopy(model.state_dict()), score(model, selection) if selection else -np.inf
-    optimiser = torch.optim.AdamW(adapted.parameters(), lr=learning_rate, weight_decay=1e-4)
+    trainable = list(adapted.parameters())
+    optimiser = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     torch.set_flush_denormal(True)
     check_every = max(20.0, minutes * 60 / 20)
@@ -335,7 +351,7 @@ def adapt_to_scene(
         loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimiser.step()
         steps += 1
         if selection is not None and time.time() - last_check >= check_every:

@@ -108,7 +108,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "pair degraded by the working scale (Wald protocol); the log reports the PSNR it gained on a held-out part. "
             "0 = off.\n\n"
             "The resolution ratio need not be an integer: the hyperspectral image is resampled to round(ratio) × the "
-            "multispectral pixel (30 m / 3.6 m = 8.33 → 8, a 28.8 m working pixel)."
+            "multispectral pixel (30 m / 3.6 m = 8.33 → 8, a 28.8 m working pixel). It is resampled once into a "
+            "scratch file beside the output (its size: the hyperspectral image on that grid in float32), which is "
+            "deleted when the run ends."
         )
 
     def createInstance(self):  # noqa: N802

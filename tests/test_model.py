@@ -53,8 +53,8 @@ def test_basis_is_orthonormal():
 
 def test_regression_recovers_an_exactly_linear_relation():
     hsi, msi = linear_scene()
-    # ridge = 0: the default ridge shrinks the fit by ~1e-3, which would hide an error of that size.
-    stats = SceneStatistics.estimate(hsi, msi, subspace_dim=4, ridge=0.0)
+    # ridges = 0: the default ridges shrink the fit by ~1e-3, which would hide an error of that size.
+    stats = SceneStatistics.estimate(hsi, msi, subspace_dim=4, ridge=0.0, detail_ridge=0.0)
     truth = subspace_coefficients(stats, hsi)
     # The data is exactly rank 4, so the basis spans it and the coefficients reproduce the spectra.
     reconstructed = stats.band_mean[:, None] + stats.scale * stats.basis @ truth
@@ -71,6 +71,42 @@ def test_default_ridge_stays_close_to_the_exact_relation():
     assert error < 0.01 * np.abs(truth).max()
 
 
+def test_detail_weights_follow_the_texture_not_the_average():
+    # Two components: the first carries the MSI's texture exactly; the second follows the MSI's
+    # smooth, large-scale pattern but has a texture of its own. Fitted on the whole signal, the
+    # second component's weight is that of the large-scale pattern and the base would sharpen it
+    # with the MSI's edges; fitted on the high-pass parts, its weight is close to zero.
+    rng = np.random.default_rng(4)
+    rows = cols = 40
+    yy, xx = np.mgrid[0:rows, 0:cols] / rows
+    smooth = np.sin(2 * np.pi * yy) + np.cos(2 * np.pi * xx)
+    texture = rng.normal(size=(rows, cols))
+    own_texture = rng.normal(size=(rows, cols))
+    msi = np.stack([smooth + texture, rng.normal(size=(rows, cols)) * 0.01])
+    first, second = smooth + texture, 4 * smooth + own_texture
+    endmembers = rng.random((10, 2)) + np.eye(10, 2)
+    hsi = endmembers @ np.stack([first.ravel(), second.ravel()]) + 1.0
+    hsi = hsi.reshape(10, rows, cols)
+    stats = SceneStatistics.estimate(hsi, msi, subspace_dim=2, detail_ridge=0.0)
+    # The whole-signal weights, fitted here by plain least squares.
+    coefficients = subspace_coefficients(stats, hsi)
+    z = (msi.reshape(2, -1) - stats.msi_mean[:, None]) / stats.msi_std[:, None]
+    design = np.vstack([z, np.ones((1, z.shape[1]))])
+    full = np.linalg.lstsq(design.T, coefficients.T, rcond=None)[0].T[:, :2]
+    # Map both onto the two components (the basis mixes them): predicted coefficient images.
+    detail_prediction = stats.regression[:, :2] @ z
+    full_prediction = full @ z
+    to_components = np.linalg.lstsq(np.stack([first.ravel(), second.ravel()]).T, coefficients.T, rcond=None)[0]
+    from_components = np.linalg.inv(to_components)
+    detail_components = (detail_prediction.T @ from_components).T
+    full_components = (full_prediction.T @ from_components).T
+    # Whole-signal weights put the MSI's texture into the second component; detail weights
+    # leave it (almost) out, and keep the first component's weight.
+    assert abs(np.corrcoef(full_components[1], texture.ravel())[0, 1]) > 0.3
+    assert detail_components[1].std() < 0.35 * full_components[1].std()
+    np.testing.assert_allclose(detail_components[0], full_components[0], atol=0.2 * full_components[0].std())
+
+
 def _assert_same_statistics(a, b):
     np.testing.assert_allclose(a.band_mean, b.band_mean, rtol=1e-10)
     assert a.scale == pytest.approx(b.scale, rel=1e-10)
@@ -84,16 +120,18 @@ def test_nan_pixels_and_invalid_pixels_are_left_out_of_the_fit():
     rng = np.random.default_rng(2)
     hsi = rng.random((10, 8, 9))
     msi = rng.random((3, 8, 9))
-    reference = SceneStatistics.estimate(hsi[:, :, 2:], msi[:, :, 2:], subspace_dim=3)
+    # Without the detail step, which depends on where the pixels are and not only on which.
+    reference = SceneStatistics.estimate(hsi[:, :, 2:], msi[:, :, 2:], subspace_dim=3, detail_ridge=None)
 
     damaged_hsi, damaged_msi = hsi.copy(), msi.copy()
     damaged_hsi[4, :, 0] = np.nan  # one band missing is enough to drop the pixel
     damaged_msi[:, :, 1] = 1e6  # finite nonsense, excluded only by the mask
     valid = np.ones((8, 9), bool)
     valid[:, 1] = False
-    stats = SceneStatistics.estimate(damaged_hsi, damaged_msi, subspace_dim=3, valid=valid)
+    stats = SceneStatistics.estimate(damaged_hsi, damaged_msi, subspace_dim=3, valid=valid, detail_ridge=None)
     _assert_same_statistics(stats, reference)
-    assert np.isfinite(stats.regression).all()
+    with_detail = SceneStatistics.estimate(damaged_hsi, damaged_msi, subspace_dim=3, valid=valid)
+    assert np.isfinite(with_detail.regression).all()
 
 
 def test_fewer_than_four_valid_pixels_is_an_error():

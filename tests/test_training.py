@@ -78,3 +78,28 @@ def test_train_writes_bundles_and_resumes(tmp_path, shared_data_dir, monkeypatch
     assert resumed["history"][: len(state["history"])] == state["history"]
     _, student_card = load_bundle(tmp_path / "csakd_student.json")
     assert student_card["training"]["steps"] == resumed["step"]
+
+
+def test_training_crops_carry_the_whole_cube_statistics(shared_data_dir):
+    # Fusion fits the scene statistics on a whole scene; training crops must see the same ones,
+    # not statistics fitted on their own few dozen LR pixels.
+    from csakd_qgis.degradation import blur_and_decimate
+    from csakd_qgis.model import SceneStatistics
+
+    cube = datasets.load_potsdam_block("A", shared_data_dir)
+    sensor = datasets.load_srf("sentinel2a_msi_srf").subset(["B2", "B3", "B4", "B8"])
+    whole_scene = datasets.WholeSceneStatistics(subspace_dim=8)
+    batch = datasets.training_batch([cube], [sensor], np.random.default_rng(3), batch_size=3, crop=32,
+                                    scales=(4,), statistics=whole_scene)
+    whole = datasets.make_wald_case(cube, sensor, 4)
+    expected = SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, 4), 8)
+    assert all(case.statistics is batch[0].statistics for case in batch)
+    np.testing.assert_allclose(batch[0].statistics.basis, expected.basis, atol=1e-6)
+    np.testing.assert_allclose(batch[0].statistics.regression, expected.regression, atol=1e-6)
+    assert whole_scene(cube, sensor, 4) is batch[0].statistics, "cached per cube, sensor and scale"
+    _, _, stats, _ = train.prepare_batch(batch, 8)
+    for tensor in stats["basis"]:
+        np.testing.assert_allclose(tensor.numpy(), expected.basis, atol=1e-5)
+    # A crop's own statistics differ: this is what the whole-scene ones replace.
+    own = SceneStatistics.estimate(batch[0].lr_hsi, blur_and_decimate(batch[0].hr_msi, 4), 8)
+    assert np.abs(own.regression - expected.regression).max() > 1e-2
