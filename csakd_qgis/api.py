@@ -342,7 +342,6 @@ def fuse_files(
             lr_fit = lr_fit[usable]
             lr_fit[:, ~np.isfinite(lr_fit).all(0)] = np.nan
             stats = fit_scene(lr_fit, msi_fit, fused_model.config.subspace_dim)
-            used_indexes = [i for i, keep in zip(indexes, usable) if keep]
             all_used = bool(usable.all())
 
             def read_lr(w):
