@@ -458,11 +458,10 @@ def _as_wald_blurred(msi_at_lr: np.ndarray, decimation: float) -> np.ndarray:
     tap = (WALD_SIGMA_PER_SCALE**2 - 1 / 12) / decimation**2 / 2
     missing = ~np.isfinite(msi_at_lr)
     blurred = np.where(missing, np.nanmean(msi_at_lr, axis=(1, 2), keepdims=True), msi_at_lr).astype(np.float32)
-    for axis in (1, 2):
-        padded = np.concatenate([np.take(blurred, [0], axis), blurred, np.take(blurred, [-1], axis)], axis)
-        length = blurred.shape[axis]
-        before, after = np.take(padded, range(0, length), axis), np.take(padded, range(2, length + 2), axis)
-        blurred = (1 - 2 * tap) * blurred + tap * (before + after)
+    padded = np.pad(blurred, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    blurred = (1 - 2 * tap) * blurred + tap * (padded[:, :-2] + padded[:, 2:])
+    padded = np.pad(blurred, ((0, 0), (0, 0), (1, 1)), mode="edge")
+    blurred = (1 - 2 * tap) * blurred + tap * (padded[:, :, :-2] + padded[:, :, 2:])
     blurred[missing] = np.nan
     return blurred
 

@@ -232,13 +232,16 @@ class WholeSceneStatistics:
         self.cache: Dict[tuple, object] = {}
 
     def __call__(self, cube: HyperspectralCube, sensor: SensorResponse, scale: int):
-        from .degradation import blur_and_decimate
-        from .model import SceneStatistics
-
         key = (cube.name, cube.data.shape, sensor.name, tuple(sensor.band_names), scale)
         if key not in self.cache:
-            case = make_wald_case(cube, sensor, scale)
-            self.cache[key] = SceneStatistics.estimate(
-                case.lr_hsi, blur_and_decimate(case.hr_msi, scale), self.subspace_dim
-            )
+            self.cache[key] = case_statistics(make_wald_case(cube, sensor, scale), self.subspace_dim)
         return self.cache[key]
+
+
+def case_statistics(case: WaldCase, subspace_dim: int):
+    """The scene statistics (model.SceneStatistics) fitted on a Wald case's own inputs, the
+    MSI degraded onto the LR-HSI's grid as the case's LR-HSI was."""
+    from .degradation import blur_and_decimate
+    from .model import SceneStatistics
+
+    return SceneStatistics.estimate(case.lr_hsi, blur_and_decimate(case.hr_msi, case.scale), subspace_dim)

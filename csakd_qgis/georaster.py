@@ -179,9 +179,14 @@ def read_as_float(dataset, window=None, out_shape=None, indexes=None, boundless=
     nodata = dataset.nodata
     if nodata is not None and nodata <= -3e38:
         values[values <= -3e38] = np.nan
-    selected = indexes if indexes is not None else list(range(1, dataset.count + 1))
-    scales = np.array([dataset.scales[i - 1] for i in selected], dtype=np.float32).reshape(-1, 1, 1)
-    offsets = np.array([dataset.offsets[i - 1] for i in selected], dtype=np.float32).reshape(-1, 1, 1)
+    return scaled(values, dataset, indexes if indexes is not None else list(range(1, dataset.count + 1)))
+
+
+def scaled(values: np.ndarray, dataset, indexes) -> np.ndarray:
+    """(B, rows, cols) raw values of bands ``indexes`` (1-based) in the raster's units: each
+    band's scale and offset applied."""
+    scales = np.array([dataset.scales[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
+    offsets = np.array([dataset.offsets[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
     return values * scales + offsets
 
 
@@ -247,8 +252,6 @@ class WorkingGridCube:
         bands, rows, cols = len(indexes), grid.lr_height, grid.lr_width
         strip = max(1, cls.STRIP_BYTES // (bands * cols * 4))
         resampling = lr_resampling(lr_dataset, grid)
-        scales = np.array([lr_dataset.scales[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
-        offsets = np.array([lr_dataset.offsets[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
         with open(path, "wb") as scratch:
             for row in range(0, rows, strip):
                 if cancelled is not None and cancelled():
@@ -264,7 +267,7 @@ class WorkingGridCube:
                     # Each band its own no-data: a bad band holds nothing where the others hold data.
                     UNIFIED_SRC_NODATA="NO",
                 )
-                values = values * scales + offsets
+                values = scaled(values, lr_dataset, indexes)
                 scratch.write(np.ascontiguousarray(values.transpose(1, 2, 0)).tobytes())
                 if progress is not None:
                     progress((row + count) / rows)

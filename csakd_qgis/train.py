@@ -37,12 +37,12 @@ from .datasets import (
     VALIDATION_SCALES,
     WaldCase,
     WholeSceneStatistics,
+    case_statistics,
     training_batch,
     training_cubes,
     training_sensors,
     validation_cases,
 )
-from .degradation import blur_and_decimate
 from .losses import student_loss, teacher_loss
 from .metrics import ergas, psnr, sam
 from .model import FusionModelConfig, SceneStatistics, SubspaceFusionModel, stack_statistics
@@ -73,12 +73,7 @@ def prepare_batch(cases: List[WaldCase], subspace_dim: int, statistics: Optional
     Each crop's statistics are ``statistics`` when given, else those the case carries (of the
     whole scene it was cut from), else fitted on the crop itself.
     """
-    stats = [
-        statistics
-        or c.statistics
-        or SceneStatistics.estimate(c.lr_hsi, blur_and_decimate(c.hr_msi, c.scale), subspace_dim)
-        for c in cases
-    ]
+    stats = [statistics or c.statistics or case_statistics(c, subspace_dim) for c in cases]
     lr = torch.from_numpy(np.stack([c.lr_hsi for c in cases]))
     hr = torch.from_numpy(np.stack([c.hr_msi for c in cases]))
     reference = torch.from_numpy(np.stack([c.reference for c in cases]).astype(np.float32))

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .datasets import HyperspectralCube, WaldCase, _augment, make_wald_case
+from .datasets import HyperspectralCube, WaldCase, _augment, case_statistics, make_wald_case
 from .degradation import blur_and_decimate
 from .georaster import FusionInputError
 from .srf import SensorResponse, spectral_response_matrix
@@ -118,10 +118,7 @@ def whole_scene_statistics(scene: TrainingScene, subspace_dim: int):
     """Scene statistics of the scene's whole Wald pair, for every crop cut from it: fusion fits
     them on a whole scene, and fitted per crop they would describe a few dozen pixels and
     teach the network corrections to another base (see datasets.WholeSceneStatistics)."""
-    from .model import SceneStatistics
-
-    whole = scene.case(scene.reference, scene.msi)
-    return SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, scene.scale), subspace_dim)
+    return case_statistics(scene.case(scene.reference, scene.msi), subspace_dim)
 
 
 def filled_pair(hsi: np.ndarray, msi: np.ndarray, too_sparse: str) -> tuple:
@@ -334,9 +331,15 @@ def adapt_to_scene(
 
     before = score(model, held_out)
     adapted = copy.deepcopy(model)
-    best_state, best_score = copy.deepcopy(model.state_dict()), score(model, selection) if selection else -np.inf
-    trainable = list(adapted.parameters())
-    optimiser = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
+    best = {"state": copy.deepcopy(model.state_dict()), "score": score(model, selection) if selection else -np.inf}
+
+    def keep_if_better() -> None:
+        adapted.eval()
+        current = score(adapted, selection)
+        if current > best["score"]:
+            best.update(state=copy.deepcopy(adapted.state_dict()), score=current)
+
+    optimiser = torch.optim.AdamW(adapted.parameters(), lr=learning_rate, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     torch.set_flush_denormal(True)
     check_every = max(20.0, minutes * 60 / 20)
@@ -351,21 +354,15 @@ def adapt_to_scene(
         loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)
         optimiser.step()
         steps += 1
         if selection is not None and time.time() - last_check >= check_every:
-            adapted.eval()
-            current = score(adapted, selection)
-            if current > best_score:
-                best_state, best_score = copy.deepcopy(adapted.state_dict()), current
+            keep_if_better()
             last_check = time.time()
     if selection is not None:
-        adapted.eval()
-        current = score(adapted, selection)
-        if current > best_score:
-            best_state = copy.deepcopy(adapted.state_dict())
-        adapted.load_state_dict(best_state)
+        keep_if_better()
+        adapted.load_state_dict(best["state"])
     adapted.eval()
     after = score(adapted, held_out)
     kept = after > before
