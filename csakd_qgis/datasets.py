@@ -187,8 +187,9 @@ def training_batch(
     whole cube's Wald pair for every crop.
 
     Random crop, 90° rotation and flip; LR-HSI noise at 30–45 dB SNR on a third of the batches,
-    MSI noise on a quarter; the LR-HSI misregistered by up to one HR pixel on a sixth. (Noise on
-    most batches taught the network mainly to denoise, which clean inputs do not need.)
+    MSI noise on a quarter. (Noise on most batches taught the network mainly to denoise, which
+    clean inputs do not need.) No misregistration: fusion measures and compensates it
+    (registration.py), so a network taught to hedge against it would only blur aligned pairs.
     """
     weights = np.array([c.data.shape[1] * c.data.shape[2] for c in cubes_], dtype=float) ** 0.5
     cube = cubes_[rng.choice(len(cubes_), p=weights / weights.sum())]
@@ -205,13 +206,12 @@ def training_batch(
     size = min(crop, rows, cols) // scale * scale
     hsi_snr = float(rng.uniform(30, 45)) if rng.random() < 1 / 3 else None
     msi_snr = float(rng.uniform(30, 45)) if rng.random() < 1 / 4 else None
-    shift = tuple(rng.uniform(-1, 1, size=2)) if rng.random() < 1 / 6 else (0.0, 0.0)
     batch = []
     for _ in range(batch_size):
         r = int(rng.integers(rows - size + 1))
         c = int(rng.integers(cols - size + 1))
         patch = HyperspectralCube(cube.name, _augment(cube.data[:, r : r + size, c : c + size], rng), cube.wavelengths_nm)
-        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr, shift))
+        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr))
     if statistics is not None:
         whole = statistics(cube, sensor, scale)
         for case in batch:

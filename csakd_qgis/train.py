@@ -319,7 +319,7 @@ def train(args) -> Path:
         "cubes": [f"{c.name} {list(c.data.shape)}" for c in cubes],
         "sensors": "all SRFs in ../shared/data/srf plus Sentinel-2 10 m and RGB subsets",
         "scales": list(TRAINING_SCALES),
-        "augmentation": "random crops, 90° rotations, flips; noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches; misregistration up to 1 HR pixel on 1/6",
+        "augmentation": "random crops, 90° rotations, flips; noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches",
         "batch_size": args.batch_size,
         "crop": args.crop,
         "seed": args.seed,

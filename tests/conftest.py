@@ -162,13 +162,14 @@ class WaldPair:
     scale: int
 
 
-def write_potsdam_wald_pair(block_path, folder, srf_dir, scale=3, lr_holes=((2, 3), (10, 17), (19, 30))):
+def write_potsdam_wald_pair(block_path, folder, srf_dir, scale=3, lr_holes=((2, 3), (10, 17), (19, 30)), shift=(0.0, 0.0)):
     """LR-HSI (GeoTIFF, ``scale`` × 30 m) and Sentinel-2 10 m-band HR-MSI (30 m) from an EnMAP block.
 
     Reference = the block cropped to multiples of ``scale``; LR-HSI = its Gaussian blur and
     decimation (csakd_qgis.degradation), on a grid aligned with the block, with the block's band
     metadata (wavelength, FWHM, bbl), nodata and a few nodata pixels; HR-MSI = the reference
-    through Sentinel-2A's B2, B3, B4, B8 responses.
+    through Sentinel-2A's B2, B3, B4, B8 responses. ``shift`` (rows, cols of HR pixels) moves the
+    LR-HSI's footprints while keeping its georeference: a misregistered pair.
     """
     import numpy as np
     import rasterio
@@ -188,7 +189,7 @@ def write_potsdam_wald_pair(block_path, folder, srf_dir, scale=3, lr_holes=((2, 
     reference = crop_to_multiple(cube, scale)
     assert np.isfinite(reference[~bad]).all(), "the block should be gap-free in its good bands"
     lr = np.full((cube.shape[0], reference.shape[1] // scale, reference.shape[2] // scale), np.nan, np.float32)
-    lr[~bad] = blur_and_decimate(reference[~bad], scale)
+    lr[~bad] = blur_and_decimate(reference[~bad], scale, shift=shift)
     lr_written = np.where(np.isfinite(lr), lr, nodata).astype(np.float32)
     for row, col in lr_holes:
         lr_written[:, row, col] = nodata

@@ -1,5 +1,4 @@
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +96,11 @@ def test_cropping_shapes_and_dtype():
     assert msi.shape == (2, 9, 9)
 
 
-def test_fast_on_typical_cube():
+def test_float32_cube_stays_float32_and_is_decimated_by_the_scale():
+    # (Speed is measured in `make bench`, not asserted in tests.)
     cube = np.random.default_rng(0).random((224, 128, 128), dtype=np.float32)
-    t = time.perf_counter()
     lr = blur_and_decimate(cube, 4)
-    assert time.perf_counter() - t < 1.0
-    assert lr.shape == (224, 32, 32)
+    assert lr.shape == (224, 32, 32) and lr.dtype == np.float32
 
 
 def test_simulate_msi_is_band_projection():

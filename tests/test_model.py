@@ -14,6 +14,7 @@ from csakd_qgis.model import (
     SubspaceFusionModel,
     gaussian_downsample,
 )
+from csakd_qgis.interpolation import upsample_lr
 from csakd_qgis.network import NetworkConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,8 +68,9 @@ def test_default_ridge_stays_close_to_the_exact_relation():
     stats = SceneStatistics.estimate(hsi, msi, subspace_dim=4)
     truth = subspace_coefficients(stats, hsi)
     error = np.abs(regression_prediction(stats, msi) - truth).max()
-    # Measured 0.3 %: the ridge shrinks the fit slightly, it must not distort it.
-    assert error < 0.01 * np.abs(truth).max()
+    # Measured 1.0 % (default detail ridge 3e-3): the ridge shrinks the fit slightly, it must
+    # not distort it.
+    assert error < 0.02 * np.abs(truth).max()
 
 
 def test_detail_weights_follow_the_texture_not_the_average():
@@ -147,31 +149,21 @@ def test_fewer_than_four_valid_pixels_is_an_error():
     SceneStatistics.estimate(hsi, msi, 3, valid=valid)
 
 
-@pytest.mark.parametrize("scale", [2, 3, 4, 8])
-def test_gaussian_downsample_matches_numpy_degradation_in_the_interior(scale):
+@pytest.mark.parametrize("scale,offset", [(2, (0.0, 0.0)), (3, (0.0, 0.0)), (4, (0.0, 0.0)), (8, (0.0, 0.0)), (4, (1.0, -0.75)), (3, (-2.5, 0.25))])
+def test_gaussian_downsample_matches_numpy_degradation(scale, offset):
     rng = np.random.default_rng(scale)
     rows, cols = 12 * scale, 13 * scale
     image = rng.random((2, rows, cols))
-    expected = blur_and_decimate(image, scale)
-    result = gaussian_downsample(torch.from_numpy(image)[None], scale)[0].numpy()
+    expected = blur_and_decimate(image, scale, shift=offset)
+    result = gaussian_downsample(torch.from_numpy(image)[None], scale, offset)[0].numpy()
     assert result.shape == expected.shape == (2, 12, 13)
-    # Interior: LR pixels whose kernel support (numpy: 4σ; torch: ceil(3σ) + (s−1)/2) stays
-    # inside the image, where replicate and reflect borders cannot differ.
-    sigma = 0.53 * scale
-    reach = max(4 * sigma, math.ceil(3 * sigma) + (scale - 1) / 2)
-
-    def interior(n_lr, n_hr):
-        centres = np.arange(n_lr) * scale + (scale - 1) / 2
-        return (centres - reach >= 0) & (centres + reach <= n_hr - 1)
-
-    inner = np.ix_(interior(12, rows), interior(13, cols))
-    assert expected[0][inner].size >= 4
-    # The two kernels differ only by one tap pair per axis (at ±4.5 px for s = 2, ±8.5 px for
-    # s = 4) that the torch kernel keeps and numpy's 4σ cut drops; each pair holds < 1.3e-4 of
-    # the kernel mass, so over two axes the difference is < 3e-4 of the data range (here 1).
-    np.testing.assert_allclose(result[:, inner[0], inner[1]], expected[:, inner[0], inner[1]], atol=3e-4, rtol=0)
-    # The borders do differ; the interior restriction above is needed.
-    assert np.abs(result - expected).max() > 1e-3
+    # Both use half-sample symmetric borders, so they agree up to the edges. The kernels differ
+    # only in where their tails are cut (numpy at 4σ, torch at the window's end), < 1.3e-4 of
+    # the kernel mass per axis, so < 3e-4 of the data range (here 1) over two axes.
+    np.testing.assert_allclose(result, expected, atol=3e-4, rtol=0)
+    # The offset matters: the unmoved degradation is far from the moved one.
+    if any(offset):
+        assert np.abs(gaussian_downsample(torch.from_numpy(image)[None], scale)[0].numpy() - expected).max() > 1e-2
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4, 8])
@@ -220,23 +212,9 @@ def _zero_head(model):
         model.network.head_refine.bias.zero_()
 
 
-def test_zero_head_with_an_uninformative_msi_is_bicubic_upsampling():
-    model = tiny_model()
-    _zero_head(model)
-    scale = 4
-    lr, _ = scene_inputs(9, 6, 5, scale)
-    hr = np.full((3, 24, 20), 0.3, dtype=np.float32)
-    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4).to_tensors()
-    lr_t = torch.from_numpy(lr)[None]
-    with torch.no_grad():
-        out = model(lr_t, torch.from_numpy(hr)[None], stats).image
-    bicubic = F.interpolate(lr_t, size=(24, 20), mode="bicubic", align_corners=False)
-    # A constant MSI predicts constant coefficients whose high-pass part is zero up to
-    # float32 rounding (~1e-7 of values ~1).
-    torch.testing.assert_close(out, bicubic, rtol=0, atol=1e-5)
-
-
-def test_zero_head_output_is_bicubic_plus_injected_detail():
+def test_zero_head_output_keeps_the_lr_subspace_and_takes_the_rest_from_the_msi():
+    # bicubic(LR) outside the subspace; inside it P·c + (I − P·D)·m, with P the Wald-consistent
+    # interpolator (tested in test_interpolation.py), c the LR coefficients, m the MSI-predicted ones.
     model = tiny_model()
     _zero_head(model)
     scale = 4
@@ -245,12 +223,45 @@ def test_zero_head_output_is_bicubic_plus_injected_detail():
     lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
     with torch.no_grad():
         out = model(lr_t, hr_t, stats).image
-        _, predicted = model.encode(lr_t, hr_t, stats)
+        coefficients, predicted = model.encode(lr_t, hr_t, stats)
     size = (24, 20)
-    detail = predicted - F.interpolate(gaussian_downsample(predicted, scale), size=size, mode="bicubic", align_corners=False)
-    expected = F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False) + stats["scale"] * torch.einsum(
-        "bk,nkhw->nbhw", stats["basis"][0], detail
-    )
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+    def consistent(x):
+        return upsample_lr(x, scale, kind="consistent")
+
+    bicubic = F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False)
+    subspace = consistent(coefficients) + predicted - consistent(gaussian_downsample(predicted, scale))
+    detail = subspace - F.interpolate(coefficients, size=size, mode="bicubic", align_corners=False)
+    expected = bicubic + stats["scale"] * torch.einsum("bk,nkhw->nbhw", stats["basis"][0], detail)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     # The MSI does carry detail here, so the comparison above is not bicubic against bicubic.
-    assert (out - F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False)).abs().max() > 1e-2
+    assert (out - bicubic).abs().max() > 1e-1
+
+
+@pytest.mark.parametrize("scale,offset", [(4, (0.0, 0.0)), (3, (1.0, -0.5))])
+def test_the_network_correction_barely_changes_what_the_lr_hsi_sees(scale, offset):
+    # The correction r goes through (I − P·D): degraded back to the LR grid, little of it is
+    # left, so the network cannot contradict the LR-HSI. (Exactly nothing would be left with
+    # an unregularised P; the regularisation lets a small share through.)
+    model = tiny_model(seed=2)
+    assert model.network.head_refine.weight.abs().max() > 0
+    lr, hr = scene_inputs(9, 12, 12, scale, seed=5)  # HR sides a multiple of the network's 4
+    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4)
+    statistics.offset = offset
+    stats = statistics.to_tensors()
+    lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
+    with torch.no_grad():
+        with_correction, _ = model.subspace_detail(lr_t, hr_t, stats)
+        coefficients, predicted = model.encode(lr_t, hr_t, stats)
+        correction = model.network(coefficients, predicted).image - F.interpolate(
+            coefficients, size=predicted.shape[-2:], mode="bicubic", align_corners=False
+        )
+        _zero_head(model)
+        without, _ = model.subspace_detail(lr_t, hr_t, stats)
+    added = with_correction - without
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
+    seen_added = gaussian_downsample(added, scale, offset)[inner].norm()
+    seen_correction = gaussian_downsample(correction, scale, offset)[inner].norm()
+    print(f"correction seen on the LR grid: {seen_added / seen_correction:.3f} of the raw correction's")
+    assert added.abs().max() > 1e-2  # the correction is there, at high resolution
+    assert seen_added < 0.05 * seen_correction  # measured 0.009–0.010
