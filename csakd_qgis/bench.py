@@ -239,6 +239,25 @@ def end_to_end(sizes=(512, 2048), data_dir=None) -> List[Dict]:
     return rows
 
 
+def criteria(results: Dict) -> List[str]:
+    """The bundled student against the better of GSA and bicubic, case by case."""
+    table = results["quality"]["cases"]
+    n = len(table["student"])
+    lines = []
+    for role in ("student", "teacher"):
+        ahead = [r for i, r in enumerate(table[role])
+                 if r["psnr"] < max(table["gsa"][i]["psnr"], table["bicubic"][i]["psnr"]) + 1.0]
+        sam_ok = sum(r["sam"] <= min(table["gsa"][i]["sam"], table["bicubic"][i]["sam"]) for i, r in enumerate(table[role]))
+        short = "; ".join(f"{r['cube']} {r['sensor']} ×{r['scale']}" for r in ahead)
+        lines.append(f"{role}: PSNR ≥ 1 dB above the better of GSA and bicubic on {n - len(ahead)}/{n} cases"
+                     + (f" (not on: {short})" if short else "") + f"; SAM no higher than the better of the two on {sam_ok}/{n}")
+    if results.get("robustness"):
+        rows = results["robustness"]["cases"]
+        ahead = sum(r["student"]["psnr"] > r["gsa"]["psnr"] and r["student"]["sam"] < r["gsa"]["sam"] for r in rows)
+        lines.append(f"robustness: student ahead of GSA in PSNR and SAM on {ahead}/{len(rows)} noisy or misregistered cases")
+    return lines
+
+
 def print_report(results: Dict) -> None:
     print(f"\nmachine: {results['machine']}\n")
     print("1. Network size and cost (per 256×256 output tile, 172 bands, 4-band MSI, ×4)")
@@ -261,6 +280,8 @@ def print_report(results: Dict) -> None:
     summary = results["quality"]["summary"]
     cells = "  ".join(f"{summary[m]['psnr']:6.2f}/{summary[m]['sam']:5.2f}/{summary[m]['ergas']:5.2f}" for m in methods)
     print(f"{'mean':24s} {'':16s} {'':2s}  {cells}")
+    for line in criteria(results):
+        print(line)
     if results.get("robustness"):
         print("\n2b. Robustness, scale 4, Sentinel-2 10 m (PSNR dB / SAM °)")
         print(f"{'cube':24s} {'variant':18s} " + "  ".join(f"{m:>14s}" for m in ("bicubic", "gsa", "student")))
@@ -301,6 +322,7 @@ def markdown(results: Dict) -> str:
         for row in results["robustness"]["cases"]:
             cells = " | ".join(f"{row[m]['psnr']:.2f} / {row[m]['sam']:.2f}" for m in ("bicubic", "gsa", "student"))
             out.append(f"| {row['bicubic']['cube']} | {row['bicubic']['sensor']} | {cells} |")
+    out += [""] + [f"- {line}" for line in criteria(results)]
     if results.get("adaptation"):
         a = results["adaptation"]
         out += ["", f"Scene adaptation, {a['scene']}: {a['steps']} steps in {a['minutes']:.1f} min; held-out PSNR "
