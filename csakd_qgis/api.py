@@ -236,15 +236,23 @@ def register_scene(stats, lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, lo
         if log is not None:
             log("misregistration not measured: the central area has too little data in both images")
         return None
-    lr_hsi = fill_gaps(lr_hsi, lr_valid, stats.band_mean)
-    hr_msi = fill_gaps(hr_msi, hr_valid, stats.msi_mean)
-    found = measure_offset(*window_pair(lr_hsi, hr_msi, scale), scale, stats.basis, stats.band_mean)
+    lr_window, hr_window = window_pair(lr_hsi, hr_msi, scale)
+    found = measure_offset(
+        fill_gaps(lr_window, np.isfinite(lr_window).all(0), stats.band_mean),
+        fill_gaps(hr_window, np.isfinite(hr_window).all(0), stats.msi_mean),
+        scale,
+        stats.basis,
+        stats.band_mean,
+    )
     if log is not None:
         log(found.describe())
     if found.accepted:
+        # Only the MSI is filled for the refit: its blur would spread a gap; the LR-HSI's gaps
+        # are simply left out of the fit.
         hr_gaps = (~hr_valid).astype(np.float32)[None]
         both = lr_valid & (blur_and_decimate(hr_gaps, scale, shift=found.offset)[0] == 0)
-        msi_at_lr = blur_and_decimate(hr_msi, scale, shift=found.offset).astype(np.float32)
+        filled_msi = fill_gaps(hr_msi, hr_valid, stats.msi_mean)
+        msi_at_lr = blur_and_decimate(filled_msi, scale, shift=found.offset).astype(np.float32)
         stats.fit_regression(lr_hsi, msi_at_lr, valid=both, max_pixels=SUBSPACE_FIT_PIXELS)
         stats.offset = found.offset
     return found
@@ -311,12 +319,13 @@ def run_tiles(
     fuser, lr_shape, read_lr, read_hr, emit, tile_size, overlap, progress=None, cancelled=None, block_rows: int = 256
 ) -> int:
     """Drive ``fuser`` over every tile; ``read_lr``/``read_hr`` take (row, col, rows, cols)
-    windows of their own grid; ``emit(row0, rows)`` receives finished, blended rows of the
-    fuser's ``channels`` in pieces of ``block_rows`` aligned on multiples of it."""
+    windows of their own grid; tiles read ``fuser.halo_lr`` LR pixels of context around them;
+    ``emit(row0, rows)`` receives finished, blended rows of the fuser's ``channels`` in pieces of
+    ``block_rows`` aligned on multiples of it."""
     from .tiling import StripBlender, iterate_tiles, plan_rows_of_tiles
 
     scale = fuser.scale
-    rows_of_tiles = plan_rows_of_tiles(lr_shape, scale, tile_size, overlap, getattr(fuser, "halo_lr", DEFAULT_HALO_LR))
+    rows_of_tiles = plan_rows_of_tiles(lr_shape, scale, tile_size, overlap, fuser.halo_lr)
     total = sum(len(r) for r in rows_of_tiles)
     ramp = min(overlap, tile_size) // scale * scale
     blender = StripBlender(fuser.channels, (lr_shape[0] * scale, lr_shape[1] * scale), ramp, emit)

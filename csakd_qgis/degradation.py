@@ -53,7 +53,7 @@ def crop_to_multiple(cube, scale: int) -> np.ndarray:
     return a[:, :h, :w]
 
 
-def _reflect_index(j: np.ndarray, n: int) -> np.ndarray:
+def reflect_index(j: np.ndarray, n: int) -> np.ndarray:
     # Half-sample symmetric reflection (d c b a | a b c d | d c b a),
     # the same as scipy.ndimage mode="reflect".
     period = 2 * n
@@ -93,7 +93,7 @@ def decimation_matrix(
         frac = centres - np.floor(centres)
         w = np.stack([1.0 - frac, frac], axis=1)
     w /= w.sum(axis=1, keepdims=True)
-    np.add.at(mat, (np.broadcast_to(rows, taps.shape), _reflect_index(taps, n_hr)), w)
+    np.add.at(mat, (np.broadcast_to(rows, taps.shape), reflect_index(taps, n_hr)), w)
     return mat
 
 

@@ -1,6 +1,8 @@
 """Upsampling from the LR grid to the HR grid, for an LR grid that may be offset from the HR one.
 
-Two interpolators, both separable and both applied as two matrix products per image:
+Two interpolators, both separable and both applied as two matrix products per image (for
+images with hundreds of bands, several times faster on a CPU than ``F.interpolate``, whose
+bicubic kernel works channel by channel):
 
 * **bicubic** (Keys, a = −0.75): with no offset, exactly what ``F.interpolate(mode="bicubic",
   align_corners=False)`` computes. It carries the part of the spectrum outside the subspace.
@@ -34,7 +36,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from .degradation import decimation_matrix
+from .degradation import decimation_matrix, reflect_index
 
 KEYS_A = -0.75
 KERNEL_TOLERANCE = 1e-3
@@ -99,16 +101,10 @@ def interpolation_matrix(n_lr: int, scale: int, offset: float = 0.0, kind: str =
         for j in range(-reach, n_lr + reach):
             rows = j * scale + first + np.arange(len(weights))
             inside = (rows >= 0) & (rows < n_hr)
-            np.add.at(matrix, (rows[inside], np.full(inside.sum(), _reflect(j, n_lr))), weights[inside])
+            np.add.at(matrix, (rows[inside], np.full(inside.sum(), reflect_index(j, n_lr))), weights[inside])
     else:
         raise ValueError(f"unknown interpolation {kind!r}")
     return matrix
-
-
-def _reflect(j: int, n: int) -> int:
-    """Half-sample symmetric extension (… b a | a b … y z | z y …), as the Wald degradation's."""
-    j = j % (2 * n)
-    return 2 * n - 1 - j if j >= n else j
 
 
 def upsample_lr(x: torch.Tensor, scale: int, offset=(0.0, 0.0), kind: str = "bicubic") -> torch.Tensor:

@@ -215,9 +215,7 @@ def stack_statistics(statistics, device="cpu", dtype=torch.float32) -> Dict[str,
 
 
 def _offset(stats: Dict[str, torch.Tensor]) -> Tuple[float, float]:
-    offsets = stats.get("offset")
-    if offsets is None:
-        return (0.0, 0.0)
+    offsets = stats["offset"]
     if not bool((offsets == offsets[0]).all()):
         raise ValueError("a batch must share one LR-HSI offset")
     return float(offsets[0, 0]), float(offsets[0, 1])
@@ -242,9 +240,10 @@ def gaussian_downsample(x: torch.Tensor, scale: int, offset=(0.0, 0.0)) -> torch
 
 
 def _symmetric_pad(x: torch.Tensor, radius: int) -> torch.Tensor:
+    from .degradation import reflect_index
+
     def indices(n: int) -> torch.Tensor:
-        j = torch.arange(-radius, n + radius, device=x.device) % (2 * n)
-        return torch.where(j >= n, 2 * n - 1 - j, j)
+        return torch.from_numpy(reflect_index(np.arange(-radius, n + radius), n)).to(x.device)
 
     return x.index_select(-2, indices(x.shape[-2])).index_select(-1, indices(x.shape[-1]))
 

@@ -76,6 +76,7 @@ def test_neighbour_weights_sum_to_one_across_an_overlap_of_one_ramp():
 class ConstantFuser:
     scale = 4
     channels = 3
+    halo_lr = 4
 
     def fuse_tile(self, lr, hr):
         return np.ones((3,) + hr.shape[1:], np.float32)
@@ -86,6 +87,7 @@ class IdentityFuser:
 
     scale = 4
     channels = 3
+    halo_lr = 4
 
     def fuse_tile(self, lr, hr):
         return hr.copy()
