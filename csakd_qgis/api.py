@@ -230,16 +230,15 @@ def register_scene(stats, lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, lo
     from .degradation import blur_and_decimate
     from .registration import measure_offset, window_pair
 
-    lr_valid = np.isfinite(lr_hsi).all(0)
-    hr_valid = np.isfinite(hr_msi).all(0)
-    if min(lr_valid.mean(), hr_valid.mean()) < 1 - MAX_GAP_SHARE_TO_REGISTER:
+    lr_window, hr_window = window_pair(lr_hsi, hr_msi, scale)
+    lr_window_valid, hr_window_valid = np.isfinite(lr_window).all(0), np.isfinite(hr_window).all(0)
+    if min(lr_window_valid.mean(), hr_window_valid.mean()) < 1 - MAX_GAP_SHARE_TO_REGISTER:
         if log is not None:
             log("misregistration not measured: the central area has too little data in both images")
         return None
-    lr_window, hr_window = window_pair(lr_hsi, hr_msi, scale)
     found = measure_offset(
-        fill_gaps(lr_window, np.isfinite(lr_window).all(0), stats.band_mean),
-        fill_gaps(hr_window, np.isfinite(hr_window).all(0), stats.msi_mean),
+        fill_gaps(lr_window, lr_window_valid, stats.band_mean),
+        fill_gaps(hr_window, hr_window_valid, stats.msi_mean),
         scale,
         stats.basis,
         stats.band_mean,
@@ -249,6 +248,7 @@ def register_scene(stats, lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, lo
     if found.accepted:
         # Only the MSI is filled for the refit: its blur would spread a gap; the LR-HSI's gaps
         # are simply left out of the fit.
+        lr_valid, hr_valid = np.isfinite(lr_hsi).all(0), np.isfinite(hr_msi).all(0)
         hr_gaps = (~hr_valid).astype(np.float32)[None]
         both = lr_valid & (blur_and_decimate(hr_gaps, scale, shift=found.offset)[0] == 0)
         filled_msi = fill_gaps(hr_msi, hr_valid, stats.msi_mean)
@@ -445,7 +445,7 @@ def fuse_files(
             register_scene(stats, read_lr((r, c, h, w)), read_padded(hr_ds, hr_row0 + r * s, hr_col0 + c * s, h * s, w * s), s, log)
 
             if adapt_minutes > 0:
-                fused_model = _adapted(fused_model, read_lr, msi_vrt, grid, adapt_minutes, log, cancelled)
+                fused_model = _adapted(fused_model, stats, read_lr, msi_vrt, grid, adapt_minutes, log, cancelled)
             fuser = TileFuser(fused_model, stats, grid.scale, torch_device)
             position = np.flatnonzero(usable)
             profile = output_profile(grid, len(indexes), output_dtype, creation_options)
@@ -491,8 +491,9 @@ def fuse_files(
 ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bounded memory
 
 
-def _adapted(model, read_lr, msi_vrt, grid, minutes, log, cancelled):
-    """The model fine-tuned on a central window of the scene (see user_training.adapt_to_scene)."""
+def _adapted(model, stats, read_lr, msi_vrt, grid, minutes, log, cancelled):
+    """The model fine-tuned on a central window of the scene, in the subspace of the scene
+    statistics ``stats`` that the fusion then uses (see user_training.adapt_to_scene)."""
     from rasterio.windows import Window
 
     from .georaster import read_as_float
@@ -505,7 +506,9 @@ def _adapted(model, read_lr, msi_vrt, grid, minutes, log, cancelled):
         read_as_float(msi_vrt, window=Window(col0, row0, cols, rows)),
         "scene adaptation needs a centre area where both images have data; set its minutes to 0",
     )
-    adapted, _ = adapt_to_scene(model, hsi, msi, grid.scale, minutes, log=log, cancelled=cancelled or (lambda: False))
+    adapted, _ = adapt_to_scene(
+        model, hsi, msi, grid.scale, minutes, log=log, cancelled=cancelled or (lambda: False), statistics=stats
+    )
     if cancelled is not None and cancelled():
         raise FusionCancelled("fusion cancelled during scene adaptation")
     return adapted

@@ -66,11 +66,11 @@ def network_costs(repeats: int) -> List[Dict]:
     rng = np.random.default_rng(0)
     lr_np = rng.random((172, 64, 64), dtype=np.float32)
     hr_np = rng.random((4, 256, 256), dtype=np.float32)
-    stats = SceneStatistics.estimate(lr_np, hr_np[:, ::4, ::4], 8).to_tensors()
     for role in ("teacher", "student"):
         path = default_model_path().with_name(f"csakd_{role}.json")
         model, card = load_model(path, "cpu")
         k = model.config.subspace_dim
+        stats = SceneStatistics.estimate(lr_np, hr_np[:, ::4, ::4], k).to_tensors()
         lr, hr = torch.from_numpy(lr_np)[None], torch.from_numpy(hr_np)[None]
         with torch.inference_mode():
             seconds = _time_forward(lambda: model(lr, hr, stats), repeats)
@@ -251,6 +251,10 @@ def criteria(results: Dict) -> List[str]:
         short = "; ".join(f"{r['cube']} {r['sensor']} ×{r['scale']}" for r in ahead)
         lines.append(f"{role}: PSNR ≥ 1 dB above the better of GSA and bicubic on {n - len(ahead)}/{n} cases"
                      + (f" (not on: {short})" if short else "") + f"; SAM no higher than the better of the two on {sam_ok}/{n}")
+    teacher_ahead = sum(t["psnr"] > s["psnr"] for t, s in zip(table["teacher"], table["student"]))
+    summary = results["quality"]["summary"]
+    lines.append(f"teacher against student: mean PSNR {summary['teacher']['psnr']:.2f} vs {summary['student']['psnr']:.2f} dB, "
+                 f"SAM {summary['teacher']['sam']:.2f} vs {summary['student']['sam']:.2f}°; higher PSNR on {teacher_ahead}/{n} cases")
     if results.get("robustness"):
         rows = results["robustness"]["cases"]
         ahead = sum(r["student"]["psnr"] > r["gsa"]["psnr"] and r["student"]["sam"] < r["gsa"]["sam"] for r in rows)

@@ -287,11 +287,15 @@ class SubspaceFusionModel(nn.Module):
 
     def encode(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, stats: Dict[str, torch.Tensor]):
         """(N,B,h,w), (N,M,H,W) → subspace coefficients (N,K,h,w), MSI-predicted coefficients (N,K,H,W)."""
-        n = lr_hsi.shape[0]
+        # Only the first K components of the statistics: they equal a fit at K (the basis is
+        # the leading eigenvectors in order, and each component's regression is fitted on its
+        # own), so a teacher and a student with different subspaces train on one fit.
+        n, k = lr_hsi.shape[0], self.config.subspace_dim
         centred = lr_hsi - stats["band_mean"].view(n, -1, 1, 1)
-        coefficients = torch.einsum("nbk,nbhw->nkhw", stats["basis"], centred) / stats["scale"].view(n, 1, 1, 1)
+        coefficients = torch.einsum("nbk,nbhw->nkhw", stats["basis"][..., :k], centred) / stats["scale"].view(n, 1, 1, 1)
         msi = (hr_msi - stats["msi_mean"].view(n, -1, 1, 1)) / stats["msi_std"].view(n, -1, 1, 1)
-        weights, intercept = stats["regression"][..., :-1], stats["regression"][..., -1]
+        regression = stats["regression"][:, :k]
+        weights, intercept = regression[..., :-1], regression[..., -1]
         predicted = torch.einsum("nkm,nmhw->nkhw", weights, msi) + intercept.view(n, -1, 1, 1)
         return coefficients, predicted
 
@@ -358,8 +362,9 @@ def compose_spectrum(lr_hsi: torch.Tensor, detail: torch.Tensor, stats: Dict[str
     the LR-HSI with that much margin gives exactly the whole image's values inside it.
     """
     scale = detail.shape[-2] // lr_hsi.shape[-2]
+    basis = stats["basis"][..., : detail.shape[1]]
     return upsample_lr(lr_hsi, scale, _offset(stats), "bicubic") + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
-        "nbk,nkhw->nbhw", stats["basis"], detail
+        "nbk,nkhw->nbhw", basis, detail
     )
 
 

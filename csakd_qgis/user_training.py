@@ -31,15 +31,16 @@ MIN_LR_PIXELS = 4  # per side, of a training or validation crop after degradatio
 STUDENT_SIZES = ("small", "medium", "paper")
 
 
-def student_config_for(size: str, subspace_dim: int = 8):
+def student_config_for(size: str, subspace_dim: Optional[int] = None):
     """The student's config by size name: small = the bundled student, medium = wider and
     deeper, paper = the paper's student layout (nf 86, gc 43, blocks 1/4/4/1) — slow on a CPU."""
     from dataclasses import replace
 
     from .model import FusionModelConfig
     from .network import NetworkConfig
-    from .train import student_config
+    from .train import SUBSPACE_DIM, student_config
 
+    subspace_dim = subspace_dim or SUBSPACE_DIM
     if size == "small":
         return student_config(subspace_dim)
     if size == "medium":
@@ -216,7 +217,7 @@ def train_on_scenes(
 
     from .bundle import load_bundle
     from .report import write_training_report
-    from .train import TrainingRun, co_train, teacher_config, write_bundles
+    from .train import TEACHER_SUBSPACE_DIM, TrainingRun, co_train, teacher_config, write_bundles
 
     if not scenes:
         raise FusionInputError("no training data: give LR-HSI/HR-MSI pairs, or hyperspectral cubes with an SRF")
@@ -237,7 +238,8 @@ def train_on_scenes(
             log(f"the starting model's architecture differs from the '{student_size}' student: training from scratch")
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="csakd-train-") as folder:
-        whole = [whole_scene_statistics(scene, student.subspace_dim) for scene in training]
+        teacher = teacher_config(max(TEACHER_SUBSPACE_DIM, student.subspace_dim))
+        whole = [whole_scene_statistics(scene, teacher.subspace_dim) for scene in training]
 
         def sample_batch(rng):
             index = int(rng.integers(len(training)))
@@ -249,7 +251,7 @@ def train_on_scenes(
         run = TrainingRun(
             sample_batch=sample_batch,
             validation=validation,
-            teacher=teacher_config(student.subspace_dim),
+            teacher=teacher,
             student=student,
             minutes=minutes,
             checkpoint=Path(checkpoint) if checkpoint else Path(folder) / "checkpoint.pt",
@@ -299,6 +301,7 @@ def adapt_to_scene(
     seed: int = 0,
     log: Callable[[str], None] = print,
     cancelled: Callable[[], bool] = lambda: False,
+    statistics=None,
 ):
     """Fine-tune a copy of ``model`` on the scene's own Wald-degraded pair.
 
@@ -307,12 +310,19 @@ def adapt_to_scene(
     picks the best weights seen during training) and a held-out last fifth that measures
     what the adaptation bought, on pixels neither trained nor selected on. Returns
     (model to use, AdaptationReport); the original model when adapting did not help there.
+
+    ``statistics`` are the scene statistics the fusion afterwards uses (default: fitted on
+    the whole pair, as the fusion fits them). Training, selection and scoring all use them:
+    the correction a fine-tune learns belongs to one subspace basis, and a basis fitted on
+    each part on its own differs from it (on a small scene's held-out part it would be
+    fitted on a dozen pixels).
     """
     import copy
+    from dataclasses import replace
 
     import torch
 
-    from .api import fuse_arrays
+    from .api import fit_scene
     from .losses import teacher_loss
     from .metrics import psnr
     from .train import prepare_batch
@@ -323,11 +333,20 @@ def adapt_to_scene(
         training, selection = training.split()
     except FusionInputError:
         selection = None  # too small to set a part aside: the last weights are the candidate
-    statistics = whole_scene_statistics(training, model.config.subspace_dim)
+    if statistics is None:
+        statistics = fit_scene(scene.reference, scene.msi, model.config.subspace_dim)
+    # The Wald pair is degraded from the LR-HSI itself, so it is aligned whatever the real pair's offset.
+    statistics = replace(statistics, offset=(0.0, 0.0))
+    device = next(model.parameters()).device
+    tensors = statistics.to_tensors(device)
 
     def score(candidate, part) -> float:
         case = part.case(part.reference, part.msi)
-        return psnr(case.reference, fuse_arrays(case.lr_hsi, case.hr_msi, model=candidate))
+        with torch.no_grad():
+            fused = candidate(
+                torch.from_numpy(case.lr_hsi)[None].to(device), torch.from_numpy(case.hr_msi)[None].to(device), tensors
+            ).image
+        return psnr(case.reference, fused[0].cpu().numpy())
 
     before = score(model, held_out)
     adapted = copy.deepcopy(model)
@@ -349,6 +368,8 @@ def adapt_to_scene(
         lr_hsi, hr_msi, stats, reference = prepare_batch(
             training.sample(rng, batch_size, crop), model.config.subspace_dim, statistics
         )
+        lr_hsi, hr_msi, reference = lr_hsi.to(device), hr_msi.to(device), reference.to(device)
+        stats = {name: value if name == "offset" else value.to(device) for name, value in stats.items()}
         norm = stats["scale"].view(-1, 1, 1, 1)
         # The student alone, with the reconstruction, angle and band-wise terms of the joint loss.
         loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)

@@ -265,3 +265,23 @@ def test_the_network_correction_barely_changes_what_the_lr_hsi_sees(scale, offse
     print(f"correction seen on the LR grid: {seen_added / seen_correction:.3f} of the raw correction's")
     assert added.abs().max() > 1e-2  # the correction is there, at high resolution
     assert seen_added < 0.05 * seen_correction  # measured 0.009–0.010
+
+
+def test_statistics_of_a_larger_subspace_serve_a_smaller_model_exactly():
+    # Teacher (larger K) and student train on one fit: the student reads its first K components,
+    # which must be what a fit at its own K gives, and so fuse to the same image.
+    rng = np.random.default_rng(7)
+    lr = rng.random((20, 12, 12)).astype(np.float32)
+    hr = rng.random((4, 36, 36)).astype(np.float32)
+    msi_at_lr = blur_and_decimate(hr, 3)
+    own = SceneStatistics.estimate(lr, msi_at_lr, subspace_dim=4)
+    larger = SceneStatistics.estimate(lr, msi_at_lr, subspace_dim=9)
+    np.testing.assert_allclose(larger.basis[:, :4], own.basis, atol=1e-10)
+    np.testing.assert_allclose(larger.regression[:4], own.regression, atol=1e-10)
+    assert np.abs(larger.basis[:, 4:]).max() > 0.1  # the larger fit does hold more components
+    model = tiny_model(seed=3)
+    lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
+    with torch.no_grad():
+        from_own = model(lr_t, hr_t, own.to_tensors()).image
+        from_larger = model(lr_t, hr_t, larger.to_tensors()).image
+    torch.testing.assert_close(from_larger, from_own, rtol=0, atol=1e-5)

@@ -77,3 +77,21 @@ def test_gaps_are_filled_from_their_neighbours_and_data_is_untouched():
     far[:, :, 0] = 1.0
     out = fill_gaps(far, only, fallback=np.array([7.0]))
     assert (out[0, :, 1:13] == 1.0).all() and (out[0, :, 13:] == 7.0).all()
+
+
+def test_gaps_outside_the_central_window_do_not_stop_the_measurement(potsdam_c):
+    # A scene whose edge is no-data over more than a tenth of it (a swath edge) but whose centre,
+    # where the offset is measured, is clean. Potsdam C mirrored into a scene large enough for
+    # the 96 × 96 central window to miss the gap.
+    from csakd_qgis.datasets import HyperspectralCube
+
+    large = np.concatenate([potsdam_c.data, potsdam_c.data[:, ::-1]] * 3, axis=1)[:, :320]
+    large = np.concatenate([large, large[:, :, ::-1], large], axis=2)[:, :, :320]
+    cube = HyperspectralCube("Potsdam C mirrored", np.ascontiguousarray(large), potsdam_c.wavelengths_nm)
+    case = make_wald_case(cube, validation_sensors()["Sentinel-2 10 m"], 2, shift=(1.0, -1.0))
+    lr = case.lr_hsi.copy()
+    lr[:, :24] = np.nan  # 15 % of the LR-HSI
+    messages = []
+    fused = fuse_arrays(lr, case.hr_msi, log=messages.append)
+    assert any("compensated" in m for m in messages), messages
+    assert np.isnan(fused[:, :40]).all() and np.isfinite(fused[:, 60:]).all()
