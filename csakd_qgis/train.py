@@ -162,8 +162,13 @@ class TrainingRun:
 
     @property
     def statistics_dim(self) -> int:
-        """The subspace the shared scene statistics are fitted for: each model reads its first K."""
-        return max(self.teacher.subspace_dim, self.student.subspace_dim)
+        return shared_statistics_dim(self.teacher, self.student)
+
+
+def shared_statistics_dim(*configs: FusionModelConfig) -> int:
+    """The subspace one fit of the scene statistics serves several models with: the largest,
+    since each model reads its first K components (see SubspaceFusionModel.encode)."""
+    return max(config.subspace_dim for config in configs)
 
 
 def co_train(
@@ -311,12 +316,13 @@ def train(args) -> Path:
     for name, rows in baselines.items():
         m = summarise(rows)
         print(f"  {name:8s} PSNR {m['psnr']:.2f} dB  SAM {m['sam']:.2f}°  ERGAS {m['ergas']:.2f}", flush=True)
-    whole_scene = WholeSceneStatistics(max(args.subspace_dim, args.teacher_subspace_dim))
+    teacher, student = teacher_config(args.teacher_subspace_dim), student_config(args.subspace_dim)
+    whole_scene = WholeSceneStatistics(shared_statistics_dim(teacher, student))
     run = TrainingRun(
         sample_batch=lambda rng: training_batch(cubes, sensors, rng, args.batch_size, args.crop, statistics=whole_scene),
         validation=cases,
-        teacher=teacher_config(args.teacher_subspace_dim),
-        student=student_config(args.subspace_dim),
+        teacher=teacher,
+        student=student,
         minutes=args.minutes,
         checkpoint=Path(args.checkpoint or DEFAULT_CHECKPOINT),
         lr=args.lr,

@@ -217,7 +217,7 @@ def train_on_scenes(
 
     from .bundle import load_bundle
     from .report import write_training_report
-    from .train import TEACHER_SUBSPACE_DIM, TrainingRun, co_train, teacher_config, write_bundles
+    from .train import TEACHER_SUBSPACE_DIM, TrainingRun, co_train, shared_statistics_dim, teacher_config, write_bundles
 
     if not scenes:
         raise FusionInputError("no training data: give LR-HSI/HR-MSI pairs, or hyperspectral cubes with an SRF")
@@ -239,7 +239,7 @@ def train_on_scenes(
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="csakd-train-") as folder:
         teacher = teacher_config(max(TEACHER_SUBSPACE_DIM, student.subspace_dim))
-        whole = [whole_scene_statistics(scene, teacher.subspace_dim) for scene in training]
+        whole = [whole_scene_statistics(scene, shared_statistics_dim(teacher, student)) for scene in training]
 
         def sample_batch(rng):
             index = int(rng.integers(len(training)))
