@@ -22,7 +22,7 @@ import numpy as np
 DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 32
 DEFAULT_HALO_LR = 4
-SUBSPACE_FIT_PIXELS = 50_000
+from .pipeline import SUBSPACE_FIT_PIXELS  # noqa: E402  (one limit for every fit)
 # GDAL's block cache, bounded: its default (5 % of RAM) fills with finished output blocks and
 # makes memory grow with the raster. Resampling the LR-HSI needs room for a strip of the
 # source's blocks (a pixel-interleaved 224-band block alone is 58 MB); writing whole output
@@ -95,7 +95,7 @@ class TileFuser:
     blended detail into full spectra.
     """
 
-    def __init__(self, model, stats, scale: int, device):
+    def __init__(self, model, stats, device, conservative: bool = False):
         import torch
 
         from .interpolation import consistent_reach
@@ -104,17 +104,24 @@ class TileFuser:
         self.model = model
         self.stats = stats
         self.stat_tensors = stats.to_tensors(device)
-        self.scale = scale
+        self.scale = stats.degradation.scale
         self.device = device
         self.channels = stats.basis.shape[1]
-        # The consistent interpolator reads this far; the Wald blur and the network a little more.
-        self.halo_lr = max(DEFAULT_HALO_LR, consistent_reach(scale, max(map(abs, stats.offset))) + 3)
+        # No detail at all: the output is the bicubic upsampling (pipeline.check_against_safe).
+        self.conservative = conservative
+        # The consistent interpolator reads this far; the PSF and the network a little more.
+        reach = consistent_reach(stats.degradation) + int(math.ceil(stats.degradation.reach_hr() / self.scale))
+        self.halo_lr = max(DEFAULT_HALO_LR, reach + 3)
 
     def fuse_tile(self, lr_tile: np.ndarray, hr_tile: np.ndarray) -> np.ndarray:
         """The tile's (K, H, W) detail; NaN wherever either input had no data to give."""
         torch = self.torch
         lr_valid = np.isfinite(lr_tile).all(0)
         hr_valid = np.isfinite(hr_tile).all(0)
+        if self.conservative:
+            detail = np.zeros((self.channels,) + hr_tile.shape[1:], dtype=np.float32)
+            detail[:, ~(hr_valid & lr_valid.repeat(self.scale, 0).repeat(self.scale, 1))] = np.nan
+            return detail
         lr = fill_gaps(lr_tile, lr_valid, self.stats.band_mean)
         hr = fill_gaps(hr_tile, hr_valid, self.stats.msi_mean)
         with torch.inference_mode():
@@ -137,10 +144,12 @@ class SpectrumComposer:
 
     LR_MARGIN = 4  # LR pixels around a block: bicubic reaches 2, and 1 more with a measured offset
 
-    def __init__(self, stats, scale: int, lr_shape, read_lr, write, block_cols: int = 256, device="cpu"):
+    def __init__(self, stats, lr_shape, read_lr, write, block_cols: int = 256, device="cpu", nonnegative: bool = False):
         self.stats = stats
         self.stat_tensors = stats.to_tensors(device)
-        self.scale = scale
+        self.scale = stats.degradation.scale
+        # Both inputs non-negative: a negative output is interpolation ringing, not signal.
+        self.nonnegative = nonnegative
         self.lr_rows, self.lr_cols = lr_shape
         self.read_lr = read_lr
         self.write = write
@@ -173,6 +182,8 @@ class SpectrumComposer:
                 torch.from_numpy(lr)[None].to(self.device), torch.from_numpy(padded)[None].to(self.device), self.stat_tensors
             )[0, :, r_off : r_off + rows, c_off : c_off + cols]
         spectra = spectra.float().cpu().numpy()
+        if self.nonnegative:
+            np.maximum(spectra, 0.0, out=spectra)
         spectra[:, ~np.isfinite(detail).all(0)] = np.nan
         return spectra
 
@@ -219,43 +230,46 @@ def fit_scene(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, subspace_dim: int):
     return SceneStatistics.estimate(lr_hsi, msi_at_lr, subspace_dim, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
 
 
-MAX_GAP_SHARE_TO_REGISTER = 0.1
+def array_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int):
+    """A :class:`pipeline.ScenePair` over two arrays in memory (NaN outside them)."""
+    from .pipeline import ScenePair
+
+    def reader(image):
+        def read(window):
+            row, col, rows, cols = window
+            out = np.full((image.shape[0], rows, cols), np.nan, dtype=np.float32)
+            r0, c0 = max(row, 0), max(col, 0)
+            r1, c1 = min(row + rows, image.shape[1]), min(col + cols, image.shape[2])
+            if r1 > r0 and c1 > c0:
+                out[:, r0 - row : r1 - row, c0 - col : c1 - col] = image[:, r0:r1, c0:c1]
+            return out
+
+        return read
+
+    return ScenePair(lr_hsi.shape[1:], hr_msi.shape[1:], scale, reader(lr_hsi), reader(hr_msi))
 
 
-def register_scene(stats, lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, log=None):
-    """Measure the LR-HSI's offset from the MSI on the central window of a pair
-    (registration.py) and, when one is found, refit the regression on the whole pair given,
-    with the MSI degraded at that offset, and record the offset in ``stats``. Returns the
-    measurement, or None when the pair has too many gaps to measure on."""
-    from .degradation import blur_and_decimate
-    from .registration import measure_offset, window_pair
+def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_cols=256,
+               progress=None, cancelled=None, log=None, block_rows: int = 256, adapt=None):
+    """Fit scene → estimate degradation → check against the safe answer → adapt (optional) →
+    fuse tiles; ``write(row0, col0, spectra)`` receives finished blocks of full spectra.
+    Returns (tiles fused, scene statistics). ``adapt(model, statistics)`` may return a
+    fine-tuned model."""
+    from .pipeline import check_against_safe, fit_scene_statistics, nonnegative_inputs
 
-    lr_window, hr_window = window_pair(lr_hsi, hr_msi, scale)
-    lr_window_valid, hr_window_valid = np.isfinite(lr_window).all(0), np.isfinite(hr_window).all(0)
-    if min(lr_window_valid.mean(), hr_window_valid.mean()) < 1 - MAX_GAP_SHARE_TO_REGISTER:
-        if log is not None:
-            log("misregistration not measured: the central area has too little data in both images")
-        return None
-    found = measure_offset(
-        fill_gaps(lr_window, lr_window_valid, stats.band_mean),
-        fill_gaps(hr_window, hr_window_valid, stats.msi_mean),
-        scale,
-        stats.basis,
-        stats.band_mean,
+    log = log or (lambda message: None)
+    statistics, _ = fit_scene_statistics(pair, model.config.subspace_dim, psf, log)
+    safe = check_against_safe(pair, model, statistics, device)
+    log(safe.describe())
+    if adapt is not None and safe.use_fusion:
+        model = adapt(model, statistics)
+    nonnegative = nonnegative_inputs(pair)
+    fuser = TileFuser(model, statistics, device, conservative=not safe.use_fusion)
+    composer = SpectrumComposer(statistics, pair.lr_shape, pair.read_lr, write, block_cols, device, nonnegative)
+    tiles = run_tiles(
+        fuser, pair.lr_shape, pair.read_lr, pair.read_hr, composer, tile_size, overlap, progress, cancelled, block_rows
     )
-    if log is not None:
-        log(found.describe())
-    if found.accepted:
-        # Only the MSI is filled for the refit: its blur would spread a gap; the LR-HSI's gaps
-        # are simply left out of the fit.
-        lr_valid, hr_valid = np.isfinite(lr_hsi).all(0), np.isfinite(hr_msi).all(0)
-        hr_gaps = (~hr_valid).astype(np.float32)[None]
-        both = lr_valid & (blur_and_decimate(hr_gaps, scale, shift=found.offset)[0] == 0)
-        filled_msi = fill_gaps(hr_msi, hr_valid, stats.msi_mean)
-        msi_at_lr = blur_and_decimate(filled_msi, scale, shift=found.offset).astype(np.float32)
-        stats.fit_regression(lr_hsi, msi_at_lr, valid=both, max_pixels=SUBSPACE_FIT_PIXELS)
-        stats.offset = found.offset
-    return found
+    return tiles, statistics
 
 
 def fuse_arrays(
@@ -268,50 +282,34 @@ def fuse_arrays(
     progress: Optional[Callable[[float], None]] = None,
     cancelled: Optional[Callable[[], bool]] = None,
     log: Optional[Callable[[str], None]] = None,
+    psf=None,
 ) -> np.ndarray:
     """Fuse an LR-HSI (B, h, w) with an HR-MSI (M, s·h, s·w) on the same footprint.
 
-    NaN marks missing data; output pixels without data in either input are NaN. A
-    misregistration of the LR-HSI found on the central window is compensated (see
-    registration.py); ``log`` receives what was found.
+    Runs the same stages as :func:`fuse_files` (pipeline.py): the LR-HSI's PSF and offset
+    are estimated from the pair unless ``psf`` (a psf.SpatialDegradation at scale s, or a
+    PSF text as :func:`psf.parse_psf` reads it) is given; ``log`` receives what was found.
+    NaN marks missing data; output pixels without data in either input are NaN.
     ``model`` is a loaded model or a bundle path (default: the bundled student).
-    Returns float32 (B, s·h, s·w).
+    Returns float32 (B, s·h, s·w). Raises ValueError for shapes that do not fit.
     """
-    from .degradation import blur_and_decimate
+    from .psf import parse_psf
 
     lr_hsi = np.asarray(lr_hsi, dtype=np.float32)
     hr_msi = np.asarray(hr_msi, dtype=np.float32)
     scale = check_inputs(lr_hsi, hr_msi)
+    if isinstance(psf, str):
+        psf = parse_psf(psf, scale)
     if model is None or isinstance(model, (str, Path)):
         model, _ = load_model(model, device)
     torch_device = next(model.parameters()).device
-    msi_filled = np.where(np.isfinite(hr_msi), hr_msi, np.nanmean(hr_msi, axis=(1, 2), keepdims=True))
-    msi_at_lr = blur_and_decimate(msi_filled, scale)
-    # The mask is blurred separately: a NaN inside the blur would spread over the whole band.
-    missing = (~np.isfinite(hr_msi)).any(0, keepdims=True).astype(np.float32)
-    msi_at_lr[:, blur_and_decimate(missing, scale)[0] > 0] = np.nan
-    stats = fit_scene(lr_hsi, msi_at_lr, model.config.subspace_dim)
-    register_scene(stats, lr_hsi, hr_msi, scale, log)
-    fuser = TileFuser(model, stats, scale, torch_device)
     output = np.empty((lr_hsi.shape[0],) + hr_msi.shape[1:], dtype=np.float32)
-
-    def read_lr(w):
-        return lr_hsi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]]
 
     def write(row0: int, col0: int, spectra: np.ndarray) -> None:
         output[:, row0 : row0 + spectra.shape[1], col0 : col0 + spectra.shape[2]] = spectra
 
-    run_tiles(
-        fuser,
-        lr_hsi.shape[1:],
-        read_lr,
-        lambda w: hr_msi[:, w[0] : w[0] + w[2], w[1] : w[1] + w[3]],
-        SpectrumComposer(stats, scale, lr_hsi.shape[1:], read_lr, write, device=torch_device),
-        tile_size,
-        overlap,
-        progress,
-        cancelled,
-    )
+    pair = array_pair(lr_hsi, hr_msi, scale)
+    fuse_scene(pair, model, torch_device, write, tile_size, overlap, psf, 256, progress, cancelled, log)
     return output
 
 
@@ -357,6 +355,7 @@ def fuse_files(
     cancelled: Optional[Callable[[], bool]] = None,
     log: Callable[[str], None] = lambda message: None,
     adapt_minutes: float = 0.0,
+    psf=None,
 ) -> FusionReport:
     """Fuse two co-registered rasters (any GDAL format, any CRS) into a GeoTIFF.
 
@@ -367,15 +366,22 @@ def fuse_files(
     sits in a scratch file beside the output for the run's duration. Raises FusionInputError
     on bad input.
     ``adapt_minutes`` > 0 first fine-tunes the model on the scene's own Wald-degraded pair.
+    ``psf``: None or "auto" estimates the LR-HSI's PSF from the pair; else a PSF text
+    (:func:`psf.parse_psf`: "box", "gaussian:0.5", "mtf:0.3", …) or a psf.SpatialDegradation.
+
+    Stages (pipeline.py, the same as :func:`fuse_arrays`): open inputs → plan grid → fit scene
+    → estimate degradation → check against bicubic on the scene's reduced pair → adapt
+    (optional) → fuse tiles → write.
     """
     import rasterio
     from rasterio.errors import RasterioIOError
     from rasterio.windows import Window
 
     from .files import atomic_output
-    from .georaster import FusionInputError, hr_on_working_grid, output_profile, plan_grid, read_as_float, read_padded
+    from .georaster import FusionInputError, output_profile, plan_grid, read_padded
+    from .pipeline import ScenePair
+    from .psf import parse_psf
     from .raster_io import read_spectral_metadata
-    from .registration import central_window
 
     started = time.time()
     output_path = Path(output_path)
@@ -404,6 +410,7 @@ def fuse_files(
         meta = read_spectral_metadata(lr_ds)
         fused_model, card = load_model(model, device) if not hasattr(model, "config") else (model, {})
         torch_device = next(fused_model.parameters()).device
+        psf_choice = parse_psf(psf, grid.scale) if isinstance(psf, str) else psf
         log(
             f"model {card.get('name', 'custom')} ({card.get('parameters', '?')} parameters) on {torch_device}; "
             f"resolution ratio {grid.ratio:.2f} → working scale {grid.scale}; output {grid.width}×{grid.height} "
@@ -413,40 +420,34 @@ def fuse_files(
             lr_cube = stack.enter_context(
                 _working_grid_cube(lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled)
             )
-            msi_vrt = stack.enter_context(hr_on_working_grid(hr_ds, grid))
-            fit_shape = _fit_shape(grid.lr_height, grid.lr_width)
-            lr_fit = lr_cube.sample(*fit_shape)
-            msi_fit = _as_wald_blurred(
-                read_as_float(msi_vrt, out_shape=(hr_ds.count,) + fit_shape), grid.lr_height / fit_shape[0]
-            )
+            lr_fit = lr_cube.sample(*_fit_shape(grid.lr_height, grid.lr_width))
             usable = np.isfinite(lr_fit).any(axis=(1, 2))
             if meta.bad_bands is not None:
                 usable &= ~meta.bad_bands[np.array(indexes) - 1]
             if usable.sum() < 4:
                 raise FusionInputError("fewer than 4 hyperspectral bands hold data over the common area")
-            if not (np.isfinite(lr_fit[usable]).all(0) & np.isfinite(msi_fit).all(0)).any():
-                raise FusionInputError("no pixel of the common area has data in both images")
-            lr_fit = lr_fit[usable]
-            lr_fit[:, ~np.isfinite(lr_fit).all(0)] = np.nan
-            stats = fit_scene(lr_fit, msi_fit, fused_model.config.subspace_dim)
             all_used = bool(usable.all())
 
             def read_lr(w):
-                window = lr_cube.read(*w)
-                return window if all_used else window[usable]
+                window = lr_cube.read(*w) if _inside(w, grid) else _read_lr_padded(lr_cube, w)
+                window = window if all_used else window[usable]
+                # A pixel missing in any used band is missing for the fusion.
+                window[:, ~np.isfinite(window).all(0)] = np.nan
+                return window
 
             hr_col0 = int(round((grid.transform.c - hr_ds.transform.c) / hr_ds.transform.a))
             hr_row0 = int(round((grid.transform.f - hr_ds.transform.f) / hr_ds.transform.e))
-            # (Refitting the whole regression on this window with the exact Wald Gaussian, not
-            # only when an offset is found, gained 0.9 dB on a Potsdam pair simulated with that
-            # Gaussian but moved the real Berlin pair further from its LR-HSI: not done.)
-            s = grid.scale
-            r, c, h, w = central_window((grid.lr_height, grid.lr_width))
-            register_scene(stats, read_lr((r, c, h, w)), read_padded(hr_ds, hr_row0 + r * s, hr_col0 + c * s, h * s, w * s), s, log)
 
-            if adapt_minutes > 0:
-                fused_model = _adapted(fused_model, stats, read_lr, msi_vrt, grid, adapt_minutes, log, cancelled)
-            fuser = TileFuser(fused_model, stats, grid.scale, torch_device)
+            def read_hr(w):
+                return read_padded(hr_ds, hr_row0 + w[0], hr_col0 + w[1], w[2], w[3])
+
+            pair = ScenePair((grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, read_hr)
+
+            def adapt(model_, statistics):
+                if adapt_minutes <= 0:
+                    return model_
+                return _adapted(model_, statistics, pair, adapt_minutes, log, cancelled)
+
             position = np.flatnonzero(usable)
             profile = output_profile(grid, len(indexes), output_dtype, creation_options)
             block_rows, block_cols = _block_shape(profile)
@@ -468,20 +469,16 @@ def fuse_files(
                             block[position] = spectra[:, :rows, :cols]
                         dst.write(_to_output(block, output_dtype, nodata), window=Window(col0, row0, cols, rows))
 
-                    tiles = run_tiles(
-                        fuser,
-                        (grid.lr_height, grid.lr_width),
-                        read_lr,
-                        lambda w: read_padded(hr_ds, hr_row0 + w[0], hr_col0 + w[1], w[2], w[3]),
-                        SpectrumComposer(
-                            stats, grid.scale, (grid.lr_height, grid.lr_width), read_lr, write, block_cols, torch_device
-                        ),
-                        tile_size,
-                        overlap,
-                        _part(progress, RESAMPLE_SHARE, 1.0),
-                        cancelled,
-                        block_rows,
-                    )
+                    try:
+                        tiles, statistics = fuse_scene(
+                            pair, fused_model, torch_device, write, tile_size, overlap, psf_choice, block_cols,
+                            _part(progress, RESAMPLE_SHARE, 1.0), cancelled, log, block_rows, adapt,
+                        )
+                    except ValueError as error:
+                        if "both images have data" in str(error):
+                            raise FusionInputError("no pixel of the common area has data in both images") from error
+                        raise
+                    dst.update_tags(**{"CSAKD_PSF": statistics.degradation.describe()})
     seconds = time.time() - started
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
@@ -491,23 +488,21 @@ def fuse_files(
 ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bounded memory
 
 
-def _adapted(model, stats, read_lr, msi_vrt, grid, minutes, log, cancelled):
+def _adapted(model, stats, pair, minutes, log, cancelled):
     """The model fine-tuned on a central window of the scene, in the subspace of the scene
-    statistics ``stats`` that the fusion then uses (see user_training.adapt_to_scene)."""
-    from rasterio.windows import Window
-
-    from .georaster import read_as_float
+    statistics ``stats`` that the fusion then uses (see user_training.adapt_to_scene); the
+    MSI is degraded onto the LR grid under the scene's estimated degradation."""
+    from .registration import central_window
     from .user_training import adapt_to_scene, filled_pair
 
-    rows, cols = min(grid.lr_height, ADAPTATION_WINDOW), min(grid.lr_width, ADAPTATION_WINDOW)
-    row0, col0 = (grid.lr_height - rows) // 2, (grid.lr_width - cols) // 2
+    window = central_window(pair.lr_shape, ADAPTATION_WINDOW)
     hsi, msi = filled_pair(
-        np.ascontiguousarray(read_lr((row0, col0, rows, cols))),
-        read_as_float(msi_vrt, window=Window(col0, row0, cols, rows)),
+        np.ascontiguousarray(pair.read_lr(window)),
+        pair.msi_at_lr(window, stats.degradation),
         "scene adaptation needs a centre area where both images have data; set its minutes to 0",
     )
     adapted, _ = adapt_to_scene(
-        model, hsi, msi, grid.scale, minutes, log=log, cancelled=cancelled or (lambda: False), statistics=stats
+        model, hsi, msi, pair.scale, minutes, log=log, cancelled=cancelled or (lambda: False), statistics=stats
     )
     if cancelled is not None and cancelled():
         raise FusionCancelled("fusion cancelled during scene adaptation")
@@ -535,28 +530,20 @@ def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancel
         os.unlink(scratch)
 
 
-def _as_wald_blurred(msi_at_lr: np.ndarray, decimation: float) -> np.ndarray:
-    """The MSI averaged onto the working grid, blurred further to the Wald protocol's
-    Gaussian (σ = 0.53·s HR pixels) that the scene statistics assume for the HSI.
+def _inside(window, grid) -> bool:
+    row, col, rows, cols = window
+    return row >= 0 and col >= 0 and row + rows <= grid.lr_height and col + cols <= grid.lr_width
 
-    A box average of s × s pixels has a variance of s²/12; fitted against an image that
-    sharp, the HSI's weaker detail would shrink the detail weights and the MSI's detail would
-    be under-injected. The missing variance, (0.53² − 1/12)·s², i.e. 0.198 working pixels²,
-    is added by a 3-tap kernel [a, 1 − 2a, a] per axis, whose variance is exactly 2a (a
-    sampled Gaussian of σ < 1 pixel adds much less than σ²). ``decimation``: working pixels
-    per pixel of ``msi_at_lr``.
-    """
-    from .model import WALD_SIGMA_PER_SCALE
 
-    tap = (WALD_SIGMA_PER_SCALE**2 - 1 / 12) / decimation**2 / 2
-    missing = ~np.isfinite(msi_at_lr)
-    blurred = np.where(missing, np.nanmean(msi_at_lr, axis=(1, 2), keepdims=True), msi_at_lr).astype(np.float32)
-    padded = np.pad(blurred, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    blurred = (1 - 2 * tap) * blurred + tap * (padded[:, :-2] + padded[:, 2:])
-    padded = np.pad(blurred, ((0, 0), (0, 0), (1, 1)), mode="edge")
-    blurred = (1 - 2 * tap) * blurred + tap * (padded[:, :, :-2] + padded[:, :, 2:])
-    blurred[missing] = np.nan
-    return blurred
+def _read_lr_padded(cube, window) -> np.ndarray:
+    """A working-grid window that may reach past the grid; NaN outside."""
+    row, col, rows, cols = window
+    out = np.full((cube.bands, rows, cols), np.nan, dtype=np.float32)
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + rows, cube.rows), min(col + cols, cube.cols)
+    if r1 > r0 and c1 > c0:
+        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = cube.read(r0, c0, r1 - r0, c1 - c0)
+    return out
 
 
 def _release_freed_memory() -> None:

@@ -129,6 +129,8 @@ class WaldCase:
     scale: int
     cube: str
     sensor: str
+    # How the LR-HSI was made (psf.SpatialDegradation): the truth a blind estimate is judged by.
+    degradation: Optional[object] = None
     # Scene statistics of the whole scene the case was cut from (model.SceneStatistics), as
     # fusion fits them on a whole scene; None: fitted on the case itself.
     statistics: Optional[object] = None
@@ -143,15 +145,24 @@ def make_wald_case(
     msi_snr_db: Optional[float] = None,
     shift: Tuple[float, float] = (0.0, 0.0),
     crop: Optional[Tuple[int, int, int, int]] = None,
+    psf=None,
 ) -> WaldCase:
-    """crop = (row, col, rows, cols) of the reference in HR pixels; rows/cols are cut to multiples of scale."""
+    """crop = (row, col, rows, cols) of the reference in HR pixels; rows/cols are cut to multiples of scale.
+
+    ``psf``: the LR-HSI's spatial degradation (psf.SpatialDegradation at ``scale``; default the
+    Wald protocol's Gaussian), moved by ``shift`` (dy, dx) HR pixels."""
+    from .psf import wald
+
+    degradation = (psf if psf is not None else wald(scale)).with_offset(shift)
     data = cube.data
     if crop is not None:
         r, c, h, w = crop
         data = data[:, r : r + h, c : c + w]
     response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
-    lr, msi, reference = wald_pair(data, scale, response, rng, hsi_snr_db, msi_snr_db, shift)
-    return WaldCase(lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, sensor.name)
+    lr, msi, reference = wald_pair(data, degradation, response, rng, hsi_snr_db, msi_snr_db)
+    return WaldCase(
+        lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, sensor.name, degradation
+    )
 
 
 def validation_cases(data_dir=None, scales: Sequence[int] = VALIDATION_SCALES) -> List[WaldCase]:
@@ -244,4 +255,7 @@ def case_statistics(case: WaldCase, subspace_dim: int):
     from .degradation import blur_and_decimate
     from .model import SceneStatistics
 
-    return SceneStatistics.estimate(case.lr_hsi, blur_and_decimate(case.hr_msi, case.scale), subspace_dim)
+    degradation = case.degradation if case.degradation is not None else case.scale
+    statistics = SceneStatistics.estimate(case.lr_hsi, blur_and_decimate(case.hr_msi, degradation), subspace_dim)
+    statistics.degradation = case.degradation
+    return statistics

@@ -9,15 +9,15 @@ Output dtype: float32 if the input cube is float32, float64 otherwise.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from .psf import SpatialDegradation, degrade, wald
+
 __all__ = [
-    "gaussian_sigma",
+    "as_degradation",
     "crop_to_multiple",
-    "decimation_matrix",
     "blur_and_decimate",
     "simulate_msi",
     "add_noise",
@@ -25,9 +25,11 @@ __all__ = [
 ]
 
 
-def gaussian_sigma(scale: float) -> float:
-    """Blur σ in HR pixels: 0.53·s gives an MTF of about 0.25 at the LR Nyquist frequency."""
-    return 0.53 * float(scale)
+def as_degradation(degradation: Union[int, SpatialDegradation]) -> SpatialDegradation:
+    """A :class:`psf.SpatialDegradation`; an integer scale means the Wald protocol's Gaussian."""
+    if isinstance(degradation, SpatialDegradation):
+        return degradation
+    return wald(int(degradation))
 
 
 def _out_dtype(a: np.ndarray):
@@ -53,73 +55,18 @@ def crop_to_multiple(cube, scale: int) -> np.ndarray:
     return a[:, :h, :w]
 
 
-def reflect_index(j: np.ndarray, n: int) -> np.ndarray:
-    # Half-sample symmetric reflection (d c b a | a b c d | d c b a),
-    # the same as scipy.ndimage mode="reflect".
-    period = 2 * n
-    j = np.mod(j, period)
-    return np.where(j >= n, period - 1 - j, j)
+def blur_and_decimate(cube, degradation: Union[int, SpatialDegradation]) -> np.ndarray:
+    """Low-resolution image of ``cube`` (B, H, W) under ``degradation`` (a
+    :class:`psf.SpatialDegradation`, or an integer scale for the Wald protocol's Gaussian).
 
-
-def decimation_matrix(
-    n_hr: int, scale: int, sigma: Optional[float] = None, shift: float = 0.0
-) -> np.ndarray:
-    """(n_hr // scale) x n_hr float64 matrix: Gaussian blur then sampling along one axis.
-
-    Row ``k`` holds the Gaussian weights centred on HR coordinate
-    ``k*s + (s-1)/2 + shift``, truncated at 4σ, normalised to sum 1 and
-    folded back into the image with reflect borders.  Building the kernel
-    from offsets to that exact centre keeps even scales footprint-centred
-    (the centre is then a half-pixel position).  ``sigma <= 0`` means no
-    blur: linear interpolation at the centre.
+    Rows/cols are first cropped to multiples of the scale; each axis is then blurred with the
+    PSF and sampled at the footprint centres ``k*s + (s-1)/2 + offset``, as one matrix product
+    per axis. Borders: half-sample symmetric. Returns (B, H//s, W//s); float32 for float32
+    input, float64 otherwise. Raises ValueError for an image smaller than the scale.
     """
-    s = int(scale)
-    if s < 1:
-        raise ValueError("scale must be a positive integer")
-    sig = gaussian_sigma(s) if sigma is None else float(sigma)
-    n_lr = n_hr // s
-    centres = np.arange(n_lr) * s + (s - 1) / 2.0 + float(shift)
-    mat = np.zeros((n_lr, n_hr), dtype=np.float64)
-    rows = np.arange(n_lr)[:, None]
-    if sig > 0:
-        radius = int(math.ceil(4.0 * sig)) + 1
-        offs = np.arange(-radius, radius + 2)
-        taps = np.floor(centres)[:, None].astype(np.int64) + offs[None, :]
-        d = taps - centres[:, None]
-        w = np.exp(-0.5 * (d / sig) ** 2)
-        w[np.abs(d) > 4.0 * sig] = 0.0
-    else:
-        taps = np.floor(centres)[:, None].astype(np.int64) + np.array([0, 1])[None, :]
-        frac = centres - np.floor(centres)
-        w = np.stack([1.0 - frac, frac], axis=1)
-    w /= w.sum(axis=1, keepdims=True)
-    np.add.at(mat, (np.broadcast_to(rows, taps.shape), reflect_index(taps, n_hr)), w)
-    return mat
-
-
-def blur_and_decimate(
-    cube,
-    scale: int,
-    sigma: Optional[float] = None,
-    shift: Sequence[float] = (0.0, 0.0),
-) -> np.ndarray:
-    """Low-resolution image of ``cube`` at integer ``scale`` (Wald protocol).
-
-    Rows/cols are first cropped to multiples of ``scale``; each axis is then
-    blurred with a Gaussian (σ = 0.53·scale HR pixels unless ``sigma`` is
-    given) and sampled at the footprint centres ``k*s + (s-1)/2``, as one
-    matrix product per axis.  ``shift`` = (dy, dx) in HR pixels (sub-pixel
-    allowed) moves the sampling centres to simulate misregistration.
-    Borders: reflect.  Returns (B, H//s, W//s); float32 for float32 input,
-    float64 otherwise.
-    """
-    a = crop_to_multiple(cube, scale)
-    dt = _out_dtype(a)
-    dy, dx = (float(v) for v in shift)
-    my = decimation_matrix(a.shape[1], scale, sigma, dy).astype(dt)
-    mx = decimation_matrix(a.shape[2], scale, sigma, dx).astype(dt)
-    a = a.astype(dt, copy=False)
-    return np.matmul(np.matmul(my, a), mx.T)
+    d = as_degradation(degradation)
+    a = crop_to_multiple(cube, d.scale)
+    return degrade(a.astype(_out_dtype(a), copy=False), d)
 
 
 def simulate_msi(cube, response_matrix) -> np.ndarray:
@@ -159,26 +106,26 @@ def add_noise(image, snr_db: float, rng=None) -> np.ndarray:
 
 def wald_pair(
     cube,
-    scale: int,
+    degradation: Union[int, SpatialDegradation],
     response_matrix,
     rng=None,
     hsi_snr_db: Optional[float] = None,
     msi_snr_db: Optional[float] = None,
-    shift: Sequence[float] = (0.0, 0.0),
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lr_hsi, hr_msi, reference) for a Wald-protocol experiment.
 
-    ``reference`` is ``cube`` cropped to multiples of ``scale``; ``lr_hsi``
-    is its :func:`blur_and_decimate` (with ``shift``), ``hr_msi`` its
+    ``reference`` is ``cube`` cropped to multiples of the scale; ``lr_hsi``
+    is its :func:`blur_and_decimate` under ``degradation`` (any PSF and offset), ``hr_msi`` its
     projection through ``response_matrix`` (M x B).  Optional white noise
     at the given SNRs (see :func:`add_noise`).  ``rng`` None means a
     generator seeded with 0, so repeated runs give identical pairs.
     """
-    ref = crop_to_multiple(cube, scale)
+    degradation = as_degradation(degradation)
+    ref = crop_to_multiple(cube, degradation.scale)
     dt = _out_dtype(ref)
     ref = ref.astype(dt, copy=False)
     g = np.random.default_rng(0) if rng is None else _rng(rng)
-    lr = blur_and_decimate(ref, scale, shift=shift)
+    lr = blur_and_decimate(ref, degradation)
     msi = simulate_msi(ref, response_matrix)
     if hsi_snr_db is not None:
         lr = add_noise(lr, hsi_snr_db, g)

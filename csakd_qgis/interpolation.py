@@ -6,8 +6,8 @@ bicubic kernel works channel by channel):
 
 * **bicubic** (Keys, a = −0.75): with no offset, exactly what ``F.interpolate(mode="bicubic",
   align_corners=False)`` computes. It carries the part of the spectrum outside the subspace.
-* **Wald-consistent**: P = Dᵀ(DDᵀ)⁻¹, where D is the Wald degradation (Gaussian blur σ = 0.53·s
-  and decimation). It is the smallest change of an HR image that makes its degradation equal a
+* **Wald-consistent**: P = Dᵀ(DDᵀ)⁻¹, where D is the scene's spatial degradation (the PSF and
+  decimation of a :class:`psf.SpatialDegradation`, estimated from the pair or given by the user). It is the smallest change of an HR image that makes its degradation equal a
   given LR image, so ``x + P(y − D x)`` is the HR image closest to ``x`` whose degradation is
   ``y``. The fusion base uses it to keep exactly what the LR-HSI says and take only what the
   LR-HSI cannot see from the MSI. (Measured on the 27 validation cases, detail ridge 3e-3:
@@ -20,8 +20,8 @@ bicubic kernel works channel by channel):
   negative values. P's kernel decays fast but is not
   compact; it is truncated where its weights fall below ``KERNEL_TOLERANCE`` of the largest.
 
-``offset`` = (dy, dx) in HR pixels places the LR pixel centres at k·s + (s − 1)/2 + offset, the
-convention of :func:`degradation.decimation_matrix`. Bicubic borders replicate the edge pixel,
+The degradation's ``offset`` = (dy, dx) in HR pixels places the LR pixel centres at
+k·s + (s − 1)/2 + offset, the convention of :func:`psf.decimation_matrix`. Bicubic borders replicate the edge pixel,
 as ``F.interpolate`` does; the consistent interpolator's borders are half-sample symmetric, as
 the Wald degradation's (an HR image mirrored at its edge degrades to the LR image mirrored at
 its edge, so the interpolator stays an exact right inverse of the degradation up to the edge).
@@ -36,7 +36,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from .degradation import decimation_matrix, reflect_index
+from .psf import SpatialDegradation, decimation_matrix, reflect_index
 
 KEYS_A = -0.75
 KERNEL_TOLERANCE = 1e-3
@@ -57,14 +57,15 @@ def _keys(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def consistent_kernel(scale: int, offset: float = 0.0) -> Tuple[np.ndarray, int]:
-    """The Wald-consistent interpolator's weights of one LR pixel j on HR pixels j·s + d,
-    for d = first, first + 1, …: returns (weights, first)."""
+def consistent_kernel(degradation: SpatialDegradation, axis: int) -> Tuple[np.ndarray, int]:
+    """The consistent interpolator's weights of one LR pixel j on HR pixels j·s + d along
+    ``axis`` (0 rows, 1 columns), for d = first, first + 1, …: returns (weights, first)."""
+    scale = degradation.scale
     n = 2 * _DERIVATION_HALF_WIDTH + 1
-    degradation = decimation_matrix(n * scale, scale, shift=offset)
-    gram = degradation @ degradation.T
+    matrix = decimation_matrix(n * scale, degradation, axis)
+    gram = matrix @ matrix.T
     gram += CONSISTENT_REGULARISATION * np.trace(gram) / n * np.eye(n)
-    inverse = degradation.T @ np.linalg.inv(gram)
+    inverse = matrix.T @ np.linalg.inv(gram)
     column = inverse[:, _DERIVATION_HALF_WIDTH]
     kept = np.flatnonzero(np.abs(column) >= KERNEL_TOLERANCE * np.abs(column).max())
     lo, hi = kept.min(), kept.max() + 1
@@ -77,15 +78,20 @@ def consistent_kernel(scale: int, offset: float = 0.0) -> Tuple[np.ndarray, int]
     return column, lo - _DERIVATION_HALF_WIDTH * scale
 
 
-def consistent_reach(scale: int, offset: float = 0.0) -> int:
+def consistent_reach(degradation: SpatialDegradation) -> int:
     """How many LR pixels away from an HR pixel the consistent interpolator still reads."""
-    weights, first = consistent_kernel(scale, offset)
-    return int(math.ceil(max(-first, first + len(weights)) / scale)) + 1
+    reach = 0
+    for axis in (0, 1):
+        weights, first = consistent_kernel(degradation, axis)
+        reach = max(reach, int(math.ceil(max(-first, first + len(weights)) / degradation.scale)) + 1)
+    return reach
 
 
 @lru_cache(maxsize=256)
-def interpolation_matrix(n_lr: int, scale: int, offset: float = 0.0, kind: str = "bicubic") -> np.ndarray:
-    """(n_lr·s, n_lr) float64 matrix that upsamples one axis."""
+def interpolation_matrix(n_lr: int, degradation: SpatialDegradation, axis: int, kind: str = "bicubic") -> np.ndarray:
+    """(n_lr·s, n_lr) float64 matrix that upsamples one axis (0 rows, 1 columns)."""
+    scale = degradation.scale
+    offset = degradation.offset[axis]
     n_hr = n_lr * scale
     matrix = np.zeros((n_hr, n_lr))
     hr = np.arange(n_hr)
@@ -96,8 +102,8 @@ def interpolation_matrix(n_lr: int, scale: int, offset: float = 0.0, kind: str =
             j = base + tap
             np.add.at(matrix, (hr, np.clip(j, 0, n_lr - 1)), _keys(position - j))
     elif kind == "consistent":
-        weights, first = consistent_kernel(scale, float(offset))
-        reach = consistent_reach(scale, float(offset))
+        weights, first = consistent_kernel(degradation, axis)
+        reach = int(math.ceil(max(-first, first + len(weights)) / scale)) + 1
         for j in range(-reach, n_lr + reach):
             rows = j * scale + first + np.arange(len(weights))
             inside = (rows >= 0) & (rows < n_hr)
@@ -107,8 +113,9 @@ def interpolation_matrix(n_lr: int, scale: int, offset: float = 0.0, kind: str =
     return matrix
 
 
-def upsample_lr(x: torch.Tensor, scale: int, offset=(0.0, 0.0), kind: str = "bicubic") -> torch.Tensor:
-    """(…, h, w) → (…, s·h, s·w)."""
-    rows = torch.as_tensor(interpolation_matrix(x.shape[-2], scale, float(offset[0]), kind), dtype=x.dtype, device=x.device)
-    cols = torch.as_tensor(interpolation_matrix(x.shape[-1], scale, float(offset[1]), kind), dtype=x.dtype, device=x.device)
+def upsample_lr(x: torch.Tensor, degradation: SpatialDegradation, kind: str = "bicubic") -> torch.Tensor:
+    """(…, h, w) → (…, s·h, s·w), with the scale and LR pixel offset of ``degradation`` (and,
+    for ``kind="consistent"``, its PSF)."""
+    rows = torch.as_tensor(interpolation_matrix(x.shape[-2], degradation, 0, kind), dtype=x.dtype, device=x.device)
+    cols = torch.as_tensor(interpolation_matrix(x.shape[-1], degradation, 1, kind), dtype=x.dtype, device=x.device)
     return torch.matmul(torch.matmul(rows, x), cols.T)

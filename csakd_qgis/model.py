@@ -19,8 +19,10 @@ the scene.
   the LR-HSI does not contradict.
 * The full spectrum is bicubic(LR-HSI) + ρ·U·(detail): everything of the LR-HSI outside the
   subspace is kept as bicubic upsampling, so no band's information is thrown away.
-* A measured misregistration of the LR-HSI (registration.py) is part of the statistics: D and
-  the interpolators then sample the LR pixels where they really are.
+* The scene's spatial degradation (psf.SpatialDegradation: the PSF estimated from the pair or
+  given by the user, and a measured misregistration, registration.py) is part of the
+  statistics: D and the interpolators then blur as the sensor did and sample the LR pixels
+  where they really are.
 
 Statistics are fitted on the whole scene, never per tile, so that tiles agree with each other.
 """
@@ -37,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .interpolation import upsample_lr
+from .psf import SpatialDegradation, degrade_torch, wald
 from .network import CSAKDNet, NetworkConfig, NetworkOutput, upsample
 
-WALD_SIGMA_PER_SCALE = 0.53
 # Ridge of the detail regression, relative to the MSI detail's mean variance: larger values
 # trade PSNR for SAM. Measured on the 27 validation cases with the consistent base (K = 8): 1e-3 →
 # 34.23 dB / 5.29°, 2e-3 → 34.14 / 5.22, 3e-3 → 34.06 / 5.17; 2e-3 is the smallest at which
@@ -56,9 +58,13 @@ class SceneStatistics:
     msi_mean: np.ndarray  # (M,)
     msi_std: np.ndarray  # (M,)
     regression: np.ndarray  # (K, M + 1): coefficients ≈ regression @ [normalised MSI; 1]
-    # Where the LR-HSI's pixel centres sit relative to the Wald footprint centres, in HR pixels
-    # (dy, dx): a measured misregistration (see registration.py), compensated in the fusion.
-    offset: Tuple[float, float] = (0.0, 0.0)
+    # How the LR-HSI was made from the HR scene: PSF, scale and the LR pixel centres' offset
+    # (psf.py). None means the Wald protocol's Gaussian at the scale of the images given.
+    degradation: Optional[SpatialDegradation] = None
+
+    @property
+    def offset(self) -> Tuple[float, float]:
+        return self.degradation.offset if self.degradation is not None else (0.0, 0.0)
 
     @classmethod
     def estimate(
@@ -199,7 +205,7 @@ def _fit_pixels(lr_hsi, msi_at_lr, valid, max_pixels: int, seed: int):
 def _high_pass(image: np.ndarray) -> np.ndarray:
     """image − its Wald degradation by 2 upsampled again: (C, h, w) with h, w even."""
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
-    low = upsample(gaussian_downsample(tensor, 2), tuple(image.shape[-2:]), mode="bicubic")
+    low = upsample(degrade_torch(tensor, wald(2)), tuple(image.shape[-2:]), mode="bicubic")
     return (tensor - low)[0].numpy()
 
 
@@ -210,48 +216,22 @@ def stack_statistics(statistics, device="cpu", dtype=torch.float32) -> Dict[str,
         for name in ("band_mean", "basis", "msi_mean", "msi_std", "regression")
     }
     stacked["scale"] = torch.tensor([s.scale for s in statistics], dtype=dtype, device=device)
-    stacked["offset"] = torch.tensor([tuple(s.offset) for s in statistics], dtype=torch.float64)
+    degradations = {s.degradation for s in statistics}
+    if len(degradations) > 1:
+        raise ValueError("a batch must share one spatial degradation (PSF, scale and offset)")
+    stacked["degradation"] = degradations.pop()
     return stacked
 
 
-def _offset(stats: Dict[str, torch.Tensor]) -> Tuple[float, float]:
-    offsets = stats["offset"]
-    if not bool((offsets == offsets[0]).all()):
-        raise ValueError("a batch must share one LR-HSI offset")
-    return float(offsets[0, 0]), float(offsets[0, 1])
-
-
-def gaussian_downsample(x: torch.Tensor, scale: int, offset=(0.0, 0.0)) -> torch.Tensor:
-    """Wald-protocol degradation in torch: Gaussian blur (σ = 0.53·s) and decimation by s,
-    each output pixel centred on its s×s footprint moved by ``offset`` (dy, dx) HR pixels; edges
-    half-sample symmetric, as in :func:`degradation.blur_and_decimate`. (N, C, H, W) → (N, C, H/s, W/s).
-    """
-    if scale == 1 and not any(offset):
-        return x
-    sigma = WALD_SIGMA_PER_SCALE * scale
-    n, c, h, w = x.shape
-    radius = int(math.ceil(3 * sigma + max(abs(float(offset[0])), abs(float(offset[1])))))
-    padded = _symmetric_pad(x, radius)
-    # Separable: rows then columns, one strided convolution each.
-    flat = padded.reshape(n * c, 1, h + 2 * radius, w + 2 * radius)
-    flat = F.conv2d(flat, _gaussian_taps(scale, sigma, radius, float(offset[0]), x).view(1, 1, -1, 1), stride=(scale, 1))
-    flat = F.conv2d(flat, _gaussian_taps(scale, sigma, radius, float(offset[1]), x).view(1, 1, 1, -1), stride=(1, scale))
-    return flat.reshape(n, c, h // scale, w // scale)
-
-
-def _symmetric_pad(x: torch.Tensor, radius: int) -> torch.Tensor:
-    from .degradation import reflect_index
-
-    def indices(n: int) -> torch.Tensor:
-        return torch.from_numpy(reflect_index(np.arange(-radius, n + radius), n)).to(x.device)
-
-    return x.index_select(-2, indices(x.shape[-2])).index_select(-1, indices(x.shape[-1]))
-
-
-def _gaussian_taps(scale: int, sigma: float, radius: int, offset: float, like: torch.Tensor) -> torch.Tensor:
-    distance = torch.arange(scale + 2 * radius, dtype=like.dtype, device=like.device) - radius - (scale - 1) / 2 - offset
-    kernel = torch.exp(-0.5 * (distance / sigma) ** 2)
-    return kernel / kernel.sum()
+def scene_degradation(stats: Dict, scale: int) -> SpatialDegradation:
+    """The batch's spatial degradation at ``scale`` (the Wald protocol's when none was fitted).
+    Raises ValueError when the statistics were fitted for another scale."""
+    degradation = stats.get("degradation")
+    if degradation is None:
+        return wald(scale)
+    if degradation.scale != scale:
+        raise ValueError(f"the scene's degradation is for scale {degradation.scale}, the images are at scale {scale}")
+    return degradation
 
 
 @dataclass(frozen=True)
@@ -314,8 +294,8 @@ class SubspaceFusionModel(nn.Module):
         """The K-channel detail (N,K,H,W) that :func:`compose_spectrum` adds to the bicubic
         LR-HSI, and the network's fused feature.
 
-        The subspace image is P·c + (I − P·D)(m + r): P the Wald-consistent interpolator, D the
-        Wald degradation, c the LR-HSI's coefficients, m the MSI-predicted ones and r the
+        The subspace image is P·c + (I − P·D)(m + r): P the consistent interpolator, D the
+        scene's spatial degradation, c the LR-HSI's coefficients, m the MSI-predicted ones and r the
         network's correction. Its degradation is c whatever m and r are, so neither the
         regression nor the network can contradict what the LR-HSI measured; they only add
         what it cannot see. The detail is that image minus the bicubic c that
@@ -331,14 +311,14 @@ class SubspaceFusionModel(nn.Module):
             raise ValueError(
                 f"high-resolution size {(hr_rows, hr_cols)} is not an integer multiple of {(lr_rows, lr_cols)}"
             )
-        offset = _offset(stats)
+        degradation = scene_degradation(stats, scale)
         coefficients, predicted = self.encode(lr_hsi, hr_msi, stats)
 
         def consistent(x):
-            return upsample_lr(x, scale, offset, "consistent")
+            return upsample_lr(x, degradation, "consistent")
 
         def invisible(x):
-            return x - consistent(gaussian_downsample(x, scale, offset))
+            return x - consistent(degrade_torch(x, degradation))
 
         pad_rows = _lr_padding(lr_rows, scale, self.pad_multiple)
         pad_cols = _lr_padding(lr_cols, scale, self.pad_multiple)
@@ -348,7 +328,7 @@ class SubspaceFusionModel(nn.Module):
         correction = out.image - upsample(padded_coefficients, tuple(padded_predicted.shape[-2:]), mode="bicubic")
         detail = (
             consistent(coefficients)
-            - upsample_lr(coefficients, scale, offset, "bicubic")
+            - upsample_lr(coefficients, degradation, "bicubic")
             + invisible(predicted + correction[..., :hr_rows, :hr_cols])
         )
         return detail, out.fused
@@ -363,7 +343,7 @@ def compose_spectrum(lr_hsi: torch.Tensor, detail: torch.Tensor, stats: Dict[str
     """
     scale = detail.shape[-2] // lr_hsi.shape[-2]
     basis = stats["basis"][..., : detail.shape[1]]
-    return upsample_lr(lr_hsi, scale, _offset(stats), "bicubic") + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
+    return upsample_lr(lr_hsi, scene_degradation(stats, scale), "bicubic") + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
         "nbk,nkhw->nbhw", basis, detail
     )
 

@@ -63,6 +63,9 @@ class TrainingScene:
     scale: int
     msi: Optional[np.ndarray] = None  # (M, rows, cols): a real MSI on the reference grid
     sensor: Optional[SensorResponse] = None  # or an SRF to simulate it
+    # The spatial degradation its Wald pairs are made with (psf.SpatialDegradation at ``scale``);
+    # None: the Wald protocol's Gaussian.
+    degradation: Optional[object] = None
 
     def part(self, axis: int, start: int, stop: Optional[int]) -> "TrainingScene":
         """The rows (axis 1) or columns (axis 2) from start to stop."""
@@ -71,7 +74,7 @@ class TrainingScene:
         cut = tuple(cut)
         return TrainingScene(
             self.name, self.reference[cut], self.wavelengths_nm, self.scale,
-            None if self.msi is None else self.msi[cut], self.sensor,
+            None if self.msi is None else self.msi[cut], self.sensor, self.degradation,
         )
 
     def split(self) -> tuple:
@@ -90,14 +93,18 @@ class TrainingScene:
     def case(self, reference: np.ndarray, msi: Optional[np.ndarray], rng=None, **noise) -> WaldCase:
         if self.msi is None:
             cube = HyperspectralCube(self.name, reference, self.wavelengths_nm)
-            case = make_wald_case(cube, self.sensor, self.scale, rng, **noise)
+            case = make_wald_case(cube, self.sensor, self.scale, rng, psf=self.degradation, **noise)
             case.sensor = self.sensor.name
             return case
         s = self.scale
         rows, cols = reference.shape[1] // s * s, reference.shape[2] // s * s
         reference = np.ascontiguousarray(reference[:, :rows, :cols], dtype=np.float32)
-        lr = blur_and_decimate(reference, s).astype(np.float32)
-        return WaldCase(lr, np.ascontiguousarray(msi[:, :rows, :cols], dtype=np.float32), reference, s, self.name, "own MSI")
+        degradation = self.degradation if self.degradation is not None else s
+        lr = blur_and_decimate(reference, degradation).astype(np.float32)
+        return WaldCase(
+            lr, np.ascontiguousarray(msi[:, :rows, :cols], dtype=np.float32), reference, s, self.name, "own MSI",
+            self.degradation,
+        )
 
     def sample(self, rng: np.random.Generator, batch_size: int, crop: int) -> List[WaldCase]:
         _, rows, cols = self.reference.shape
@@ -327,7 +334,12 @@ def adapt_to_scene(
     from .metrics import psnr
     from .train import prepare_batch
 
-    scene = TrainingScene("scene", hsi.astype(np.float32), None, int(scale), msi=msi_at_hsi.astype(np.float32))
+    # The scene's own Wald pair is the LR-HSI degraded once more by the same PSF (in HSI pixels,
+    # so the same relative blur at the next scale), aligned by construction.
+    degradation = statistics.degradation.at_scale(scale) if statistics is not None and statistics.degradation else None
+    scene = TrainingScene(
+        "scene", hsi.astype(np.float32), None, int(scale), msi=msi_at_hsi.astype(np.float32), degradation=degradation
+    )
     training, held_out = scene.split()
     try:
         training, selection = training.split()
@@ -335,8 +347,7 @@ def adapt_to_scene(
         selection = None  # too small to set a part aside: the last weights are the candidate
     if statistics is None:
         statistics = fit_scene(scene.reference, scene.msi, model.config.subspace_dim)
-    # The Wald pair is degraded from the LR-HSI itself, so it is aligned whatever the real pair's offset.
-    statistics = replace(statistics, offset=(0.0, 0.0))
+    statistics = replace(statistics, degradation=degradation)
     device = next(model.parameters()).device
     tensors = statistics.to_tensors(device)
 

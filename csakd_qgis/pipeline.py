@@ -1,0 +1,237 @@
+"""The fusion's stages on a scene read by windows, shared by ``fuse_arrays`` and ``fuse_files``.
+
+    pair = ScenePair(...)                                  # open inputs, plan grid (api.py)
+    statistics = fit_scene_statistics(pair, K, psf, log)   # fit scene, estimate degradation
+    safe = check_against_safe(pair, model, statistics, …)  # never worse than bicubic
+    …                                                       # adapt (optional), fuse tiles, write
+
+Both entry points build a :class:`ScenePair` (arrays in memory, or the LR-HSI's working-grid
+cube and the MSI's raster) and run exactly these stages on it, so on an aligned pair at an
+integer ratio they give the same result. Every stage that needs the spatial degradation takes
+it from the statistics (psf.SpatialDegradation); none assumes one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from .psf import SpatialDegradation, degrade, wald
+
+Window = Tuple[int, int, int, int]  # (row, col, rows, cols)
+
+# LR pixels the scene statistics are fitted on at most; a larger scene is sampled by windows.
+SUBSPACE_FIT_PIXELS = 50_000
+FIT_WINDOW_LR = 96
+# NaN columns between the windows of the fit mosaic: the detail fit's high-pass must not read
+# across two windows' seam (it excludes pixels within 2 of a gap).
+_SEAM = 3
+# Windows of the estimation with more gaps than this are left out (gaps are filled there).
+MAX_GAP_SHARE_TO_ESTIMATE = 0.1
+# The reduced-pair check (LR-HSI as reference) on a central window of at most this many LR pixels.
+SAFETY_WINDOW_LR = 96
+# LR pixels per side of the reduced pair needed for a meaningful check.
+MIN_REDUCED_LR = 6
+
+
+@dataclass
+class ScenePair:
+    """An LR-HSI and an HR-MSI on one working grid, read by windows.
+
+    ``lr_shape`` (h, w): the working grid; ``hr_shape`` (H, W): the HR extent that holds the
+    MSI (at most s·h × s·w); ``read_lr(window)`` → (B, rows, cols) float32 and
+    ``read_hr(window)`` → (M, rows, cols) float32, windows in their own grid's pixels, NaN for
+    missing data and outside the raster."""
+
+    lr_shape: Tuple[int, int]
+    hr_shape: Tuple[int, int]
+    scale: int
+    read_lr: Callable[[Window], np.ndarray]
+    read_hr: Callable[[Window], np.ndarray]
+
+    def hr_mirrored(self, window: Window) -> np.ndarray:
+        """An HR window, mirrored (half-sample symmetric) beyond the HR extent, as the
+        degradation's matrices mirror a whole image at its edges."""
+        row, col, rows, cols = window
+        height, width = self.hr_shape
+        r0, c0 = min(max(row, 0), height - 1), min(max(col, 0), width - 1)
+        r1, c1 = max(min(row + rows, height), r0 + 1), max(min(col + cols, width), c0 + 1)
+        inside = self.read_hr((r0, c0, r1 - r0, c1 - c0))
+        padding = ((0, 0), (r0 - row, row + rows - r1), (c0 - col, col + cols - c1))
+        if not any(p for pair in padding for p in pair):
+            return inside
+        return np.pad(inside, padding, mode="symmetric")
+
+    def msi_at_lr(self, window: Window, degradation: SpatialDegradation) -> np.ndarray:
+        """(M, rows, cols) the MSI degraded onto LR window ``window`` under ``degradation``;
+        NaN where the PSF reads a missing MSI pixel (gaps are not spread by filling them)."""
+        s = degradation.scale
+        row, col, rows, cols = window
+        halo = int(math.ceil(degradation.reach_hr() / s)) + 1
+        block = self.hr_mirrored(((row - halo) * s, (col - halo) * s, (rows + 2 * halo) * s, (cols + 2 * halo) * s))
+        missing = ~np.isfinite(block).all(0)
+        if missing.any():
+            means = np.nanmean(block, axis=(1, 2), keepdims=True)
+            block = np.where(np.isfinite(block), block, np.nan_to_num(means))
+        degraded = degrade(block.astype(np.float32), degradation)[:, halo : halo + rows, halo : halo + cols]
+        if missing.any():
+            touched = degrade(missing[None].astype(np.float32), degradation)[0, halo : halo + rows, halo : halo + cols]
+            degraded[:, touched > 0] = np.nan
+        return degraded
+
+
+def fit_windows(lr_shape: Tuple[int, int], max_pixels: int = SUBSPACE_FIT_PIXELS) -> List[Window]:
+    """The LR windows the scene statistics are fitted on: the whole scene when it has at most
+    ``max_pixels`` pixels, else windows of FIT_WINDOW_LR spread evenly over it."""
+    rows, cols = lr_shape
+    if rows * cols <= max_pixels:
+        return [(0, 0, rows, cols)]
+    from .registration import measuring_windows
+
+    per_axis = max(1, int(math.ceil(math.sqrt(max_pixels / FIT_WINDOW_LR**2))))
+    return measuring_windows(lr_shape, FIT_WINDOW_LR, per_axis)
+
+
+def mosaic(parts: List[np.ndarray]) -> np.ndarray:
+    """Windows side by side, separated by NaN columns (one window: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = max(p.shape[1] for p in parts)
+    pieces = []
+    for part in parts:
+        padded = np.full((part.shape[0], rows, part.shape[2] + _SEAM), np.nan, dtype=np.float32)
+        padded[:, : part.shape[1], : part.shape[2]] = part
+        pieces.append(padded)
+    return np.concatenate(pieces, axis=2)
+
+
+def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[SpatialDegradation] = None, log=None):
+    """Fit scene, estimate degradation: (model.SceneStatistics, registration.DegradationEstimate).
+
+    The principal basis comes from the LR-HSI alone; the PSF and offset are then estimated
+    from the pair (only the offset when the user gave ``psf``), and the MSI → subspace
+    regression is fitted with the MSI degraded under that estimate. The statistics carry the
+    estimate as their ``degradation``. Raises ValueError when no pixel has data in both."""
+    from .api import fill_gaps, fit_scene
+    from .model import SceneStatistics
+    from .registration import DegradationEstimate, estimate_degradation, measuring_windows
+
+    log = log or (lambda message: None)
+    s = pair.scale
+    windows = fit_windows(pair.lr_shape)
+    lr = mosaic([pair.read_lr(w) for w in windows])
+    start = psf if psf is not None else wald(s)
+    statistics = fit_scene(lr, mosaic([pair.msi_at_lr(w, start) for w in windows]), subspace_dim)
+
+    pairs = []
+    for window in measuring_windows(pair.lr_shape):
+        lr_window = pair.read_lr(window)
+        r, c, h, w = window
+        hr_window = pair.hr_mirrored((r * s, c * s, h * s, w * s))
+        lr_valid, hr_valid = np.isfinite(lr_window).all(0), np.isfinite(hr_window).all(0)
+        if min(lr_valid.mean(), hr_valid.mean()) < 1 - MAX_GAP_SHARE_TO_ESTIMATE:
+            continue
+        pairs.append(
+            (fill_gaps(lr_window, lr_valid, statistics.band_mean), fill_gaps(hr_window, hr_valid, statistics.msi_mean))
+        )
+    if pairs:
+        estimate = estimate_degradation(pairs, s, statistics.basis, statistics.band_mean, fixed=psf)
+        log(estimate.describe())
+        if psf is None:
+            log(estimate.describe_psf())
+        else:
+            log(f"PSF as given: {psf.describe()}")
+    else:
+        estimate = DegradationEstimate(start, (0.0, 0.0), 1.0, False)
+        log(
+            f"the PSF and misregistration could not be measured: every measuring window has more than "
+            f"{MAX_GAP_SHARE_TO_ESTIMATE:.0%} no-data in one of the images; assuming {start.describe()} "
+            "(set PSF to the sensor's if known)"
+        )
+    degradation = estimate.degradation
+    if degradation != wald(s) or psf is not None:
+        msi = mosaic([pair.msi_at_lr(w, degradation) for w in windows])
+        valid = np.isfinite(lr).all(0) & np.isfinite(msi).all(0)
+        statistics.fit_regression(lr, msi, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
+    statistics.degradation = degradation
+    assert isinstance(statistics, SceneStatistics)
+    return statistics, estimate
+
+
+@dataclass
+class SafetyCheck:
+    """The fusion against bicubic upsampling on the scene's own reduced pair (PSNR in dB over
+    the LR-HSI as reference); ``use_fusion`` False means the conservative answer is written."""
+
+    fused_psnr: float
+    bicubic_psnr: float
+    use_fusion: bool
+    checked: bool = True
+
+    def describe(self) -> str:
+        if not self.checked:
+            return "the scene is too small to check the fusion on its own reduced pair; fusion used"
+        verdict = "fusion used" if self.use_fusion else (
+            "NOT ahead of bicubic upsampling, so the output is the bicubic upsampling of the hyperspectral image "
+            "(check the PSF and the co-registration of the two images)"
+        )
+        return (
+            f"check on the scene's own reduced pair: fusion {self.fused_psnr:.2f} dB, bicubic "
+            f"{self.bicubic_psnr:.2f} dB; {verdict}"
+        )
+
+
+def check_against_safe(pair: ScenePair, model, statistics, device, margin_db: float = 0.0) -> SafetyCheck:
+    """Never worse than the safe answer: fuse the scene's reduced pair (the LR-HSI degraded
+    once more by the working scale with the same PSF, and the MSI degraded onto the LR grid)
+    on a central window and compare with bicubic upsampling, the LR-HSI as reference (Wald
+    protocol applied to the scene itself)."""
+    import torch
+
+    from .api import fill_gaps
+    from .interpolation import upsample_lr
+    from .metrics import psnr
+    from .registration import central_window
+
+    degradation = statistics.degradation
+    s = degradation.scale
+    size = min(SAFETY_WINDOW_LR, *pair.lr_shape) // s * s
+    if size // s < MIN_REDUCED_LR:
+        return SafetyCheck(float("nan"), float("nan"), True, checked=False)
+    window = central_window(pair.lr_shape, size)
+    window = window[:2] + (size, size)
+    reference = pair.read_lr(window)
+    msi = pair.msi_at_lr(window, degradation)
+    valid = np.isfinite(reference).all(0) & np.isfinite(msi).all(0)
+    if valid.mean() < 0.5:
+        return SafetyCheck(float("nan"), float("nan"), True, checked=False)
+    reference = fill_gaps(reference, valid, statistics.band_mean)
+    msi = fill_gaps(msi, valid, statistics.msi_mean)
+    reduced = degradation.at_scale(s)
+    low = degrade(reference, reduced)
+    from dataclasses import replace
+
+    tensors = replace(statistics, degradation=reduced).to_tensors(device)
+    with torch.inference_mode():
+        lr_tensor = torch.from_numpy(np.ascontiguousarray(low))[None].to(device)
+        fused = model(lr_tensor, torch.from_numpy(np.ascontiguousarray(msi))[None].to(device), tensors).image
+        bicubic = upsample_lr(lr_tensor, reduced, "bicubic")
+    fused_psnr = psnr(reference, fused[0].float().cpu().numpy())
+    bicubic_psnr = psnr(reference, bicubic[0].float().cpu().numpy())
+    return SafetyCheck(fused_psnr, bicubic_psnr, bool(fused_psnr >= bicubic_psnr + margin_db))
+
+
+def nonnegative_inputs(pair: ScenePair, statistics_windows: Optional[List[Window]] = None) -> bool:
+    """Whether both inputs hold no negative value on the fit windows: then a negative output
+    can only be ringing and is set to 0."""
+    windows = statistics_windows or fit_windows(pair.lr_shape)
+    s = pair.scale
+    for r, c, h, w in windows:
+        if np.nanmin(pair.read_lr((r, c, h, w)), initial=0.0) < 0:
+            return False
+        if np.nanmin(pair.hr_mirrored((r * s, c * s, h * s, w * s)), initial=0.0) < 0:
+            return False
+    return True
