@@ -378,7 +378,7 @@ def fuse_files(
     from rasterio.windows import Window
 
     from .files import atomic_output
-    from .georaster import FusionInputError, output_profile, plan_grid, read_padded
+    from .georaster import FusionInputError, msi_on_square_ground_pixels, output_profile, plan_grid, read_padded
     from .pipeline import ScenePair
     from .psf import parse_psf
     from .raster_io import read_spectral_metadata
@@ -395,7 +395,8 @@ def fuse_files(
 
     with rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
         lr_hsi_path, "hyperspectral image (LRHSI)"
-    ) as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_ds:
+    ) as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_file, ExitStack() as inputs:
+        hr_ds = inputs.enter_context(msi_on_square_ground_pixels(lr_ds, hr_file, log))
         grid = plan_grid(lr_ds, hr_ds)
         indexes = _band_indexes(bands, lr_ds.count)
         if len(indexes) < 4:

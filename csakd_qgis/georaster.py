@@ -299,3 +299,68 @@ class WorkingGridCube:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Ground pixels whose sides differ by more than this are not square enough for one working
+# scale: an MSI in degrees at 52° N has 6.2 m × 10 m pixels, and one scale from their geometric
+# mean made the fused error 2.4× that of the same MSI projected (3.5× at 65° N).
+MAX_PIXEL_ASPECT = 1.1
+
+
+def ground_pixel_size(dataset) -> tuple:
+    """(width, height) in metres on the ground of one pixel at the raster's centre (geodesic
+    distances on the WGS 84 ellipsoid, pyproj.Geod), for any CRS."""
+    from pyproj import Geod
+    from rasterio.warp import transform
+
+    t = dataset.transform
+    col, row = dataset.width / 2.0, dataset.height / 2.0
+    points = [t * (col, row), t * (col + 1, row), t * (col, row + 1)]
+    lons, lats = transform(dataset.crs, "EPSG:4326", [p[0] for p in points], [p[1] for p in points])
+    geod = Geod(ellps="WGS84")
+    width = geod.inv(lons[0], lats[0], lons[1], lats[1])[2]
+    height = geod.inv(lons[0], lats[0], lons[2], lats[2])[2]
+    return abs(width), abs(height)
+
+
+def local_metric_crs(lr_dataset, hr_dataset):
+    """The CRS a working grid with square ground pixels is planned in: the LR-HSI's own CRS
+    when it is projected, else the UTM zone of the MSI's centre."""
+    from rasterio.crs import CRS
+    from rasterio.warp import transform
+
+    if lr_dataset.crs is not None and lr_dataset.crs.is_projected:
+        return lr_dataset.crs
+    t = hr_dataset.transform
+    x, y = t * (hr_dataset.width / 2.0, hr_dataset.height / 2.0)
+    (lon,), (lat,) = transform(hr_dataset.crs, "EPSG:4326", [x], [y])
+    zone = int((lon + 180) // 6) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+def msi_on_square_ground_pixels(lr_dataset, hr_dataset, log=None):
+    """The HR-MSI itself when its pixels are about square on the ground, else a WarpedVRT of
+    it on a local metric grid (:func:`local_metric_crs`) whose square pixels are as large as
+    the MSI's coarser ground side (pixel-averaged, so no detail is invented along the finer
+    side). Fusion and the output then follow ground distances."""
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.warp import calculate_default_transform
+
+    width, height = ground_pixel_size(hr_dataset)
+    if max(width, height) <= MAX_PIXEL_ASPECT * min(width, height):
+        return hr_dataset
+    crs = local_metric_crs(lr_dataset, hr_dataset)
+    size = max(width, height)
+    transform, columns, rows = calculate_default_transform(
+        hr_dataset.crs, crs, hr_dataset.width, hr_dataset.height, *hr_dataset.bounds, resolution=(size, size)
+    )
+    if log is not None:
+        log(
+            f"the multispectral image's pixels are {width:.1f} m × {height:.1f} m on the ground (not square); it is "
+            f"fused on a {size:.1f} m grid in {crs.to_string()} and the output is on that grid"
+        )
+    return WarpedVRT(
+        hr_dataset, crs=crs, transform=transform, width=columns, height=rows, resampling=Resampling.average,
+        src_nodata=hr_dataset.nodata, nodata=_vrt_nodata(hr_dataset),
+    )

@@ -74,6 +74,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
     OUTPUT_TYPE = "OUTPUT_TYPE"
     CREATION_OPTIONS = "CREATION_OPTIONS"
     ADAPT_MINUTES = "ADAPT_MINUTES"
+    PSF = "PSF"
     OUTPUT = "OUTPUT"
 
     def name(self):
@@ -106,7 +107,14 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "<b>Creation options</b> (advanced): extra GeoTIFF options, e.g. COMPRESS=ZSTD.\n"
             "<b>Scene adaptation (minutes)</b> (advanced): first fine-tune the model for this long on the scene's own "
             "pair degraded by the working scale (Wald protocol); the log reports the PSNR it gained on a held-out part. "
-            "0 = off.\n\n"
+            "0 = off.\n"
+            "<b>PSF</b> (advanced): how the hyperspectral sensor blurs the scene relative to the multispectral pixels. "
+            "auto (default) estimates it from the pair (Gaussian with σ per axis, pixel aggregation, or both) with "
+            "the misregistration, and the log names it; or give it: box (pixel aggregation, e.g. an image made with "
+            "gdalwarp -r average), gaussian:σ or gaussian:σrows,σcolumns (σ in hyperspectral pixels), or mtf:v "
+            "(the MTF at Nyquist from the sensor's data sheet, e.g. mtf:0.3). Before writing, the fusion is checked "
+            "on the scene's own pair degraded once more; if it is not ahead of bicubic upsampling there, the "
+            "bicubic upsampling is written instead and the log says so.\n\n"
             "The resolution ratio need not be an integer: the hyperspectral image is resampled to round(ratio) × the "
             "multispectral pixel (30 m / 3.6 m = 8.33 → 8, a 28.8 m working pixel). It is resampled once into a "
             "scratch file beside the output (its size: the hyperspectral image on that grid in float32), which is "
@@ -139,6 +147,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Double,
             0.0, False, 0.0, 600.0)))
+        self.addParameter(advanced(QgsProcessingParameterString(
+            self.PSF, "PSF of the hyperspectral image (auto, box, gaussian:SIGMA, mtf:VALUE)", defaultValue="auto",
+            optional=True)))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Fused hyperspectral image"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
@@ -150,6 +161,14 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                     f"the {role} {value} cannot be read: GDAL does not recognise it as a raster "
                     "(damaged or incomplete file, or not a raster format)"
                 )
+        psf = parameters.get(self.PSF)
+        if isinstance(psf, str) and psf.strip():
+            from ..csakd_qgis.psf import parse_psf
+
+            try:
+                parse_psf(psf, 2)
+            except ValueError as error:
+                return False, str(error)
         return super().checkParameterValues(parameters, context)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
@@ -181,6 +200,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                 cancelled=feedback.isCanceled,
                 log=feedback.pushInfo,
                 adapt_minutes=self.parameterAsDouble(parameters, self.ADAPT_MINUTES, context),
+                psf=self.parameterAsString(parameters, self.PSF, context) or "auto",
             )
         except FusionCancelled:
             raise QgsProcessingException("fusion cancelled; no output was written")

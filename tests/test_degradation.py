@@ -7,11 +7,10 @@ import pytest
 from csakd_qgis.degradation import (
     add_noise,
     blur_and_decimate,
-    decimation_matrix,
-    gaussian_sigma,
     simulate_msi,
     wald_pair,
 )
+from csakd_qgis.psf import SpatialDegradation, decimation_matrix, wald
 from csakd_qgis.srf import (
     list_sensors,
     load_srf,
@@ -22,8 +21,13 @@ DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SRF_DIR = DATA_DIR / "srf"
 
 
-def test_gaussian_sigma():
-    assert gaussian_sigma(4) == pytest.approx(2.12)
+def test_an_integer_scale_means_the_wald_gaussian():
+    # σ = 0.53 LR pixels, i.e. 2.12 HR pixels at ×4.
+    degradation = wald(4)
+    assert degradation.family == "gaussian" and degradation.sigma == (0.53, 0.53)
+    assert degradation.sigma[0] * degradation.scale == pytest.approx(2.12)
+    cube = np.random.default_rng(1).random((2, 24, 20))
+    np.testing.assert_array_equal(blur_and_decimate(cube, 4), blur_and_decimate(cube, degradation))
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4, 5])
@@ -32,7 +36,10 @@ def test_constant_stays_constant(scale):
     lr = blur_and_decimate(cube, scale)
     assert lr.shape == (2, 4, 3)
     np.testing.assert_allclose(lr, 7.5, rtol=1e-12)
-    np.testing.assert_allclose(blur_and_decimate(cube, scale, shift=(0.7, -1.3)), 7.5, rtol=1e-12)
+    np.testing.assert_allclose(blur_and_decimate(cube, wald(scale, (0.7, -1.3))), 7.5, rtol=1e-12)
+    for family, sigma in (("box", (0.0, 0.0)), ("box-gaussian", (0.3, 0.6)), ("gaussian", (0.35, 0.8))):
+        degradation = SpatialDegradation(scale, family, sigma, (0.5, -0.25))
+        np.testing.assert_allclose(blur_and_decimate(cube, degradation), 7.5, rtol=1e-12)
 
 
 def test_impulse_odd_scale_lands_on_footprint_centre():
@@ -61,7 +68,7 @@ def test_impulse_even_scale_is_half_pixel_centred():
     one = np.zeros((1, 32, 24))
     one[0, s * k + 1, s * l + 1] = 1.0
     lr1 = blur_and_decimate(one, s)[0]
-    sig = gaussian_sigma(s)
+    sig = wald(s).sigma[0] * s  # HR pixels
     expected = math.exp(-(3.5**2 - 4.5**2) / (2 * sig**2))
     assert lr1[k - 1, l] / lr1[k + 1, l] == pytest.approx(expected, rel=1e-9)
 
@@ -71,17 +78,20 @@ def test_shift_by_one_lr_pixel_moves_sampling_grid():
     cube = rng.random((2, 40, 40))
     s = 4
     base = blur_and_decimate(cube, s)
-    moved = blur_and_decimate(cube, s, shift=(s, 0))
+    moved = blur_and_decimate(cube, wald(s, (s, 0)))
     np.testing.assert_allclose(moved[:, 2:7, :], base[:, 3:8, :], rtol=1e-12)
-    half = blur_and_decimate(cube, s, shift=(0, 0.5))
+    half = blur_and_decimate(cube, wald(s, (0, 0.5)))
     assert not np.allclose(half, base)
 
 
 def test_decimation_matrix_rows_sum_to_one():
     for s in (2, 3, 8):
-        m = decimation_matrix(37, s, shift=0.3)
-        assert m.shape == (37 // s, 37)
-        np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-12)
+        for family, sigma in (("gaussian", (0.53, 0.7)), ("box", (0.0, 0.0)), ("box-gaussian", (0.4, 0.4))):
+            degradation = SpatialDegradation(s, family, sigma, (0.3, -0.6))
+            for axis in (0, 1):
+                m = decimation_matrix(37, degradation, axis)
+                assert m.shape == (37 // s, 37)
+                np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-12)
 
 
 def test_cropping_shapes_and_dtype():
@@ -175,3 +185,15 @@ def test_srf_matrix_rows_sum_to_one_and_swir_dropped():
     np.testing.assert_allclose(simulate_msi(flat, R), 0.3)
     with pytest.raises(ValueError, match="no band"):
         spectral_response_matrix(s2, np.arange(2600.0, 2700.0, 10.0))
+
+
+def test_wald_pair_degrades_under_the_degradation_it_is_given():
+    # The offset lives in the degradation (no separate shift any more).
+    cube = np.random.default_rng(2).random((4, 18, 18))
+    R = np.full((1, 4), 0.25)
+    degradation = SpatialDegradation(3, "box-gaussian", (0.3, 0.5), (0.5, -1.0))
+    lr, msi, ref = wald_pair(cube, degradation, R)
+    np.testing.assert_array_equal(lr, blur_and_decimate(cube, degradation))
+    assert not np.allclose(lr, blur_and_decimate(cube, 3))
+    np.testing.assert_array_equal(ref, cube)
+    np.testing.assert_allclose(msi, simulate_msi(cube, R))
