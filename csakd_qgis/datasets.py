@@ -22,6 +22,13 @@ from .srf import SensorResponse, list_sensors, load_srf, spectral_response_matri
 
 TRAINING_SCALES = (2, 3, 4, 5, 6, 8, 10)
 VALIDATION_SCALES = (3, 4, 8)
+# Realistic PSFs every validation cube is also degraded with (see the measurement protocol):
+# σ in LR pixels; the anisotropic one with a sub-pixel offset in HR pixels.
+VALIDATION_GAUSSIAN_SIGMAS = (0.35, 0.45, 0.65, 0.8)
+VALIDATION_ANISOTROPIC = ((0.4, 0.7), (0.5, -0.5))
+# Training draws its PSFs from this range, never within TRAINING_PSF_GAP of a validation σ.
+TRAINING_SIGMA_RANGE = (0.25, 1.0)
+TRAINING_PSF_GAP = 0.02
 
 
 @dataclass
@@ -165,6 +172,43 @@ def make_wald_case(
     )
 
 
+def validation_psfs(scale: int) -> Dict[str, object]:
+    """label → psf.SpatialDegradation: the realistic PSF variants of the validation suite at
+    ``scale`` (box; Gaussians of VALIDATION_GAUSSIAN_SIGMAS; an anisotropic Gaussian with a
+    sub-pixel offset). The Wald Gaussian (σ = 0.53) is the main suite's."""
+    from .psf import SpatialDegradation
+
+    variants = {"box": SpatialDegradation(scale, "box", (0.0, 0.0))}
+    for sigma in VALIDATION_GAUSSIAN_SIGMAS:
+        variants[f"Gaussian σ {sigma:.2f}"] = SpatialDegradation(scale, "gaussian", (sigma, sigma))
+    sigma, offset = VALIDATION_ANISOTROPIC
+    variants[f"Gaussian σ {sigma[0]:.2f}×{sigma[1]:.2f}, offset {offset[0]:+.1f},{offset[1]:+.1f}"] = SpatialDegradation(
+        scale, "gaussian", sigma, offset
+    )
+    return variants
+
+
+def training_psf(scale: int, rng: np.random.Generator):
+    """A random PSF for one training batch: a Gaussian (60 %, σ per axis), pixel aggregation
+    (20 %) or aggregation blurred by a Gaussian (20 %); σ uniform in TRAINING_SIGMA_RANGE but
+    never within TRAINING_PSF_GAP of a validation σ, so validation measures PSFs never trained on."""
+    from .psf import SpatialDegradation
+
+    def sigma() -> float:
+        forbidden = VALIDATION_GAUSSIAN_SIGMAS + VALIDATION_ANISOTROPIC[0] + (0.53,)
+        while True:
+            value = round(float(rng.uniform(*TRAINING_SIGMA_RANGE)), 3)
+            if min(abs(value - f) for f in forbidden) >= TRAINING_PSF_GAP:
+                return value
+
+    draw = rng.random()
+    if draw < 0.6:
+        return SpatialDegradation(scale, "gaussian", (sigma(), sigma()))
+    if draw < 0.8:
+        return SpatialDegradation(scale, "box", (0.0, 0.0))
+    return SpatialDegradation(scale, "box-gaussian", (sigma() / 2, sigma() / 2))
+
+
 def validation_cases(data_dir=None, scales: Sequence[int] = VALIDATION_SCALES) -> List[WaldCase]:
     cases = []
     for cube in validation_cubes(data_dir):
@@ -197,7 +241,7 @@ def training_batch(
     ``statistics(cube, sensor, scale)``, when given, supplies the scene statistics of the
     whole cube's Wald pair for every crop.
 
-    Random crop, 90° rotation and flip; LR-HSI noise at 30–45 dB SNR on a third of the batches,
+    Random crop, 90° rotation and flip; one random PSF per batch (:func:`training_psf`); LR-HSI noise at 30–45 dB SNR on a third of the batches,
     MSI noise on a quarter. (Noise on most batches taught the network mainly to denoise, which
     clean inputs do not need.) No misregistration: fusion measures and compensates it
     (registration.py), so a network taught to hedge against it would only blur aligned pairs.
@@ -217,14 +261,15 @@ def training_batch(
     size = min(crop, rows, cols) // scale * scale
     hsi_snr = float(rng.uniform(30, 45)) if rng.random() < 1 / 3 else None
     msi_snr = float(rng.uniform(30, 45)) if rng.random() < 1 / 4 else None
+    psf = training_psf(scale, rng)
     batch = []
     for _ in range(batch_size):
         r = int(rng.integers(rows - size + 1))
         c = int(rng.integers(cols - size + 1))
         patch = HyperspectralCube(cube.name, _augment(cube.data[:, r : r + size, c : c + size], rng), cube.wavelengths_nm)
-        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr))
+        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr, psf=psf))
     if statistics is not None:
-        whole = statistics(cube, sensor, scale)
+        whole = statistics(cube, sensor, psf)
         for case in batch:
             case.statistics = whole
     return batch
@@ -238,14 +283,23 @@ class WholeSceneStatistics:
     trained on top of it learns corrections that do not hold at run time.
     """
 
+    MAX_ENTRIES = 256
+
     def __init__(self, subspace_dim: int):
         self.subspace_dim = subspace_dim
         self.cache: Dict[tuple, object] = {}
 
-    def __call__(self, cube: HyperspectralCube, sensor: SensorResponse, scale: int):
-        key = (cube.name, cube.data.shape, sensor.name, tuple(sensor.band_names), scale)
+    def __call__(self, cube: HyperspectralCube, sensor: SensorResponse, psf):
+        """``psf``: a psf.SpatialDegradation, or an integer scale for the Wald Gaussian."""
+        from .degradation import as_degradation
+
+        psf = as_degradation(psf)
+        key = (cube.name, cube.data.shape, sensor.name, tuple(sensor.band_names), psf)
         if key not in self.cache:
-            self.cache[key] = case_statistics(make_wald_case(cube, sensor, scale), self.subspace_dim)
+            if len(self.cache) >= self.MAX_ENTRIES:
+                # Random PSFs rarely repeat: keep memory bounded rather than every fit.
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[key] = case_statistics(make_wald_case(cube, sensor, psf.scale, psf=psf), self.subspace_dim)
         return self.cache[key]
 
 

@@ -345,22 +345,42 @@ def msi_on_square_ground_pixels(lr_dataset, hr_dataset, log=None):
     side). Fusion and the output then follow ground distances."""
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
-    from rasterio.warp import calculate_default_transform
-
     width, height = ground_pixel_size(hr_dataset)
     if max(width, height) <= MAX_PIXEL_ASPECT * min(width, height):
         return hr_dataset
     crs = local_metric_crs(lr_dataset, hr_dataset)
     size = max(width, height)
-    transform, columns, rows = calculate_default_transform(
-        hr_dataset.crs, crs, hr_dataset.width, hr_dataset.height, *hr_dataset.bounds, resolution=(size, size)
-    )
+    transform, columns, rows = _metric_grid(lr_dataset, hr_dataset, crs, size)
     if log is not None:
         log(
             f"the multispectral image's pixels are {width:.1f} m × {height:.1f} m on the ground (not square); it is "
-            f"fused on a {size:.1f} m grid in {crs.to_string()} and the output is on that grid"
+            f"fused on a {abs(transform.a):.2f} m grid in {crs.to_string()} and the output is on that grid"
         )
     return WarpedVRT(
         hr_dataset, crs=crs, transform=transform, width=columns, height=rows, resampling=Resampling.average,
         src_nodata=hr_dataset.nodata, nodata=_vrt_nodata(hr_dataset),
+    )
+
+
+def _metric_grid(lr_dataset, hr_dataset, crs, size: float):
+    """(transform, columns, rows) of a north-up grid in ``crs`` covering the MSI with square
+    pixels of about ``size``. In the LR-HSI's own CRS the pixel is the LR pixel divided by a
+    whole number and the grid is aligned on the LR-HSI's, so the working grid is the
+    LR-HSI's own and it is not resampled at all (a grid with another phase would be cubic
+    interpolated: measured ×1.5 the error of the projected MSI, against ×1.1 aligned)."""
+    from affine import Affine
+    from rasterio.warp import calculate_default_transform, transform_bounds
+
+    left, bottom, right, top = transform_bounds(hr_dataset.crs, crs, *hr_dataset.bounds, densify_pts=21)
+    lr = lr_dataset.transform
+    if crs == lr_dataset.crs and lr.b == 0 and lr.d == 0 and abs(abs(lr.a) - abs(lr.e)) < 1e-9 * abs(lr.a):
+        pixel = abs(lr.a) / max(1, round(abs(lr.a) / size))
+        step = abs(lr.a)
+        left = lr.c + math.floor((left - lr.c) / step) * step
+        top = lr.f - math.floor((lr.f - top) / step) * step if lr.e < 0 else top
+        columns = int(math.ceil((right - left) / pixel - 1e-9))
+        rows = int(math.ceil((top - bottom) / pixel - 1e-9))
+        return Affine(pixel, 0, left, 0, -pixel, top), columns, rows
+    return calculate_default_transform(
+        hr_dataset.crs, crs, hr_dataset.width, hr_dataset.height, *hr_dataset.bounds, resolution=(size, size)
     )
