@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -479,7 +480,9 @@ def fuse_files(
                         if "both images have data" in str(error):
                             raise FusionInputError("no pixel of the common area has data in both images") from error
                         raise
-                    dst.update_tags(**{"CSAKD_PSF": statistics.degradation.describe()})
+                    # The degradation the fusion assumed, readable back (consistency.psf_consistency).
+                    dst.update_tags(CSAKD_PSF=json.dumps(statistics.degradation.to_dict()),
+                                    CSAKD_PSF_DESCRIPTION=statistics.degradation.describe())
     seconds = time.time() - started
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")

@@ -117,7 +117,7 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     estimate as their ``degradation``. Raises ValueError when no pixel has data in both."""
     from .api import fill_gaps, fit_scene
     from .model import SceneStatistics
-    from .registration import DegradationEstimate, estimate_degradation, measuring_windows
+    from .registration import DegradationEstimate, estimate_degradation, measuring_size, measuring_windows
 
     log = log or (lambda message: None)
     s = pair.scale
@@ -127,7 +127,7 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     statistics = fit_scene(lr, mosaic([pair.msi_at_lr(w, start) for w in windows]), subspace_dim)
 
     pairs = []
-    for window in measuring_windows(pair.lr_shape):
+    for window in measuring_windows(pair.lr_shape, measuring_size(s)):
         lr_window = pair.read_lr(window)
         r, c, h, w = window
         hr_window = pair.hr_mirrored((r * s, c * s, h * s, w * s))
