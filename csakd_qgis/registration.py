@@ -44,8 +44,11 @@ MEASURE_WINDOWS_PER_AXIS = 3
 _MIN_WINDOW_LR = 6
 # σ grid in HSI pixels for the Gaussian and box-Gaussian candidates.
 SIGMA_GRID = np.round(np.arange(0.15, 1.301, 0.05), 3)
-# A family more complex than a Gaussian is chosen only if it explains clearly more.
-SIMPLER_FAMILY_TOLERANCE = 0.002
+# A family later in the list (more complex) is chosen only if it leaves clearly less unexplained.
+# Measured on the three validation cubes at ×3 and ×4: a box-Gaussian of nearly the same
+# variance fits Gaussian PSFs up to 2.9 % better (AVIRIS σ 0.65; fusing with it cost up to 1.4 dB),
+# while for a true box-Gaussian (σ 0.3) the best Gaussian leaves 15–170 % more.
+SIMPLER_FAMILY_TOLERANCE = 0.05
 
 
 @dataclass
