@@ -379,7 +379,7 @@ def fuse_files(
     from rasterio.windows import Window
 
     from .files import atomic_output
-    from .georaster import FusionInputError, msi_on_square_ground_pixels, output_profile, plan_grid, read_padded
+    from .georaster import FusionInputError, hr_reader, msi_on_square_ground_pixels, output_profile, plan_grid
     from .pipeline import ScenePair
     from .psf import parse_psf
     from .raster_io import read_spectral_metadata
@@ -437,13 +437,9 @@ def fuse_files(
                 window[:, ~np.isfinite(window).all(0)] = np.nan
                 return window
 
-            hr_col0 = int(round((grid.transform.c - hr_ds.transform.c) / hr_ds.transform.a))
-            hr_row0 = int(round((grid.transform.f - hr_ds.transform.f) / hr_ds.transform.e))
-
-            def read_hr(w):
-                return read_padded(hr_ds, hr_row0 + w[0], hr_col0 + w[1], w[2], w[3])
-
-            pair = ScenePair((grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, read_hr)
+            pair = ScenePair(
+                (grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, hr_reader(hr_ds, grid)
+            )
 
             def adapt(model_, statistics):
                 if adapt_minutes <= 0:

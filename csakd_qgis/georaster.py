@@ -152,17 +152,6 @@ def lr_on_working_grid(lr_dataset, grid: FusionGrid):
     )
 
 
-def hr_on_working_grid(hr_dataset, grid: FusionGrid):
-    """A WarpedVRT of the HR-MSI averaged onto the working grid (for the scene statistics)."""
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-
-    return WarpedVRT(
-        hr_dataset, crs=grid.crs, transform=grid.lr_transform, width=grid.lr_width, height=grid.lr_height,
-        resampling=Resampling.average, src_nodata=hr_dataset.nodata, nodata=_vrt_nodata(hr_dataset),
-    )
-
-
 def _vrt_nodata(dataset):
     return dataset.nodata if dataset.nodata is not None else -3.4e38
 
@@ -223,6 +212,14 @@ def read_padded(dataset, row: int, col: int, rows: int, cols: int) -> np.ndarray
     if r1 > r0 and c1 > c0:
         out[:, r0 - row : r1 - row, c0 - col : c1 - col] = read_as_float(dataset, window=Window(c0, r0, c1 - c0, r1 - r0))
     return out
+
+
+def hr_reader(hr_dataset, grid: FusionGrid):
+    """read(window) → (M, rows, cols) float32 of the HR-MSI, the window (row, col, rows, cols)
+    in output-grid pixels; NaN outside the raster (see :func:`read_padded`)."""
+    col0 = int(round((grid.transform.c - hr_dataset.transform.c) / hr_dataset.transform.a))
+    row0 = int(round((grid.transform.f - hr_dataset.transform.f) / hr_dataset.transform.e))
+    return lambda w: read_padded(hr_dataset, row0 + w[0], col0 + w[1], w[2], w[3])
 
 
 class WorkingGridCube:

@@ -140,11 +140,15 @@ def filled_pair(hsi: np.ndarray, msi: np.ndarray, too_sparse: str) -> tuple:
     return hsi, msi
 
 
-def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000) -> TrainingScene:
-    """A real co-registered pair, both read on the LR-HSI's working grid (see georaster)."""
+def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000, subspace_dim: int = 12, log=None) -> TrainingScene:
+    """A real co-registered pair on the LR-HSI's working grid (see georaster), with the MSI
+    degraded onto it under the PSF and offset estimated from the pair (pipeline.py), so that
+    the scene's Wald pairs are made with the sensor's own relative blur."""
     import rasterio
 
-    from .georaster import hr_on_working_grid, lr_on_working_grid, plan_grid, read_as_float
+    from .api import array_pair
+    from .georaster import hr_reader, lr_on_working_grid, plan_grid, read_as_float
+    from .pipeline import ScenePair, fit_scene_statistics
     from .raster_io import read_spectral_metadata
 
     with rasterio.open(lr_path) as lr_ds, rasterio.open(hr_path) as hr_ds:
@@ -155,16 +159,22 @@ def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000) -> Trainin
                 f"clip it to at most {max_lr_pixels} pixels for training (Clip Raster by Extent)"
             )
         meta = read_spectral_metadata(lr_ds)
-        with lr_on_working_grid(lr_ds, grid) as lr_vrt, hr_on_working_grid(hr_ds, grid) as msi_vrt:
+        with lr_on_working_grid(lr_ds, grid) as lr_vrt:
             hsi = read_as_float(lr_vrt)
-            msi = read_as_float(msi_vrt)
-    keep = np.isfinite(hsi).any(axis=(1, 2))
-    if meta.bad_bands is not None:
-        keep &= ~meta.bad_bands
-    hsi = hsi[keep]
+        keep = np.isfinite(hsi).any(axis=(1, 2))
+        if meta.bad_bands is not None:
+            keep &= ~meta.bad_bands
+        hsi = hsi[keep]
+        hsi[:, ~np.isfinite(hsi).all(0)] = np.nan
+        read_lr = array_pair(hsi, hsi, 1).read_lr
+        pair = ScenePair(hsi.shape[1:], (grid.height, grid.width), grid.scale, read_lr, hr_reader(hr_ds, grid))
+        statistics, _ = fit_scene_statistics(pair, subspace_dim, log=log)
+        msi = pair.msi_at_lr((0, 0) + hsi.shape[1:], statistics.degradation)
     hsi, msi = filled_pair(hsi, msi, f"less than half of the pair {Path(lr_path).name} has data in both images")
     wavelengths = meta.wavelengths_nm[keep] if meta.wavelengths_nm is not None else None
-    return TrainingScene(Path(lr_path).stem, hsi, wavelengths, grid.scale, msi=msi)
+    return TrainingScene(
+        Path(lr_path).stem, hsi, wavelengths, grid.scale, msi=msi, degradation=statistics.degradation.at_scale(grid.scale)
+    )
 
 
 def scene_from_cube(path, sensor: SensorResponse, scale: int) -> TrainingScene:
