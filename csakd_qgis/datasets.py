@@ -175,7 +175,7 @@ def make_wald_case(
 def validation_psfs(scale: int) -> Dict[str, object]:
     """label → psf.SpatialDegradation: the realistic PSF variants of the validation suite at
     ``scale`` (box; Gaussians of VALIDATION_GAUSSIAN_SIGMAS; an anisotropic Gaussian with a
-    sub-pixel offset). The Wald Gaussian (σ = 0.53) is the main suite's."""
+    sub-pixel offset). The Wald protocol's Gaussian (psf.WALD_SIGMA) is the main suite's."""
     from .psf import SpatialDegradation
 
     variants = {"box": SpatialDegradation(scale, "box", (0.0, 0.0))}
@@ -192,10 +192,10 @@ def training_psf(scale: int, rng: np.random.Generator):
     """A random PSF for one training batch: a Gaussian (60 %, σ per axis), pixel aggregation
     (20 %) or aggregation blurred by a Gaussian (20 %); σ uniform in TRAINING_SIGMA_RANGE but
     never within TRAINING_PSF_GAP of a validation σ, so validation measures PSFs never trained on."""
-    from .psf import SpatialDegradation
+    from .psf import WALD_SIGMA, SpatialDegradation
 
     def sigma() -> float:
-        forbidden = VALIDATION_GAUSSIAN_SIGMAS + VALIDATION_ANISOTROPIC[0] + (0.53,)
+        forbidden = VALIDATION_GAUSSIAN_SIGMAS + VALIDATION_ANISOTROPIC[0] + (WALD_SIGMA,)
         while True:
             value = round(float(rng.uniform(*TRAINING_SIGMA_RANGE)), 3)
             if min(abs(value - f) for f in forbidden) >= TRAINING_PSF_GAP:
