@@ -1,9 +1,39 @@
 """Reference fusion methods every learned result is shown beside.
 
 - :func:`bicubic_upsample`: the floor (spectrally consistent, no spatial detail);
-- :func:`gsa`: adaptive Gram-Schmidt per MSI band group (Aiazzi et al. 2007).
+- :func:`gsa`: adaptive Gram-Schmidt per MSI band group (Aiazzi et al. 2007);
+- :func:`cnmf`: coupled non-negative matrix factorisation (Yokoya et al. 2012);
+- :func:`hysure`: subspace + vector total variation by ADMM (Simões et al. 2015).
 
-Both return float64 (bands, rows, cols).
+All return float64 (bands, rows, cols). CNMF and HySure are told the true spectral response
+and the true spatial degradation (as the two per-axis matrices of the separable PSF and
+decimation): they are the oracle a blind method is held against. They take seconds per small
+case, so they belong to benchmarks (see ``bench.cached``), not to fusion.
+
+Measured with the defaults (Wald protocol, validation cubes whole, Sentinel-2 B2/B3/B4/B8
+MSI, PSNR dB / SAM °; Gaussian = σ 0.53·s, box = plain mean of the s x s footprint; GSA is
+not told the PSF and degrades the MSI with the Gaussian; seconds on one busy core):
+
+=====================  ====  =====  ============  ============  ============  ============
+cube                   s     PSF    bicubic       GSA           CNMF          HySure
+=====================  ====  =====  ============  ============  ============  ============
+AVIRIS Jasper Ridge    4     Gauss  23.34 / 7.59  31.42 / 6.16  34.11 / 4.45  35.43 / 4.05
+AVIRIS Jasper Ridge    4     box    24.52 / 6.54  28.68 / 7.36  34.72 / 4.37  35.09 / 4.04
+EnMAP Potsdam C        4     Gauss  23.43 / 8.14  34.75 / 6.44  35.84 / 5.19  36.23 / 4.96
+EnMAP Potsdam C        4     box    24.47 / 7.72  29.57 / 8.49  35.89 / 4.74  36.56 / 4.95
+HyMap02 Berlin         4     Gauss  19.49 / 8.43  31.84 / 6.88  31.87 / 5.47  34.61 / 4.01
+HyMap02 Berlin         4     box    19.92 / 7.89  27.05 / 11.19 32.17 / 5.35  34.74 / 4.01
+AVIRIS Jasper Ridge    3     Gauss  24.90 / 6.24  32.70 / 5.21  34.21 / 4.38  36.90 / 3.46
+AVIRIS Jasper Ridge    3     box    26.55 / 5.19  29.92 / 6.25  34.87 / 4.45  36.51 / 3.52
+EnMAP Potsdam C        3     Gauss  24.51 / 7.33  35.39 / 5.73  35.50 / 4.94  36.78 / 4.44
+EnMAP Potsdam C        3     box    25.95 / 6.78  30.23 / 8.25  35.66 / 5.04  36.81 / 4.17
+HyMap02 Berlin         3     Gauss  20.22 / 7.54  32.64 / 6.14  32.02 / 5.73  35.62 / 3.54
+HyMap02 Berlin         3     box    20.85 / 6.83  27.42 / 10.76 32.17 / 4.95  35.31 / 3.82
+=====================  ====  =====  ============  ============  ============  ============
+
+CNMF took 2–6 s per case, HySure 4–10 s (100 x 100 x 198 Jasper Ridge the slowest); a
+120 x 120 x 198 case with an 8-band MSI takes about 4 s (CNMF) and 25 s (HySure) on two
+shared cores.
 """
 
 from __future__ import annotations
@@ -292,7 +322,9 @@ def cnmf(
             lr_hsi[b] ≈ rows_matrix @ X[b] @ cols_matrixᵀ (e.g.
             :func:`csakd_qgis.degradation.decimation_matrix`).
         endmembers: number of endmembers D.
-        outer_iterations: coupled HSI/MSI unmixing rounds after the initial HSI unmixing.
+        outer_iterations: coupled MSI/HSI unmixing rounds (≥ 1) after the initial HSI
+            unmixing; 1/3/6 rounds measured 33.5/34.1/34.3 dB mean PSNR at 1.9/5.0/10.2 s
+            per case on the cases below (3 kept).
         inner_iterations: cap of multiplicative updates per unmixing stage; ``tol`` is the
             relative cost decrease at which a stage stops early.
         sum_to_one: δ, the weight of the sum-to-one row, on data scaled to its 99.9th percentile.
@@ -304,10 +336,12 @@ def cnmf(
     time of 40); δ = 0.05…0.5 changes it by under 0.1 dB. The stages stop on ``tol`` long
     before ``inner_iterations``: a 120 x 120 x 198 case takes about 4 s on two cores.
 
-    Returns (B, H, W) float64 in the inputs' units. Raises ValueError on inconsistent shapes
-    or non-finite inputs.
+    Returns (B, H, W) float64 in the inputs' units. Raises ValueError on inconsistent shapes,
+    non-finite inputs, no endmember or no outer iteration.
     """
     yh, ym, r, rm, cm = _degradation_inputs(lr_hsi, hr_msi, srf, rows_matrix, cols_matrix)
+    if int(outer_iterations) < 1 or int(endmembers) < 1:
+        raise ValueError("cnmf needs at least one endmember and one outer iteration")
     (B, h, w), (M, H, W) = yh.shape, ym.shape
     c = _data_scale(yh)
     delta = float(sum_to_one)
@@ -319,18 +353,14 @@ def cnmf(
     wh = np.vstack([yh_aug[:B, picked], np.full((1, d), delta)])
     hh = np.full((d, h * w), 1.0 / d)
     _unmix(yh_aug, wh, hh, B, "h", inner_iterations, tol)
-    hm = None
+    # The HR abundances carry over from one round to the next; the MSI endmembers restart
+    # from R·Wh every round, which is what couples the two factorisations.
+    hm = np.full((d, H * W), 1.0 / d)
     for _ in range(int(outer_iterations)):
         wm = np.vstack([r @ wh[:B], np.full((1, d), delta)])
-        if hm is None:
-            hm = np.full((d, H * W), 1.0 / d)
         _unmix(ym_aug, wm, hm, M, "h", inner_iterations, tol)
         hh = np.maximum(_spatial(hm.reshape(d, H, W), rm, cm).reshape(d, -1), _TINY)
         _unmix(yh_aug, wh, hh, B, "w", inner_iterations, tol)
-    if hm is None:  # no outer iteration asked for: abundances of the MSI under R·Wh only
-        wm = np.vstack([r @ wh[:B], np.full((1, d), delta)])
-        hm = np.full((d, H * W), 1.0 / d)
-        _unmix(ym_aug, wm, hm, M, "h", inner_iterations, tol)
     return (wh[:B] @ hm).reshape(B, H, W) * c
 
 
