@@ -15,6 +15,7 @@ Results are printed and saved to build/bench/results.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -23,16 +24,58 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "build" / "bench" / "results.json"
+CACHE = ROOT / "build" / "bench" / "cache"
 PAPER = {
     "paper teacher": {"params_m": 26.8, "gmacs": 942, "seconds": 9.8},
     "paper student": {"params_m": 7.44, "gmacs": 145, "seconds": 1.77},
 }
+
+
+def _feed(digest, part) -> None:
+    if isinstance(part, np.ndarray):
+        a = np.ascontiguousarray(part)
+        digest.update(f"ndarray {a.dtype.str} {a.shape}".encode())
+        digest.update(a.tobytes())
+    elif isinstance(part, dict):
+        digest.update(b"dict")
+        for key in sorted(part, key=repr):
+            _feed(digest, key)
+            _feed(digest, part[key])
+    elif isinstance(part, (list, tuple)):
+        digest.update(f"seq {len(part)}".encode())
+        for item in part:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(part).__name__} {part!r}".encode())
+    digest.update(b";")
+
+
+def cached(key_parts: Sequence, compute: Callable[[], np.ndarray], folder: Path = CACHE) -> np.ndarray:
+    """``compute()``'s array, stored under ``folder`` and reused while ``key_parts`` are unchanged.
+
+    For the slow baselines (CNMF, HySure): key_parts name everything the result depends on —
+    the method and its version, its parameters and its input arrays (hashed by dtype, shape
+    and bytes; dicts by sorted keys; other values by repr). The file is
+    ``<sha256 of the key>.npy``, written to a temporary name and renamed, so an interrupted
+    run never leaves a truncated entry. Delete the folder to recompute everything.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, list(key_parts))
+    path = Path(folder) / f"{digest.hexdigest()}.npy"
+    if path.is_file():
+        return np.load(path)
+    result = np.asarray(compute())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+    np.save(partial, result)
+    os.replace(partial, path)
+    return result
 
 
 def _time_forward(run, repeats: int) -> float:
