@@ -213,8 +213,12 @@ def psf_variants(data_dir=None, oracle_baselines: bool = True) -> Dict:
     from .psf import decimation_matrix
     from .train import _metrics
 
+    from . import baselines
+
     sensor = validation_sensors()["Sentinel-2 10 m"]
     student, _ = load_model(default_model_path(), "cpu")
+    # The baselines' source is part of the cache key: a changed method is recomputed.
+    version = hashlib.sha256(Path(baselines.__file__).read_bytes()).hexdigest()
     rows = []
     for cube in validation_cubes(data_dir):
         response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
@@ -237,8 +241,8 @@ def psf_variants(data_dir=None, oracle_baselines: bool = True) -> Dict:
                         method = _oracle_baseline(name)
                         if method is None:
                             continue
-                        fused = _cached(
-                            (name, cube.name, label, scale),
+                        fused = cached(
+                            [name, version, case.lr_hsi, case.hr_msi, response, rows_matrix, cols_matrix],
                             lambda: method(case.lr_hsi, case.hr_msi, response, rows_matrix, cols_matrix),
                         )
                         row[name] = _metrics(case, fused)
@@ -252,25 +256,6 @@ def _oracle_baseline(name: str):
     from . import baselines
 
     return getattr(baselines, name, None)
-
-
-CACHE = ROOT / "build" / "bench" / "cache"
-
-
-def _cached(key, compute) -> np.ndarray:
-    """A slow baseline's output, computed once per key (and per source of baselines.py)."""
-    import hashlib
-
-    from . import baselines
-
-    digest = hashlib.sha256(repr(key).encode() + Path(baselines.__file__).read_bytes()).hexdigest()[:24]
-    path = CACHE / f"{digest}.npy"
-    if path.exists():
-        return np.load(path)
-    result = np.asarray(compute(), dtype=np.float32)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, result)
-    return result
 
 
 def _run_measured(command: List[str]) -> Dict:
