@@ -320,7 +320,7 @@ def cnmf(
         srf: (M, B) spectral response, each row summing to 1 (hr_msi ≈ srf · X).
         rows_matrix, cols_matrix: (h, H) and (w, W), the separable spatial degradation,
             lr_hsi[b] ≈ rows_matrix @ X[b] @ cols_matrixᵀ (e.g.
-            :func:`csakd_qgis.degradation.decimation_matrix`).
+            :func:`csakd_qgis.psf.decimation_matrix`).
         endmembers: number of endmembers D.
         outer_iterations: coupled MSI/HSI unmixing rounds (≥ 1) after the initial HSI
             unmixing; 1/3/6 rounds measured 33.5/34.1/34.3 dB mean PSNR at 1.9/5.0/10.2 s

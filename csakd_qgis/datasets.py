@@ -157,10 +157,11 @@ def make_wald_case(
     """crop = (row, col, rows, cols) of the reference in HR pixels; rows/cols are cut to multiples of scale.
 
     ``psf``: the LR-HSI's spatial degradation (psf.SpatialDegradation at ``scale``; default the
-    Wald protocol's Gaussian), moved by ``shift`` (dy, dx) HR pixels."""
+    Wald protocol's Gaussian), its offset moved further by ``shift`` (dy, dx) HR pixels."""
     from .psf import wald
 
-    degradation = (psf if psf is not None else wald(scale)).with_offset(shift)
+    degradation = psf if psf is not None else wald(scale)
+    degradation = degradation.with_offset(tuple(a + float(b) for a, b in zip(degradation.offset, shift)))
     data = cube.data
     if crop is not None:
         r, c, h, w = crop

@@ -12,8 +12,9 @@ bicubic kernel works channel by channel):
   ``y``. The fusion base uses it to keep exactly what the LR-HSI says and take only what the
   LR-HSI cannot see from the MSI. (Measured on the 27 validation cases, detail ridge 3e-3:
   34.05 dB against 33.54 dB for the MSI's high-pass injected onto bicubic upsampling.)
-  It is regularised, Dᵀ(DDᵀ + λ·I)⁻¹ with λ a tenth of DDᵀ's mean diagonal, and scaled so
-  that a constant stays constant: that gives up exact consistency for smaller negative lobes,
+  It is regularised, Dᵀ(DDᵀ + λ·I)⁻¹ with λ a tenth of DDᵀ's mean diagonal, and what that
+  leaves inconsistent is filled by bicubic interpolation (P + (I − P·D)·B, so that a constant
+  stays constant): that gives up exact consistency for smaller negative lobes,
   which forgive a sensor whose real blur is not the Wald Gaussian. Measured: the 27 cases
   keep 34.05 dB and gain SAM (5.33° → 5.18°); on the real Berlin pair the fused image averaged
   back to 30 m departs less from the LR-HSI (relative RMSE 0.110 → 0.093) and has half the
@@ -66,6 +67,23 @@ def consistent_kernel(degradation: SpatialDegradation, axis: int) -> Tuple[np.nd
     gram = matrix @ matrix.T
     gram += CONSISTENT_REGULARISATION * np.trace(gram) / n * np.eye(n)
     inverse = matrix.T @ np.linalg.inv(gram)
+    # What the (regularised) inverse leaves inconsistent is filled by bicubic interpolation:
+    # P' = P + (I − P·D)·B. Then P'·1 = 1 for any PSF (D·1 = 1, B·1 = 1), and without the
+    # ridge D·P' = I exactly, also for narrow PSFs, where Dᵀ(DDᵀ)⁻¹ alone does not keep a
+    # constant and used to be renormalised per phase at the cost of consistency. Measured on
+    # the 36 PSF variants of the validation cubes: +0.1 dB on average (+0.4 to +0.95 dB for
+    # box PSFs); the 27 Wald cases 34.79 → 34.81 dB, SAM 4.92° → 4.94°.
+    bicubic = interpolation_matrix(n, degradation, axis, "bicubic")
+    inverse = inverse + bicubic - inverse @ (matrix @ bicubic)
+    column = inverse[:, _DERIVATION_HALF_WIDTH]
+    kept = np.flatnonzero(np.abs(column) >= KERNEL_TOLERANCE * np.abs(column).max())
+    lo, hi = kept.min(), kept.max() + 1
+    column = column[lo:hi].copy()
+    # Each phase's weights sum to 1 again after the truncation, so a constant stays constant.
+    phase = np.arange(lo, hi) % scale
+    for p in range(scale):
+        column[phase == p] /= column[phase == p].sum()
+    return column, lo - _DERIVATION_HALF_WIDTH * scale
     column = inverse[:, _DERIVATION_HALF_WIDTH]
     kept = np.flatnonzero(np.abs(column) >= KERNEL_TOLERANCE * np.abs(column).max())
     lo, hi = kept.min(), kept.max() + 1

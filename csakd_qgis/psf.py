@@ -105,9 +105,11 @@ class SpatialDegradation:
 
     def describe(self) -> str:
         sy, sx = self.sigma
-        sigma = f"σ = {sy:.2f}" if abs(sy - sx) < 1e-9 else f"σ = {sy:.2f} (rows) × {sx:.2f} (columns)"
+        same = abs(sy - sx) < 1e-9
+        sigma = f"σ = {sy:.2f}" if same else f"σ = {sy:.2f} (rows) × {sx:.2f} (columns)"
         if self.family == "gaussian":
-            text = f"Gaussian PSF, {sigma} HSI pixels (MTF at Nyquist {mtf_at_nyquist(sy):.2f})"
+            mtf = f"{mtf_at_nyquist(sy):.2f}" if same else f"{mtf_at_nyquist(sy):.2f} × {mtf_at_nyquist(sx):.2f}"
+            text = f"Gaussian PSF, {sigma} HSI pixels (MTF at Nyquist {mtf})"
         elif self.family == "box":
             text = "pixel aggregation (box PSF of one HSI pixel)"
         else:

@@ -228,10 +228,15 @@ def estimate_degradation(
     fit = _PairFit(pairs, scale, basis, band_mean)
     if fit.total <= 0:
         return none
-    # Offset first, under a middle-of-the-range PSF (or the user's).
+    # Offset first, under a middle-of-the-range PSF (or the user's), and whether it is real;
+    # the PSF is then fitted at the offset that will be used (a rejected offset is not one).
     probe = fixed if fixed is not None else SpatialDegradation(scale, "gaussian", (0.5, 0.5))
     _, coarse = _best_offset(fit, probe, (0.0, 0.0), 1.0, float(scale))
-    _, offset = _best_offset(fit, probe, coarse, 0.25, 0.75)
+    residual, measured = _best_offset(fit, probe, coarse, 0.25, 0.75)
+    unaligned = fit.unexplained(probe.with_offset((0.0, 0.0)))
+    ratio = residual / unaligned if unaligned > 1e-12 * fit.total else 1.0
+    accepted = ratio < ACCEPT_RESIDUAL_RATIO and measured != (0.0, 0.0)
+    offset = measured if accepted else (0.0, 0.0)
     by_family: Dict[str, float] = {}
     if fixed is not None:
         chosen = fixed.with_offset(offset)
@@ -247,17 +252,15 @@ def estimate_degradation(
         best = min(r for r, _ in results)
         # The first family (in the order given: simplest first) within the tolerance.
         chosen = next(d for r, d in results if r <= best * (1 + SIMPLER_FAMILY_TOLERANCE))
-        # The offset again, at quarter pixels, under the chosen PSF.
-        _, offset = _best_offset(fit, chosen, offset, 0.25, 0.5)
-        chosen = chosen.with_offset(offset)
+        if accepted:
+            # The offset again, at quarter pixels, under the chosen PSF.
+            _, offset = _best_offset(fit, chosen, offset, 0.25, 0.5)
+            chosen = chosen.with_offset(offset)
+            measured = offset
     residual = fit.unexplained(chosen)
-    unaligned = fit.unexplained(chosen.with_offset((0.0, 0.0)))
-    ratio = residual / unaligned if unaligned > 1e-12 * fit.total else 1.0
-    accepted = ratio < ACCEPT_RESIDUAL_RATIO and offset != (0.0, 0.0)
-    if not accepted:
-        chosen = chosen.with_offset((0.0, 0.0))
-        residual = unaligned
-    return DegradationEstimate(chosen, offset, ratio, accepted, 1.0 - residual / fit.total, by_family)
+    if accepted:
+        ratio = residual / max(fit.unexplained(chosen.with_offset((0.0, 0.0))), 1e-300)
+    return DegradationEstimate(chosen, measured, ratio, accepted, 1.0 - residual / fit.total, by_family)
 
 
 def window_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, window: Optional[Tuple[int, int, int, int]] = None):

@@ -390,7 +390,7 @@ def adapt_to_scene(
             training.sample(rng, batch_size, crop), model.config.subspace_dim, statistics
         )
         lr_hsi, hr_msi, reference = lr_hsi.to(device), hr_msi.to(device), reference.to(device)
-        stats = {name: value if name == "offset" else value.to(device) for name, value in stats.items()}
+        stats = {name: value.to(device) if hasattr(value, "to") else value for name, value in stats.items()}
         norm = stats["scale"].view(-1, 1, 1, 1)
         # The student alone, with the reconstruction, angle and band-wise terms of the joint loss.
         loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)
