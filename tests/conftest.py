@@ -80,6 +80,15 @@ def shared_data_dir():
     return path
 
 
+@pytest.fixture(scope="session")
+def potsdam_c(shared_data_dir):
+    """EnMAP Potsdam block C (218 bands, 128 × 64 pixels of 30 m): a validation cube, never
+    trained on (csakd_qgis.datasets)."""
+    from csakd_qgis.datasets import load_potsdam_block
+
+    return load_potsdam_block("C", shared_data_dir)
+
+
 # --- the fusion algorithm: model, inputs, running it through Processing -------------
 
 FUSION_ALGORITHM_ID = f"{PROVIDER_ID}:hyperspectralfusion"
@@ -162,20 +171,24 @@ class WaldPair:
     scale: int
 
 
-def write_potsdam_wald_pair(block_path, folder, srf_dir, scale=3, lr_holes=((2, 3), (10, 17), (19, 30)), shift=(0.0, 0.0)):
+def write_potsdam_wald_pair(
+    block_path, folder, srf_dir, scale=3, lr_holes=((2, 3), (10, 17), (19, 30)), shift=(0.0, 0.0), psf=None
+):
     """LR-HSI (GeoTIFF, ``scale`` × 30 m) and Sentinel-2 10 m-band HR-MSI (30 m) from an EnMAP block.
 
-    Reference = the block cropped to multiples of ``scale``; LR-HSI = its Gaussian blur and
-    decimation (csakd_qgis.degradation), on a grid aligned with the block, with the block's band
-    metadata (wavelength, FWHM, bbl), nodata and a few nodata pixels; HR-MSI = the reference
-    through Sentinel-2A's B2, B3, B4, B8 responses. ``shift`` (rows, cols of HR pixels) moves the
-    LR-HSI's footprints while keeping its georeference: a misregistered pair.
+    Reference = the block cropped to multiples of ``scale``; LR-HSI = its degradation under
+    ``psf`` (a csakd_qgis.psf.SpatialDegradation at ``scale``; default the Wald protocol's
+    Gaussian), on a grid aligned with the block, with the block's band metadata (wavelength,
+    FWHM, bbl), nodata and a few nodata pixels; HR-MSI = the reference through Sentinel-2A's B2,
+    B3, B4, B8 responses. ``shift`` (rows, cols of HR pixels) moves the LR-HSI's footprints while
+    keeping its georeference: a misregistered pair.
     """
     import numpy as np
     import rasterio
     from affine import Affine
 
     from csakd_qgis.degradation import blur_and_decimate, crop_to_multiple, simulate_msi
+    from csakd_qgis.psf import wald
     from csakd_qgis.srf import load_srf, spectral_response_matrix
 
     folder = Path(folder)
@@ -189,7 +202,8 @@ def write_potsdam_wald_pair(block_path, folder, srf_dir, scale=3, lr_holes=((2, 
     reference = crop_to_multiple(cube, scale)
     assert np.isfinite(reference[~bad]).all(), "the block should be gap-free in its good bands"
     lr = np.full((cube.shape[0], reference.shape[1] // scale, reference.shape[2] // scale), np.nan, np.float32)
-    lr[~bad] = blur_and_decimate(reference[~bad], scale, shift=shift)
+    degradation = (psf if psf is not None else wald(scale)).with_offset(shift)
+    lr[~bad] = blur_and_decimate(reference[~bad], degradation)
     lr_written = np.where(np.isfinite(lr), lr, nodata).astype(np.float32)
     for row, col in lr_holes:
         lr_written[:, row, col] = nodata

@@ -6,7 +6,8 @@ import pytest
 from csakd_qgis.baselines import bicubic_upsample, cnmf, gsa, hysure, upsample_matrix
 from csakd_qgis.bench import cached
 from csakd_qgis.cubes import load_jasper_ridge
-from csakd_qgis.degradation import blur_and_decimate, decimation_matrix, simulate_msi, wald_pair
+from csakd_qgis.degradation import blur_and_decimate, simulate_msi, wald_pair
+from csakd_qgis.psf import SpatialDegradation, decimation_matrix, wald
 from csakd_qgis.metrics import psnr, sam
 from csakd_qgis.srf import load_srf, spectral_response_matrix
 
@@ -114,11 +115,9 @@ def test_gsa_beats_bicubic_on_jasper_ridge_sentinel2_scale4():
 
 
 def _box_matrix(n_hr, scale):
-    """Pixel aggregation along one axis: LR pixel k is the mean of HR pixels k·s … k·s+s−1."""
-    mat = np.zeros((n_hr // scale, n_hr))
-    for k in range(n_hr // scale):
-        mat[k, k * scale : (k + 1) * scale] = 1.0 / scale
-    return mat
+    """Pixel aggregation along one axis: LR pixel k is the mean of HR pixels k·s … k·s+s−1
+    (psf's box PSF; test_psf.py checks it against plain block means)."""
+    return decimation_matrix(n_hr, SpatialDegradation(scale, "box", (0.0, 0.0)), 0)
 
 
 def _separable(images, rows, cols):
@@ -129,7 +128,7 @@ def _tiny_pair(rng):
     """An 8 x 8, 6-band image that a 6-dimensional subspace represents exactly, its degradation
     by a Gaussian PSF at scale 2 and a 3-band MSI."""
     cube = rng.random((6, 8, 8)) + 0.5
-    rows, cols = decimation_matrix(8, 2), decimation_matrix(8, 2)
+    rows, cols = decimation_matrix(8, wald(2), 0), decimation_matrix(8, wald(2), 1)
     srf = rng.random((3, 6))
     srf /= srf.sum(axis=1, keepdims=True)
     return cube, _separable(cube, rows, cols), simulate_msi(cube, srf), srf, rows, cols
@@ -187,7 +186,7 @@ def test_cnmf_and_hysure_beat_bicubic_and_gsa_given_the_wald_gaussian(jasper_cro
     HySure 35.42 / 4.67; about 1.3 s and 2 s.
     """
     reference, msi, srf = jasper_crop
-    rows = cols = decimation_matrix(48, 4)
+    rows = cols = decimation_matrix(48, wald(4), 0)
     lr = _separable(reference, rows, cols)
     p_bic, s_bic = _scores(reference, bicubic_upsample(lr, 4, (48, 48)))
     p_gsa, _ = _scores(reference, gsa(lr, msi, 4))

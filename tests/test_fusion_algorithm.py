@@ -333,8 +333,8 @@ def test_potsdam_quality_beats_bicubic(potsdam_wald_pair, potsdam_fused):
 
 def test_a_misregistered_lr_hsi_is_measured_and_compensated(wald_pair_factory, run_fusion, make_feedback, tmp_path):
     """The LR-HSI's footprints one MSI pixel down and right of where its georeference says: the
-    log reports the offset, and the result is as good as the aligned pair's. (Measured 37.5 dB
-    shifted and 36.5 dB aligned; uncompensated, the shifted pair's PSNR was 27.0 dB.)"""
+    log reports the offset, and the result is as good as the aligned pair's. (Measured 37.55 dB
+    shifted and 37.58 dB aligned; uncompensated, the shifted pair's PSNR was 27.0 dB.)"""
     psnrs, logs = {}, {}
     for name, shift in (("aligned", (0.0, 0.0)), ("shifted", (1.0, 1.0))):
         pair = wald_pair_factory("enmap_potsdam_blockA_96x64.tif", lr_holes=(), shift=shift)
@@ -343,10 +343,10 @@ def test_a_misregistered_lr_hsi_is_measured_and_compensated(wald_pair_factory, r
         run_fusion(feedback=feedback, LRHSI=str(pair.lr_path), HRMSI=str(pair.hr_path), OUTPUT=str(output))
         good = ~pair.bad_bands
         psnrs[name] = metrics.psnr(pair.reference[good], read_raster(output)["data"][good])
-        logs[name] = [m for m in feedback.messages if "misregistration" in m or "offset by" in m]
+        logs[name] = [m for m in feedback.messages if "offset by" in m or "images are aligned" in m]
     print(f"Potsdam Wald ×3: PSNR aligned {psnrs['aligned']:.2f} dB, LR-HSI shifted by 1 MSI pixel {psnrs['shifted']:.2f} dB")
     assert "+1.00 rows and +1.00 columns" in logs["shifted"][0], logs
-    assert logs["aligned"] and "no misregistration found" in logs["aligned"][0], logs
+    assert logs["aligned"] and "no offset explains the pair better than none" in logs["aligned"][0], logs
     assert psnrs["shifted"] > psnrs["aligned"] - 0.5
 
 

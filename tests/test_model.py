@@ -12,9 +12,10 @@ from csakd_qgis.model import (
     FusionModelConfig,
     SceneStatistics,
     SubspaceFusionModel,
-    gaussian_downsample,
+    stack_statistics,
 )
 from csakd_qgis.interpolation import upsample_lr
+from csakd_qgis.psf import SpatialDegradation, degrade_torch, wald
 from csakd_qgis.network import NetworkConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -149,31 +150,6 @@ def test_fewer_than_four_valid_pixels_is_an_error():
     SceneStatistics.estimate(hsi, msi, 3, valid=valid)
 
 
-@pytest.mark.parametrize("scale,offset", [(2, (0.0, 0.0)), (3, (0.0, 0.0)), (4, (0.0, 0.0)), (8, (0.0, 0.0)), (4, (1.0, -0.75)), (3, (-2.5, 0.25))])
-def test_gaussian_downsample_matches_numpy_degradation(scale, offset):
-    rng = np.random.default_rng(scale)
-    rows, cols = 12 * scale, 13 * scale
-    image = rng.random((2, rows, cols))
-    expected = blur_and_decimate(image, scale, shift=offset)
-    result = gaussian_downsample(torch.from_numpy(image)[None], scale, offset)[0].numpy()
-    assert result.shape == expected.shape == (2, 12, 13)
-    # Both use half-sample symmetric borders, so they agree up to the edges. The kernels differ
-    # only in where their tails are cut (numpy at 4σ, torch at the window's end), < 1.3e-4 of
-    # the kernel mass per axis, so < 3e-4 of the data range (here 1) over two axes.
-    np.testing.assert_allclose(result, expected, atol=3e-4, rtol=0)
-    # The offset matters: the unmoved degradation is far from the moved one.
-    if any(offset):
-        assert np.abs(gaussian_downsample(torch.from_numpy(image)[None], scale)[0].numpy() - expected).max() > 1e-2
-
-
-@pytest.mark.parametrize("scale", [2, 3, 4, 8])
-def test_gaussian_downsample_keeps_a_constant_constant(scale):
-    image = torch.full((1, 3, 5 * scale, 4 * scale), 7.5, dtype=torch.float64)
-    result = gaussian_downsample(image, scale)
-    assert result.shape == (1, 3, 5, 4)
-    torch.testing.assert_close(result, torch.full_like(result, 7.5), rtol=1e-12, atol=0)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     network = NetworkConfig(4, 4, width=8, growth=4, blocks=(1, 1, 1, 1), attention_dim=8, heads=2, unshuffle=4)
@@ -212,14 +188,23 @@ def _zero_head(model):
         model.network.head_refine.bias.zero_()
 
 
-def test_zero_head_output_keeps_the_lr_subspace_and_takes_the_rest_from_the_msi():
-    # bicubic(LR) outside the subspace; inside it P·c + (I − P·D)·m, with P the Wald-consistent
-    # interpolator (tested in test_interpolation.py), c the LR coefficients, m the MSI-predicted ones.
+@pytest.mark.parametrize(
+    "degradation",
+    [None, SpatialDegradation(4, "box", (0.0, 0.0), (0.5, -0.25)), SpatialDegradation(4, "gaussian", (0.4, 0.65))],
+    ids=["wald", "box-offset", "anisotropic"],
+)
+def test_zero_head_output_keeps_the_lr_subspace_and_takes_the_rest_from_the_msi(degradation):
+    # bicubic(LR) outside the subspace; inside it P·c + (I − P·D)·m, with P the consistent
+    # interpolator (tested in test_interpolation.py), c the LR coefficients, m the MSI-predicted
+    # ones, D and P those of the scene's degradation (the Wald Gaussian when none was fitted).
     model = tiny_model()
     _zero_head(model)
     scale = 4
     lr, hr = scene_inputs(9, 6, 5, scale, seed=4)
-    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4).to_tensors()
+    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, degradation or scale), 4)
+    statistics.degradation = degradation
+    stats = statistics.to_tensors()
+    degradation = degradation or wald(scale)
     lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
     with torch.no_grad():
         out = model(lr_t, hr_t, stats).image
@@ -227,27 +212,34 @@ def test_zero_head_output_keeps_the_lr_subspace_and_takes_the_rest_from_the_msi(
     size = (24, 20)
 
     def consistent(x):
-        return upsample_lr(x, scale, kind="consistent")
+        return upsample_lr(x, degradation, kind="consistent")
 
-    bicubic = F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False)
-    subspace = consistent(coefficients) + predicted - consistent(gaussian_downsample(predicted, scale))
-    detail = subspace - F.interpolate(coefficients, size=size, mode="bicubic", align_corners=False)
+    bicubic = upsample_lr(lr_t, degradation, "bicubic")
+    if not any(degradation.offset):
+        torch.testing.assert_close(bicubic, F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False))
+    subspace = consistent(coefficients) + predicted - consistent(degrade_torch(predicted, degradation))
+    detail = subspace - upsample_lr(coefficients, degradation, "bicubic")
     expected = bicubic + stats["scale"] * torch.einsum("bk,nkhw->nbhw", stats["basis"][0], detail)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     # The MSI does carry detail here, so the comparison above is not bicubic against bicubic.
     assert (out - bicubic).abs().max() > 1e-1
 
 
-@pytest.mark.parametrize("scale,offset", [(4, (0.0, 0.0)), (3, (1.0, -0.5))])
-def test_the_network_correction_barely_changes_what_the_lr_hsi_sees(scale, offset):
+@pytest.mark.parametrize(
+    "degradation",
+    [wald(4), wald(3, (1.0, -0.5)), SpatialDegradation(3, "box", (0.0, 0.0), (0.5, 0.0)), SpatialDegradation(4, "gaussian", (0.4, 0.65), (0.5, -0.5))],
+    ids=["wald×4", "wald×3-offset", "box×3-offset", "anisotropic×4-offset"],
+)
+def test_the_network_correction_barely_changes_what_the_lr_hsi_sees(degradation):
     # The correction r goes through (I − P·D): degraded back to the LR grid, little of it is
     # left, so the network cannot contradict the LR-HSI. (Exactly nothing would be left with
     # an unregularised P; the regularisation lets a small share through.)
+    scale = degradation.scale
     model = tiny_model(seed=2)
     assert model.network.head_refine.weight.abs().max() > 0
     lr, hr = scene_inputs(9, 12, 12, scale, seed=5)  # HR sides a multiple of the network's 4
-    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4)
-    statistics.offset = offset
+    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, degradation), 4)
+    statistics.degradation = degradation
     stats = statistics.to_tensors()
     lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
     with torch.no_grad():
@@ -260,8 +252,8 @@ def test_the_network_correction_barely_changes_what_the_lr_hsi_sees(scale, offse
         without, _ = model.subspace_detail(lr_t, hr_t, stats)
     added = with_correction - without
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
-    seen_added = gaussian_downsample(added, scale, offset)[inner].norm()
-    seen_correction = gaussian_downsample(correction, scale, offset)[inner].norm()
+    seen_added = degrade_torch(added, degradation)[inner].norm()
+    seen_correction = degrade_torch(correction, degradation)[inner].norm()
     print(f"correction seen on the LR grid: {seen_added / seen_correction:.3f} of the raw correction's")
     assert added.abs().max() > 1e-2  # the correction is there, at high resolution
     assert seen_added < 0.05 * seen_correction  # measured 0.009–0.010
@@ -285,3 +277,29 @@ def test_statistics_of_a_larger_subspace_serve_a_smaller_model_exactly():
         from_own = model(lr_t, hr_t, own.to_tensors()).image
         from_larger = model(lr_t, hr_t, larger.to_tensors()).image
     torch.testing.assert_close(from_larger, from_own, rtol=0, atol=1e-5)
+
+
+def test_the_statistics_carry_the_scenes_degradation_to_the_model():
+    rng = np.random.default_rng(8)
+    lr = rng.random((9, 6, 6)).astype(np.float32)
+    hr = rng.random((3, 18, 18)).astype(np.float32)
+    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, 3), 4)
+    assert statistics.degradation is None and statistics.offset == (0.0, 0.0)
+    box = SpatialDegradation(3, "box", (0.0, 0.0), (0.5, -1.0))
+    statistics.degradation = box
+    assert statistics.offset == (0.5, -1.0)
+    assert statistics.to_tensors()["degradation"] == box
+    other = SceneStatistics.estimate(lr, blur_and_decimate(hr, 3), 4)
+    other.degradation = wald(3)
+    with pytest.raises(ValueError, match="share one spatial degradation"):
+        stack_statistics([statistics, other])
+    # The degradation decides the fusion: the box's and the Wald Gaussian's differ.
+    model = tiny_model(seed=1)
+    lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
+    with torch.no_grad():
+        as_box = model(lr_t, hr_t, statistics.to_tensors()).image
+        as_wald = model(lr_t, hr_t, other.to_tensors()).image
+    assert (as_box - as_wald).abs().max() > 1e-2
+    # Statistics fitted for another scale are refused, not silently rescaled.
+    with pytest.raises(ValueError, match="scale 3"):
+        model(torch.from_numpy(lr[:, :3, :3])[None], hr_t, statistics.to_tensors())

@@ -91,15 +91,42 @@ def test_training_crops_carry_the_whole_cube_statistics(shared_data_dir):
     whole_scene = datasets.WholeSceneStatistics(subspace_dim=8)
     batch = datasets.training_batch([cube], [sensor], np.random.default_rng(3), batch_size=3, crop=32,
                                     scales=(4,), statistics=whole_scene)
-    whole = datasets.make_wald_case(cube, sensor, 4)
-    expected = SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, 4), 8)
+    # One PSF per batch, drawn for training (datasets.training_psf); the whole cube's statistics
+    # are those of the whole cube degraded under that PSF, carried with it.
+    psf = batch[0].degradation
+    assert psf.scale == 4 and all(case.degradation == psf for case in batch)
+    whole = datasets.make_wald_case(cube, sensor, 4, psf=psf)
+    expected = SceneStatistics.estimate(whole.lr_hsi, blur_and_decimate(whole.hr_msi, psf), 8)
     assert all(case.statistics is batch[0].statistics for case in batch)
+    assert batch[0].statistics.degradation == psf
     np.testing.assert_allclose(batch[0].statistics.basis, expected.basis, atol=1e-6)
     np.testing.assert_allclose(batch[0].statistics.regression, expected.regression, atol=1e-6)
-    assert whole_scene(cube, sensor, 4) is batch[0].statistics, "cached per cube, sensor and scale"
+    assert whole_scene(cube, sensor, psf) is batch[0].statistics, "cached per cube, sensor and PSF"
     _, _, stats, _ = train.prepare_batch(batch, 8)
     for tensor in stats["basis"]:
         np.testing.assert_allclose(tensor.numpy(), expected.basis, atol=1e-5)
     # A crop's own statistics differ: this is what the whole-scene ones replace.
-    own = SceneStatistics.estimate(batch[0].lr_hsi, blur_and_decimate(batch[0].hr_msi, 4), 8)
+    own = SceneStatistics.estimate(batch[0].lr_hsi, blur_and_decimate(batch[0].hr_msi, psf), 8)
     assert np.abs(own.regression - expected.regression).max() > 1e-2
+
+
+def test_scene_adaptation_trains_under_the_scenes_estimated_psf(potsdam_c):
+    # fuse_files hands scene adaptation the statistics with the scene's degradation (here a box
+    # PSF, as pixel aggregation gives); a few steps of it must run on them and report.
+    from csakd_qgis.api import fit_scene
+    from csakd_qgis.degradation import blur_and_decimate
+    from csakd_qgis.model import SubspaceFusionModel
+    from csakd_qgis.psf import SpatialDegradation
+    from csakd_qgis.user_training import adapt_to_scene
+
+    box = SpatialDegradation(2, "box", (0.0, 0.0))
+    case = datasets.make_wald_case(potsdam_c, datasets.validation_sensors()["Sentinel-2 10 m"], 2, psf=box)
+    msi_at_hsi = blur_and_decimate(case.hr_msi, box)
+    model = SubspaceFusionModel(train.student_config()).eval()
+    statistics = fit_scene(case.lr_hsi, msi_at_hsi, model.config.subspace_dim)
+    statistics.degradation = box
+    lines = []
+    adapted, report = adapt_to_scene(model, case.lr_hsi, msi_at_hsi, 2, 0.02, log=lines.append, statistics=statistics)
+    assert report.steps >= 1, report
+    assert np.isfinite(report.psnr_before) and np.isfinite(report.psnr_after), report
+    assert adapted is not None
