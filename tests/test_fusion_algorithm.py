@@ -29,10 +29,15 @@ FLOAT_NODATA = -9999.0
 #
 # Berlin, spectral consistency: the output averaged back onto the LR-HSI's 30 m grid vs the
 # LR-HSI, relative RMSE (RMSE / RMS of the LR-HSI) over the LR pixels the output covers fully.
-# Measured 0.093 (0.070 with the earlier high-pass-on-bicubic base, whose injected detail the
-# box average sees less of). Bicubic upsampling scores 0.045 here, not 0: the working grid is 28.8 m, not
-# 30 m, and EnMAP's PSF is not a 30 m box, so no method can reach 0.
-MAX_SPECTRAL_RELATIVE_RMSE = 0.10
+# A box average is not this pair's PSF: the PSF estimated from the pair is a box blurred by a
+# Gaussian of σ ≈ 0.47 HSI pixels, so a sharper output that is consistent under the real PSF
+# departs further from a box average. Measured 0.130 (0.093 when the Wald Gaussian was assumed
+# and the MSI approximated by averaging; bicubic 0.045). The consistency the fusion promises is
+# the next test's, under the estimated PSF; this one bounds the departure.
+MAX_SPECTRAL_RELATIVE_RMSE = 0.15
+# Berlin, consistency under the PSF the fusion estimated (consistency.psf_consistency): the fused
+# image degraded with it is at least as close to the LR-HSI as bicubic upsampling degraded the
+# same way. Measured 0.032 against 0.069.
 # Berlin, spatial consistency, per HyMap band: RMSE against the HR-MSI of the fused band nearest
 # in wavelength (gain and offset fitted at 30 m) divided by the same for bicubic upsampling.
 # Measured 0.33–0.40 (0.21–0.27 with the earlier base, which injected the MSI's detail without
@@ -195,6 +200,21 @@ def test_berlin_spectrally_consistent_with_the_lr_hsi(berlin_paths, berlin_fused
     # No band is far off either (the last SWIR bands are the noisiest).
     per_band = np.sqrt(np.mean(difference**2, axis=1)) / np.sqrt(np.mean(lr_data[:, inside] ** 2, axis=1))
     assert per_band.max() < 1.5 * MAX_SPECTRAL_RELATIVE_RMSE, per_band.max()
+
+
+def test_berlin_consistent_under_the_estimated_psf_and_the_log_names_it(berlin_paths, berlin_fused):
+    """The issue's criterion on the real pair: degraded with the PSF it estimated (recorded in
+    the output), the fused image is at least as close to the LR-HSI as bicubic upsampling, and
+    the log names the estimate."""
+    from csakd_qgis.consistency import psf_consistency
+
+    lr_path, _ = berlin_paths
+    output, feedback, fused = berlin_fused
+    assert any(m.startswith("estimated PSF:") for m in feedback.messages), feedback.messages
+    good = [i + 1 for i, tags in enumerate(fused["tags"]) if tags.get("bbl", "1") != "0"]
+    fused_error, bicubic_error = psf_consistency(lr_path, output, good)
+    print(f"Berlin consistency under the estimated PSF: fused {fused_error:.4f}, bicubic {bicubic_error:.4f}")
+    assert fused_error <= bicubic_error
 
 
 def test_berlin_carries_the_msi_detail_better_than_bicubic(berlin_paths, berlin_fused):
