@@ -41,9 +41,8 @@ system-packages:
 	fi
 
 # The stamp makes a second `make setup` a no-op until requirements.txt or this file (its
-# Debian packages) changes;
-# system-packages is checked inside the recipe (not as a prerequisite) so that an
-# unchanged environment does not even start Python.
+# Debian packages) changes; system-packages is checked inside the recipe (not as a
+# prerequisite) so that an unchanged environment does not even start Python.
 $(STAMP): requirements.txt Makefile
 	@$(MAKE) --no-print-directory system-packages
 	@test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
