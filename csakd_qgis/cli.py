@@ -109,7 +109,8 @@ def engine_options(given: Dict[str, Any], where: str = "") -> Dict[str, Any]:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fusion options (as in the QGIS algorithm)")
     for option in OPTIONS:
-        group.add_argument(option.flag, dest=option.keyword, default=None, metavar=option.keyword.upper(), help=option.help)
+        metavar = option.flag[2:].upper().replace("-", "_")
+        group.add_argument(option.flag, dest=option.keyword, default=None, metavar=metavar, help=option.help)
 
 
 def _given(args: argparse.Namespace) -> Dict[str, Any]:
@@ -167,12 +168,11 @@ def _fuse(args: argparse.Namespace) -> int:
         report = fuse_recorded(args.lrhsi, args.hrmsi, args.output, options, log=log,
                                progress=progress if bar is not None else None)
     except (FusionInputError, ValueError) as error:  # BundleError is a ValueError
+        say(f"error: {error}")
+        return EXIT_FAILED
+    finally:
         if bar is not None:
             bar.close()
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    if bar is not None:
-        bar.close()
     log(f"done in {report.seconds:.1f} s on {report.device}")
     return 0
 
