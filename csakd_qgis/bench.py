@@ -246,7 +246,9 @@ def throughput(workers=(1, 2), scenes: int = 4, size: int = 512, data_dir=None) 
     224-band scenes on LocalClusters of each number of single-threaded ``workers``.
 
     Timed from the first task submitted to the last result, model loading on each worker
-    included, the cluster's start not (a cluster serves many scenes).
+    included, the cluster's start not (a cluster serves many scenes). The CPU time the workers
+    got (``cpu_share`` of their cores over the run) tells a machine busy with other work, where
+    two workers cannot be twice as fast, from overhead of the batch itself.
     """
     import csv
 
@@ -267,23 +269,36 @@ def throughput(workers=(1, 2), scenes: int = 4, size: int = 512, data_dir=None) 
             out_dir = folder / f"out{count}"
             with LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                     Client(cluster) as client:
+                cpu_before = client.run(_cpu_seconds)
                 started = time.perf_counter()
                 results = run_batch(pairs, out_dir, client=client, progress_bar=False)
                 seconds = time.perf_counter() - started
+                cpu = sum(client.run(_cpu_seconds).values()) - sum(cpu_before.values())
             failed = [r["message"] for r in results if r["status"] != "done"]
             if failed:
                 raise RuntimeError(f"batch throughput: scenes not done: {failed}")
             rows.append({"workers": count, "scenes": scenes, "output": f"{size}×{size}×224", "seconds": seconds,
-                         "scenes_per_hour": scenes * 3600.0 / seconds})
+                         "scenes_per_hour": scenes * 3600.0 / seconds, "cpu_seconds": cpu,
+                         "cpu_share": cpu / (seconds * count)})
             for output in out_dir.glob("*.tif"):
                 output.unlink()
     return rows
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of the calling process, all its threads (run on each worker)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _throughput_lines(rows: List[Dict]) -> List[str]:
     one = rows[0]["scenes_per_hour"]
     return [f"{r['scenes']} scenes of {r['output']} on {r['workers']} single-threaded worker(s): {r['seconds']:.1f} s, "
-            f"{r['scenes_per_hour']:.0f} scenes per hour ({r['scenes_per_hour'] / one:.2f}× one worker)" for r in rows]
+            f"{r['scenes_per_hour']:.0f} scenes per hour ({r['scenes_per_hour'] / one:.2f}× one worker); "
+            f"{r['cpu_seconds'] / r['scenes']:.1f} CPU s per scene, the workers had {r['cpu_share']:.2f} of a core each"
+            for r in rows]
 
 
 def criteria(results: Dict) -> List[str]:
