@@ -126,7 +126,7 @@ def test_batch_on_two_workers_then_resumes(pairs, references, fusion_model, tmp_
     assert "3 skipped, 1 failed" in again.stderr
 
 
-def test_changed_option_or_input_redoes_only_that_scene(pairs, fusion_model, tmp_path):
+def test_changed_option_or_input_redoes_only_that_scene(pairs, fusion_model, tmp_path, one_torch_thread):
     """The recipe (inputs, model, options) decides: a scene whose tile size changed is fused
     again, one whose LR-HSI was rewritten too, the third is skipped. No cluster: fuse_scene
     is what a worker runs."""
