@@ -17,8 +17,10 @@ QGIS_PROCESS := /usr/bin/qgis_process.bin
 QGIS_PROFILES_ROOT := $(if $(QGIS_CUSTOM_CONFIG_PATH),$(QGIS_CUSTOM_CONFIG_PATH),$(HOME)/.local/share/QGIS/QGIS3)
 QGIS_PLUGINS_DIR ?= $(QGIS_PROFILES_ROOT)/profiles/default/python/plugins
 
+# python3-distributed (Dask) and python3-tqdm serve the command line's batches and progress bars.
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-gdal gdal-bin \
-	python3-rasterio python3-pyproj python3-scipy python3-venv xvfb xauth
+	python3-rasterio python3-pyproj python3-scipy python3-venv xvfb xauth \
+	python3-distributed python3-tqdm
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 TRAIN_ARGS ?=
@@ -32,16 +34,16 @@ export QT_QPA_PLATFORM ?= offscreen
 setup: $(STAMP)
 
 system-packages:
-	@if ! $(SYSTEM_PYTHON) -c 'import qgis.core' >/dev/null 2>&1; then \
-		echo "QGIS Python bindings missing: installing Debian packages"; \
+	@if ! $(SYSTEM_PYTHON) -c 'import qgis.core, distributed, tqdm' >/dev/null 2>&1; then \
+		echo "QGIS Python bindings, Dask or tqdm missing: installing Debian packages"; \
 		$(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(APT_PACKAGES); \
 	fi
 
-# The stamp makes a second `make setup` a no-op until requirements.txt changes;
-# system-packages is checked inside the recipe (not as a prerequisite) so that an
-# unchanged environment does not even start Python.
-$(STAMP): requirements.txt
+# The stamp makes a second `make setup` a no-op until requirements.txt or this file (its
+# Debian packages) changes; system-packages is checked inside the recipe (not as a
+# prerequisite) so that an unchanged environment does not even start Python.
+$(STAMP): requirements.txt Makefile
 	@$(MAKE) --no-print-directory system-packages
 	@test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PYTHON) -m pip install --no-input -r requirements.txt

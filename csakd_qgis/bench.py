@@ -8,6 +8,8 @@
 3. End-to-end fusion of a 224-band scene to 512×512 and 2048×2048 outputs against
    `gdalwarp -r cubic` writing the same grid with the same creation options: time, ratio,
    peak memory (each run in its own process).
+4. Batch throughput: scenes per hour for 4 equal scenes on a Dask LocalCluster of 1 and of 2
+   single-threaded workers (`python -m csakd_qgis.bench --throughput-only` runs this alone).
 
 Results are printed and saved to build/bench/results.json.
 """
@@ -344,6 +346,66 @@ def end_to_end(sizes=(512, 2048), data_dir=None) -> List[Dict]:
     return rows
 
 
+def throughput(workers=(1, 2), scenes: int = 4, size: int = 512, data_dir=None) -> List[Dict]:
+    """Scenes per hour of `batch` (batch.run_batch) for ``scenes`` equal size×size-pixel
+    224-band scenes on LocalClusters of each number of single-threaded ``workers``.
+
+    Timed from the first task submitted to the last result, model loading on each worker
+    included, the cluster's start not (a cluster serves many scenes). The CPU time the workers
+    got (``cpu_share`` of their cores over the run) tells a machine busy with other work, where
+    two workers cannot be twice as fast, from overhead of the batch itself.
+    """
+    import csv
+
+    from distributed import Client, LocalCluster
+
+    from .batch import run_batch
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="csakd-bench-") as folder:
+        folder = Path(folder)
+        lr_path, hr_path = make_scene(folder / "inputs", size, data_dir=data_dir)
+        pairs = folder / "pairs.csv"
+        with open(pairs, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["lrhsi", "hrmsi", "output"])
+            writer.writerows((lr_path, hr_path, f"scene{i}.tif") for i in range(scenes))
+        for count in workers:
+            out_dir = folder / f"out{count}"
+            with LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                    Client(cluster) as client:
+                cpu_before = client.run(_cpu_seconds)
+                started = time.perf_counter()
+                results = run_batch(pairs, out_dir, client=client, progress_bar=False)
+                seconds = time.perf_counter() - started
+                cpu = sum(client.run(_cpu_seconds).values()) - sum(cpu_before.values())
+            failed = [r["message"] for r in results if r["status"] != "done"]
+            if failed:
+                raise RuntimeError(f"batch throughput: scenes not done: {failed}")
+            rows.append({"workers": count, "scenes": scenes, "output": f"{size}×{size}×224", "seconds": seconds,
+                         "scenes_per_hour": scenes * 3600.0 / seconds, "cpu_seconds": cpu,
+                         "cpu_share": cpu / (seconds * count)})
+            for output in out_dir.glob("*.tif"):
+                output.unlink()
+    return rows
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of the calling process, all its threads (run on each worker)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _throughput_lines(rows: List[Dict]) -> List[str]:
+    one = rows[0]["scenes_per_hour"]
+    return [f"{r['scenes']} scenes of {r['output']} on {r['workers']} single-threaded worker(s): {r['seconds']:.1f} s, "
+            f"{r['scenes_per_hour']:.0f} scenes per hour ({r['scenes_per_hour'] / one:.2f}× one worker); "
+            f"{r['cpu_seconds'] / r['scenes']:.1f} CPU s per scene, the workers had {r['cpu_share']:.2f} of a core each"
+            for r in rows]
+
+
 def criteria(results: Dict) -> List[str]:
     """The bundled student against the better of GSA and bicubic, case by case."""
     table = results["quality"]["cases"]
@@ -431,6 +493,10 @@ def print_report(results: Dict) -> None:
         for row in results["end_to_end"]:
             print(f"{row['output']:18s} {row['fusion_seconds']:9.1f} {row['gdalwarp_seconds']:11.1f} {row['ratio']:6.2f} "
                   f"{row['fusion_peak_mb']:15.0f} {row['gdalwarp_peak_mb']:17.0f}")
+    if results.get("throughput"):
+        print("\n4. Batch throughput (python -m csakd_qgis batch, Dask LocalCluster)")
+        for line in _throughput_lines(results["throughput"]):
+            print(line)
 
 
 def markdown(results: Dict) -> str:
@@ -474,6 +540,9 @@ def markdown(results: Dict) -> str:
         for row in results["end_to_end"]:
             out.append(f"| {row['output']} | {row['fusion_seconds']:.1f} | {row['gdalwarp_seconds']:.1f} | {row['ratio']:.2f} | "
                        f"{row['fusion_peak_mb']:.0f} | {row['gdalwarp_peak_mb']:.0f} |")
+    if results.get("throughput"):
+        out += ["", "Batch throughput (`python -m csakd_qgis batch`, Dask LocalCluster):", ""]
+        out += [f"- {line}" for line in _throughput_lines(results["throughput"])]
     return "\n".join(out) + "\n"
 
 
@@ -484,7 +553,13 @@ def main(argv=None) -> int:
     parser.add_argument("--adapt-minutes", type=float, default=20.0, help="scene adaptation budget (0 = skip)")
     parser.add_argument("--data", default=None)
     parser.add_argument("--no-oracles", action="store_true", help="skip the slow CNMF and HySure oracles")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="measure and print only the batch throughput on 1 and 2 workers (nothing saved)")
     args = parser.parse_args(argv)
+    if args.throughput_only:
+        for line in _throughput_lines(throughput(data_dir=args.data)):
+            print(line)
+        return 0
     import torch
 
     results = {
@@ -498,6 +573,8 @@ def main(argv=None) -> int:
     if args.sizes:
         print("measuring end-to-end fusion against gdalwarp…", flush=True)
         results["end_to_end"] = end_to_end(args.sizes, args.data)
+    print("measuring batch throughput on 1 and 2 workers…", flush=True)
+    results["throughput"] = throughput(data_dir=args.data)
     print("measuring quality on the validation cubes…", flush=True)
     results["quality"] = quality(args.data)
     results["robustness"] = robustness(args.data)
