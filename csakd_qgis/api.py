@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -233,9 +234,10 @@ def register_scene(stats, lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, lo
     lr_window, hr_window = window_pair(lr_hsi, hr_msi, scale)
     lr_window_valid, hr_window_valid = np.isfinite(lr_window).all(0), np.isfinite(hr_window).all(0)
     if min(lr_window_valid.mean(), hr_window_valid.mean()) < 1 - MAX_GAP_SHARE_TO_REGISTER:
-        if log is not None:
-            log("misregistration not measured: the central area has too little data in both images")
-        return None
+        lr_window, hr_window = _valid_part(lr_window, hr_window, scale, log)
+        if lr_window is None:
+            return None
+        lr_window_valid, hr_window_valid = np.isfinite(lr_window).all(0), np.isfinite(hr_window).all(0)
     found = measure_offset(
         fill_gaps(lr_window, lr_window_valid, stats.band_mean),
         fill_gaps(hr_window, hr_window_valid, stats.msi_mean),
@@ -256,6 +258,36 @@ def register_scene(stats, lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, lo
         stats.fit_regression(lr_hsi, msi_at_lr, valid=both, max_pixels=SUBSPACE_FIT_PIXELS)
         stats.offset = found.offset
     return found
+
+
+def _valid_part(lr_window: np.ndarray, hr_window: np.ndarray, scale: int, log=None):
+    """The largest part of a window pair where both images have data, to measure the offset on
+    (a no-data collar or a cloud mask need not switch the measurement off); (None, None), with
+    a log line that names the image with the gaps and the remedy, when that part is too small."""
+    from .registration import MEASURE_WINDOW_LR, largest_valid_window
+
+    rows, cols = lr_window.shape[1:]
+    lr_valid = np.isfinite(lr_window).all(0)
+    hr_valid = np.isfinite(hr_window[:, : rows * scale, : cols * scale]).all(0)
+    hr_valid_lr = hr_valid.reshape(rows, scale, cols, scale).all(axis=(1, 3))
+    r, c, h, w = largest_valid_window(lr_valid & hr_valid_lr)
+    if min(h, w) >= MIN_REGISTRATION_WINDOW_LR:
+        if log is not None:
+            log(f"misregistration measured on the {h}×{w} hyperspectral pixels of the central area where both images have data")
+        return lr_window[:, r : r + h, c : c + w], hr_window[:, r * scale : (r + h) * scale, c * scale : (c + w) * scale]
+    if log is not None:
+        gaps = [name for name, valid in (("hyperspectral", lr_valid), ("multispectral", hr_valid)) if valid.mean() < 1]
+        log(
+            f"misregistration not measured: the {' and the '.join(gaps)} image{'s have' if len(gaps) > 1 else ' has'} "
+            f"no data in much of the central {min(rows, MEASURE_WINDOW_LR)}×{min(cols, MEASURE_WINDOW_LR)} hyperspectral "
+            f"pixels, and no block of {MIN_REGISTRATION_WINDOW_LR}×{MIN_REGISTRATION_WINDOW_LR} has data in both; the "
+            "images are taken as aligned. If they are not, co-register them first (e.g. QGIS's Georeferencer or "
+            "gdalwarp) or crop the no-data areas away"
+        )
+    return None, None
+
+
+MIN_REGISTRATION_WINDOW_LR = 12  # hyperspectral pixels per side: enough edges to measure on
 
 
 def fuse_arrays(
@@ -373,13 +405,14 @@ def fuse_files(
     from rasterio.windows import Window
 
     from .files import atomic_output
-    from .georaster import FusionInputError, hr_on_working_grid, output_profile, plan_grid, read_as_float, read_padded
+    from .georaster import (
+        FusionInputError, fill_partial_gaps, hr_on_working_grid, output_profile, plan_grid, read_as_float, read_padded,
+    )
     from .raster_io import read_spectral_metadata
     from .registration import central_window
 
     started = time.time()
     output_path = Path(output_path)
-    _check_writable(output_path)
 
     def open_raster(path, role):
         try:
@@ -387,21 +420,17 @@ def fuse_files(
         except RasterioIOError as error:
             raise FusionInputError(f"cannot read the {role} {path}: {error}") from error
 
-    with rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
+    with _output_folder(output_path), rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
         lr_hsi_path, "hyperspectral image (LRHSI)"
     ) as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_ds:
+        _check_not_an_input(output_path, lr_ds, hr_ds)
         grid = plan_grid(lr_ds, hr_ds)
         indexes = _band_indexes(bands, lr_ds.count)
-        if len(indexes) < 4:
-            raise FusionInputError(
-                f"the hyperspectral image gives {len(indexes)} band(s); fusion needs at least 4 hyperspectral bands"
-            )
-        if len(indexes) <= hr_ds.count:
-            raise FusionInputError(
-                f"the 'hyperspectral' image has {len(indexes)} bands and the 'multispectral' one {hr_ds.count}: "
-                "the hyperspectral image must have more bands; are the two inputs swapped?"
-            )
+        _check_band_counts(indexes, lr_ds.count, hr_ds.count, log)
         meta = read_spectral_metadata(lr_ds)
+        lr_encoding = _input_encoding(lr_ds, meta, log)
+        _log_input_properties(lr_ds, hr_ds, grid, meta, log)
+        _check_room(output_path, grid, len(indexes), output_dtype, log)
         fused_model, card = load_model(model, device) if not hasattr(model, "config") else (model, {})
         torch_device = next(fused_model.parameters()).device
         log(
@@ -411,8 +440,11 @@ def fuse_files(
         )
         with ExitStack() as stack:
             lr_cube = stack.enter_context(
-                _working_grid_cube(lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled)
+                _working_grid_cube(
+                    lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled, lr_encoding
+                )
             )
+            hr_view = _north_up_view(stack, hr_ds, log)
             msi_vrt = stack.enter_context(hr_on_working_grid(hr_ds, grid))
             fit_shape = _fit_shape(grid.lr_height, grid.lr_width)
             lr_fit = lr_cube.sample(*fit_shape)
@@ -422,6 +454,7 @@ def fuse_files(
             usable = np.isfinite(lr_fit).any(axis=(1, 2))
             if meta.bad_bands is not None:
                 usable &= ~meta.bad_bands[np.array(indexes) - 1]
+            usable &= ~_set_aside_mostly_missing(lr_fit, indexes, meta, log)
             if usable.sum() < 4:
                 raise FusionInputError("fewer than 4 hyperspectral bands hold data over the common area")
             if not (np.isfinite(lr_fit[usable]).all(0) & np.isfinite(msi_fit).all(0)).any():
@@ -431,18 +464,25 @@ def fuse_files(
             stats = fit_scene(lr_fit, msi_fit, fused_model.config.subspace_dim)
             all_used = bool(usable.all())
 
+            # A value missing in one band at a pixel where the others have data is filled for the
+            # network (and written as nodata in that band only, see write below).
+            lr_fallback, msi_fallback = np.nanmean(lr_fit, axis=(1, 2)), np.nanmean(msi_fit, axis=(1, 2))
+
             def read_lr(w):
                 window = lr_cube.read(*w)
-                return window if all_used else window[usable]
+                return fill_partial_gaps(window if all_used else window[usable], lr_fallback)
 
-            hr_col0 = int(round((grid.transform.c - hr_ds.transform.c) / hr_ds.transform.a))
-            hr_row0 = int(round((grid.transform.f - hr_ds.transform.f) / hr_ds.transform.e))
+            def read_hr(row, col, rows, cols):
+                return fill_partial_gaps(read_padded(hr_view, row, col, rows, cols), msi_fallback)
+
+            hr_col0 = int(round((grid.transform.c - hr_view.transform.c) / hr_view.transform.a))
+            hr_row0 = int(round((grid.transform.f - hr_view.transform.f) / hr_view.transform.e))
             # (Refitting the whole regression on this window with the exact Wald Gaussian, not
             # only when an offset is found, gained 0.9 dB on a Potsdam pair simulated with that
             # Gaussian but moved the real Berlin pair further from its LR-HSI: not done.)
             s = grid.scale
             r, c, h, w = central_window((grid.lr_height, grid.lr_width))
-            register_scene(stats, read_lr((r, c, h, w)), read_padded(hr_ds, hr_row0 + r * s, hr_col0 + c * s, h * s, w * s), s, log)
+            register_scene(stats, read_lr((r, c, h, w)), read_hr(hr_row0 + r * s, hr_col0 + c * s, h * s, w * s), s, log)
 
             if adapt_minutes > 0:
                 fused_model = _adapted(fused_model, stats, read_lr, msi_vrt, grid, adapt_minutes, log, cancelled)
@@ -450,11 +490,11 @@ def fuse_files(
             position = np.flatnonzero(usable)
             profile = output_profile(grid, len(indexes), output_dtype, creation_options)
             block_rows, block_cols = _block_shape(profile)
-            nodata = profile["nodata"]
+            encoding = _output_encoding(output_dtype, lr_ds, lr_encoding, indexes, lr_fit, log)
             with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_BYTES), atomic_output(output_path, suffix=".tif") as temporary:
                 _release_freed_memory()
-                with rasterio.open(temporary, "w", **profile) as dst:
-                    _write_band_metadata(dst, meta, indexes, usable)
+                with _output_dataset(temporary, output_path, profile) as dst:
+                    _write_band_metadata(dst, meta, indexes, usable, encoding)
 
                     def write(row0: int, col0: int, spectra: np.ndarray) -> None:
                         rows = min(spectra.shape[1], grid.height - row0)
@@ -466,13 +506,14 @@ def fuse_files(
                         else:
                             block = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
                             block[position] = spectra[:, :rows, :cols]
-                        dst.write(_to_output(block, output_dtype, nodata), window=Window(col0, row0, cols, rows))
+                        block[_band_gaps_at_hr(lr_cube, grid.scale, row0, col0, rows, cols)] = np.nan
+                        _write_block(dst, encoding.encode(block), Window(col0, row0, cols, rows), output_path)
 
                     tiles = run_tiles(
                         fuser,
                         (grid.lr_height, grid.lr_width),
                         read_lr,
-                        lambda w: read_padded(hr_ds, hr_row0 + w[0], hr_col0 + w[1], w[2], w[3]),
+                        lambda w: read_hr(hr_row0 + w[0], hr_col0 + w[1], w[2], w[3]),
                         SpectrumComposer(
                             stats, grid.scale, (grid.lr_height, grid.lr_width), read_lr, write, block_cols, torch_device
                         ),
@@ -482,6 +523,7 @@ def fuse_files(
                         cancelled,
                         block_rows,
                     )
+    _log_clipped(encoding, log)
     seconds = time.time() - started
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
@@ -515,19 +557,29 @@ def _adapted(model, stats, read_lr, msi_vrt, grid, minutes, log, cancelled):
 
 
 @contextmanager
-def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancelled):
+def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancelled, encoding=None):
     """The LR-HSI on the working grid in a scratch file beside the output, removed afterwards
-    whatever happens (the output's folder is where the user has room for large files)."""
+    whatever happens (the output's folder is where the user has room for large files).
+    ``encoding``: (scales, offsets) per band when they come from a metadata file."""
+    from rasterio.errors import RasterioError
+
+    from .files import OutputError
     from .georaster import WorkingGridCube
 
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".lr-working-grid", dir=output_path.parent)
-    os.close(handle)
+    try:
+        handle, scratch = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".lr-working-grid", dir=output_path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise OutputError(f"cannot create the scratch file beside the output {output_path}: {error.strerror or error}") from error
     try:
         try:
-            cube = WorkingGridCube.materialise(lr_ds, grid, indexes, scratch, progress, cancelled)
+            cube = WorkingGridCube.materialise(lr_ds, grid, indexes, scratch, progress, cancelled, encoding)
         except InterruptedError as error:
             raise FusionCancelled(str(error)) from error
+        except OSError as error:
+            if isinstance(error, RasterioError):
+                raise  # reading the input, not writing the scratch file
+            raise OutputError(f"cannot write the scratch file {scratch}: {error.strerror or error}") from error
         _release_freed_memory()
         with cube:
             yield cube
@@ -583,17 +635,274 @@ def _block_shape(profile: dict) -> Tuple[int, int]:
     return DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE
 
 
-def _check_writable(output_path: Path) -> None:
+# --- the output: where it goes, what it may not overwrite, how much room it needs --------
+
+
+@contextmanager
+def _output_folder(output_path: Path):
+    """Creates the output's folder (and any missing parents) for the run; turns any failure to
+    create, write or rename the output or its scratch file (files.OutputError) into a
+    FusionInputError naming the path; on any failure removes the folders it created, so
+    nothing is left behind."""
+    from .files import OutputError
     from .georaster import FusionInputError
 
+    if output_path.is_dir():
+        raise FusionInputError(f"the output {output_path} is a folder; give a file name ending in .tif")
     folder = output_path.parent if str(output_path.parent) else Path(".")
+    missing = []
     probe = folder
     while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise FusionInputError(f"cannot write the output {output_path}: folder {folder} is not writable")
-    if output_path.exists() and output_path.is_dir():
-        raise FusionInputError(f"the output {output_path} is a folder; give a file name ending in .tif")
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # A real write, not os.access: as root, or on a read-only or special file system
+            # (/proc), access() says yes where creating a file fails.
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise OutputError(
+                f"cannot write the output {output_path}: the folder {folder} cannot be created or written to "
+                f"({error.strerror or error}); choose a folder you can write to"
+            ) from error
+        yield
+    except OutputError as error:
+        for created in missing:
+            _remove_empty_folder(created)
+        raise FusionInputError(str(error)) from error
+    except BaseException:
+        for created in missing:
+            _remove_empty_folder(created)
+        raise
+
+
+def _remove_empty_folder(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (someone else wrote there) or already gone: keep it
+
+
+def _check_not_an_input(output_path: Path, *datasets) -> None:
+    """Refuses an output that would overwrite one of the inputs' files: the same file after
+    resolving links (also a hard link), or a GDAL side-car of the output (``.aux.xml``,
+    ``.ovr``, an ENVI ``.hdr``) that is an input's file (its header, data file, …)."""
+    from .georaster import FusionInputError
+
+    outputs = [output_path] + [Path(str(output_path) + ext) for ext in (".aux.xml", ".ovr", ".msk")]
+    outputs.append(output_path.with_suffix(".hdr"))
+    for dataset in datasets:
+        for name in dataset.files:
+            for output in outputs:
+                if _same_file(Path(name), output):
+                    raise FusionInputError(
+                        f"the output {output_path} would overwrite the input {dataset.name} (its file {name}); "
+                        "choose another output file name"
+                    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist
+
+
+def _check_room(output_path: Path, grid, bands: int, output_dtype: str, log) -> None:
+    """Logs the output's and the scratch file's sizes and refuses a run whose folder has not
+    room for both (the output counted uncompressed: an upper bound)."""
+    from .georaster import FusionInputError
+
+    output_bytes = grid.width * grid.height * bands * np.dtype(output_dtype).itemsize
+    scratch_bytes = grid.lr_width * grid.lr_height * bands * 4
+    folder = output_path.parent if str(output_path.parent) else Path(".")
+    free = shutil.disk_usage(folder).free
+    log(
+        f"output size up to {_size(output_bytes)} (uncompressed), scratch file {_size(scratch_bytes)}; "
+        f"{_size(free)} free in {folder}"
+    )
+    if output_bytes + scratch_bytes > free:
+        raise FusionInputError(
+            f"not enough disk space for the output {output_path}: it needs up to {_size(output_bytes + scratch_bytes)} "
+            f"(output {_size(output_bytes)} + scratch file {_size(scratch_bytes)}) and {folder} has {_size(free)} free; "
+            "free some space, choose another folder, or fuse fewer bands or a smaller area"
+        )
+
+
+def _size(count: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= factor:
+            return f"{count / factor:.1f} {unit}"
+    return f"{count} bytes"
+
+
+@contextmanager
+def _output_dataset(temporary: Path, output_path: Path, profile: dict):
+    """The output GeoTIFF open for writing at ``temporary``; a failure to create or to
+    finish (flush, close) it is an OutputError naming ``output_path``."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from .files import OutputError
+
+    try:
+        dst = rasterio.open(temporary, "w", **profile)
+    except (RasterioError, OSError) as error:
+        raise OutputError(f"cannot create the output {output_path}: {error}") from error
+    try:
+        yield dst
+    except BaseException:
+        dst.close()
+        raise
+    try:
+        dst.close()
+    except (RasterioError, OSError) as error:
+        raise OutputError(f"cannot finish writing the output {output_path}: {error}") from error
+
+
+def _write_block(dst, data: np.ndarray, window, output_path: Path) -> None:
+    from rasterio.errors import RasterioError
+
+    from .files import OutputError
+
+    try:
+        dst.write(data, window=window)
+    except (RasterioError, OSError) as error:
+        raise OutputError(f"cannot write the output {output_path}: {error}") from error
+
+
+# --- the inputs: band counts, encodings, gaps, what the log says about them -------------
+
+
+MSI_TRAINED_BANDS = (3, 13)
+
+
+def _check_band_counts(indexes: list, hsi_count: int, msi_count: int, log) -> None:
+    """Refuses too few hyperspectral bands for the MSI's; warns about MSI band counts outside
+    what the model was trained on."""
+    from .georaster import FusionInputError
+
+    if len(indexes) < 4:
+        raise FusionInputError(
+            f"the hyperspectral image gives {len(indexes)} band(s); fusion needs at least 4 hyperspectral bands"
+        )
+    if len(indexes) <= msi_count:
+        if hsi_count > msi_count:
+            raise FusionInputError(
+                f"{len(indexes)} hyperspectral band(s) chosen (BANDS) but the multispectral image has {msi_count}: "
+                f"choose more than {msi_count} bands, or leave BANDS empty to fuse all {hsi_count}"
+            )
+        raise FusionInputError(
+            f"the 'hyperspectral' image has {hsi_count} bands and the 'multispectral' one {msi_count}: "
+            "the hyperspectral image must have more bands; are the two inputs swapped?"
+        )
+    low, high = MSI_TRAINED_BANDS
+    if not low <= msi_count <= high:
+        log(
+            f"warning: the multispectral image has {msi_count} band(s); the model was trained on {low} to {high}. "
+            "It is fused all the same; check the result (with 1 or 2 bands the spatial detail comes from a single "
+            "brightness image)"
+        )
+
+
+def _input_encoding(lr_ds, meta, log):
+    """(scales, offsets) per band of the LR-HSI when they come from a metadata file beside it
+    and the raster carries none of its own (EnMAP's gain 0.0001); None to use the raster's."""
+    own = any(v != 1 for v in lr_ds.scales) or any(v != 0 for v in lr_ds.offsets)
+    if meta.scales is None or own:
+        return None
+    log(f"gain and offset of every band taken from {meta.source} (value = gain · DN + offset)")
+    return np.asarray(meta.scales, dtype=np.float64), np.asarray(meta.offsets, dtype=np.float64)
+
+
+def _log_input_properties(lr_ds, hr_ds, grid, meta, log) -> None:
+    """One line for each input property the fusion repairs or adapts to."""
+    from .georaster import orientation
+    from .raster_io import missing_wavelengths_warning
+
+    if meta.wavelengths_nm is None:
+        log(missing_wavelengths_warning(lr_ds))
+    else:
+        log(f"wavelengths of the hyperspectral image read from {meta.source}")
+    kind = orientation(lr_ds.transform)
+    if kind != "north-up":
+        log(f"the hyperspectral image is stored {'rotated' if kind == 'rotated' else 'flipped (south-up or east-to-west)'}: "
+            "it is warped onto the north-up working grid")
+    if grid.lr_width * grid.lr_height < SMALL_SCENE_LR_PIXELS:
+        log(
+            f"warning: the common area is only {grid.lr_width}×{grid.lr_height} hyperspectral pixels; the scene "
+            "statistics are fitted on these few pixels and may be poor"
+        )
+
+
+SMALL_SCENE_LR_PIXELS = 16 * 16
+
+
+def _north_up_view(stack, hr_ds, log):
+    from .georaster import FlippedRaster, north_up
+
+    view = north_up(hr_ds, log, "multispectral image (HRMSI)")
+    if view is not hr_ds and not isinstance(view, FlippedRaster):
+        stack.callback(view.close)
+    return view
+
+
+def _set_aside_mostly_missing(lr_fit, indexes, meta, log) -> np.ndarray:
+    """(len(indexes),) True for the bands that lack data in most pixels; each one is named in
+    the log and written as a bad band (bbl = 0)."""
+    from .georaster import mostly_missing_bands
+
+    missing = mostly_missing_bands(lr_fit)
+    for position in np.flatnonzero(missing):
+        index = indexes[position]
+        where = f" ({meta.wavelengths_nm[index - 1]:.1f} nm)" if meta.wavelengths_nm is not None else ""
+        share = 1.0 - np.isfinite(lr_fit[position]).mean()
+        log(f"band {index}{where} of the hyperspectral image has no data in {share:.0%} of the pixels: set aside as a "
+            "bad band (bbl = 0, nodata in the output)")
+    return missing
+
+
+def _band_gaps_at_hr(lr_cube, scale: int, row0: int, col0: int, rows: int, cols: int) -> np.ndarray:
+    """(bands, rows, cols) True where a band of the working-grid LR-HSI has no data while other
+    bands have, on the output window at (row0, col0): that band is nodata there."""
+    from .georaster import partial_gaps
+
+    lr_r0, lr_c0 = row0 // scale, col0 // scale
+    lr_r1 = min(lr_cube.rows, -(-(row0 + rows) // scale))
+    lr_c1 = min(lr_cube.cols, -(-(col0 + cols) // scale))
+    gaps = partial_gaps(lr_cube.read(lr_r0, lr_c0, lr_r1 - lr_r0, lr_c1 - lr_c0))
+    gaps = gaps.repeat(scale, 1).repeat(scale, 2)
+    r, c = row0 - lr_r0 * scale, col0 - lr_c0 * scale
+    out = np.zeros((gaps.shape[0], rows, cols), dtype=bool)
+    part = gaps[:, r : r + rows, c : c + cols]
+    out[:, : part.shape[1], : part.shape[2]] = part
+    return out
+
+
+def _output_encoding(output_dtype, lr_ds, lr_encoding, indexes, lr_fit, log):
+    """The output's encoding (georaster.OutputEncoding), logged."""
+    from .georaster import OutputEncoding
+
+    scales, offsets = lr_encoding if lr_encoding is not None else (lr_ds.scales, lr_ds.offsets)
+    pick = np.array(indexes) - 1
+    finite = lr_fit[np.isfinite(lr_fit)]
+    encoding = OutputEncoding.for_input(
+        output_dtype, lr_ds.dtypes[0], np.asarray(scales, dtype=np.float64)[pick], np.asarray(offsets, dtype=np.float64)[pick],
+        float(np.abs(finite).max()) if finite.size else 1.0,
+    )
+    log(encoding.describe())
+    return encoding
+
+
+def _log_clipped(encoding, log) -> None:
+    if encoding.clipped:
+        log(
+            f"warning: {encoding.clipped} fused value(s) lay outside what {encoding.dtype} holds and were clipped "
+            f"(e.g. negative values in uint16); choose int16 or float32 to keep them"
+        )
 
 
 def _band_indexes(bands, count: int) -> list:
@@ -614,23 +923,9 @@ def _fit_shape(rows: int, cols: int) -> Tuple[int, int]:
     return max(2, int(rows / factor)), max(2, int(cols / factor))
 
 
-def _to_output(block: np.ndarray, dtype: str, nodata) -> np.ndarray:
-    missing = ~np.isfinite(block)
-    if dtype != "float32":
-        info = np.iinfo(dtype)
-        low, high = info.min, info.max
-        # The nodata value is kept for missing pixels only.
-        if nodata == low:
-            low += 1
-        if nodata == high:
-            high -= 1
-        block = np.clip(np.rint(np.nan_to_num(block)), low, high)
-    block = block.astype(dtype)
-    block[missing] = nodata
-    return block
-
-
-def _write_band_metadata(dst, meta, indexes, usable) -> None:
+def _write_band_metadata(dst, meta, indexes, usable, encoding=None) -> None:
+    if encoding is not None and encoding.is_scaled:
+        dst.scales, dst.offsets = tuple(encoding.scales), tuple(encoding.offsets)
     for out_band, (index, good) in enumerate(zip(indexes, usable), start=1):
         tags = {"bbl": "1" if good else "0"}
         description = meta.band_names[index - 1] if meta.band_names else f"band {index}"

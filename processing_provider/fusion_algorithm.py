@@ -12,6 +12,7 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
+    QgsProcessingParameters,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
 )
@@ -49,6 +50,53 @@ def _gdal_can_open(path: str) -> bool:
         gdal.PopErrorHandler()
         if with_exceptions:
             gdal.UseExceptions()
+
+
+class GeoTiffDestination(QgsProcessingParameterRasterDestination):
+    """The fused image's destination: GeoTIFF only (the file picker offers .tif alone, and a
+    name without an extension gets .tif)."""
+
+    def defaultFileExtension(self):  # noqa: N802 (QGIS name)
+        return "tif"
+
+    def createFileFilter(self):  # noqa: N802
+        return "GeoTIFF (*.tif *.tiff *.TIF *.TIFF)"
+
+    def supportedOutputRasterLayerExtensions(self):  # noqa: N802
+        return ["tif"]
+
+    def isSupportedOutputValue(self, value, context):  # noqa: N802
+        path = geotiff_output(QgsProcessingParameters.parameterAsOutputLayer(self, value, context))
+        if Path(path).suffix.lower() not in (".tif", ".tiff"):
+            return False, f"the output {path} must be a GeoTIFF (.tif)"
+        return True, ""
+
+    def clone(self):
+        copy = GeoTiffDestination(self.name(), self.description(), self.defaultValue(), self.flags() & self.FlagOptional)
+        copy.setFlags(self.flags())
+        return copy
+
+
+def geotiff_output(path: str) -> str:
+    """``path`` with .tif appended when it has no extension."""
+    return path + ".tif" if path and not Path(path).suffix else path
+
+
+def band_numbers(value) -> list:
+    """1-based band numbers from a BANDS value: a list, or text such as "44,28,11,130" or
+    "44;28" as qgis_process and the modeler pass it."""
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(";", ",").replace(" ", ",").split(",")
+    numbers = []
+    for item in items:
+        if str(item).strip() == "":
+            continue
+        try:
+            numbers.append(int(str(item).strip()))
+        except ValueError:
+            raise QgsProcessingException(f"BANDS: '{item}' is not a band number; give numbers such as 44,28,11,130")
+    return numbers
 
 
 def parse_creation_options(text: str) -> dict:
@@ -139,9 +187,16 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Double,
             0.0, False, 0.0, 600.0)))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Fused hyperspectral image"))
+        self.addParameter(GeoTiffDestination(self.OUTPUT, "Fused hyperspectral image"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
+        model = parameters.get(self.MODEL)
+        if isinstance(model, str) and Path(model).suffix.lower() in (".pt", ".pth"):
+            card = Path(model).with_suffix(".json")
+            return False, (
+                f"MODEL: {model} holds the weights only; choose the .json model card beside it ({card.name})"
+                + ("" if card.is_file() else f", which is missing: {card} not found")
+            )
         # QGIS reports a file that exists but that GDAL cannot open as "not found"; say what is wrong.
         for name, role in ((self.LRHSI, "hyperspectral image (LRHSI)"), (self.HRMSI, "multispectral image (HRMSI)")):
             value = parameters.get(name)
@@ -161,7 +216,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
 
         lr_path = layer_path(self.parameterAsRasterLayer(parameters, self.LRHSI, context), "hyperspectral")
         hr_path = layer_path(self.parameterAsRasterLayer(parameters, self.HRMSI, context), "multispectral")
-        output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        output = geotiff_output(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
         if Path(output).suffix.lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(f"the output {output} must be a GeoTIFF (.tif)")
         model = self.parameterAsFile(parameters, self.MODEL, context) or None
@@ -174,7 +229,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-                bands=self.parameterAsInts(parameters, self.BANDS, context) or None,
+                bands=band_numbers(parameters.get(self.BANDS)) or None,
                 output_dtype=OUTPUT_TYPES[self.parameterAsEnum(parameters, self.OUTPUT_TYPE, context)],
                 creation_options=parse_creation_options(self.parameterAsString(parameters, self.CREATION_OPTIONS, context)),
                 progress=lambda fraction: feedback.setProgress(100.0 * fraction),
