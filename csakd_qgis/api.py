@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -685,13 +686,12 @@ def _remove_empty_folder(folder: Path) -> None:
 
 
 def _check_not_an_input(output_path: Path, *datasets) -> None:
-    """Refuses an output that would overwrite one of the inputs' files: the same file after
-    resolving links (also a hard link), or a GDAL side-car of the output (``.aux.xml``,
-    ``.ovr``, an ENVI ``.hdr``) that is an input's file (its header, data file, …)."""
+    """Refuses an output that would overwrite one of the inputs' files (GDAL's file list of
+    each: an ENVI header and data file, side-cars): the same file after resolving links (also
+    a hard link), or a GeoTIFF side-car of the output (``.aux.xml``, ``.ovr``, ``.msk``)."""
     from .georaster import FusionInputError
 
     outputs = [output_path] + [Path(str(output_path) + ext) for ext in (".aux.xml", ".ovr", ".msk")]
-    outputs.append(output_path.with_suffix(".hdr"))
     for dataset in datasets:
         for name in dataset.files:
             for output in outputs:
@@ -739,28 +739,62 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+class _GdalErrors(logging.Handler):
+    """Collects the errors GDAL signals through rasterio's log without raising them: a block
+    written back from GDAL's cache to a full disk (or past a file size limit) fails only
+    there, and the file would otherwise be renamed into place truncated."""
+
+    LOGGER = "rasterio._env"
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("GDAL signalled an error"):
+            self.messages.append(message.split("msg=", 1)[-1])
+
+    def __enter__(self):
+        logger = logging.getLogger(self.LOGGER)
+        self._saved = logger.level, logger.propagate
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # only here: the records are not the user's business twice
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeHandler(self)
+        logger.level, logger.propagate = self._saved
+
+
 @contextmanager
 def _output_dataset(temporary: Path, output_path: Path, profile: dict):
-    """The output GeoTIFF open for writing at ``temporary``; a failure to create or to
-    finish (flush, close) it is an OutputError naming ``output_path``."""
+    """The output GeoTIFF open for writing at ``temporary``; a failure to create, write or
+    finish (flush, close) it, raised or only signalled by GDAL, is an OutputError naming
+    ``output_path``."""
     import rasterio
     from rasterio.errors import RasterioError
 
     from .files import OutputError
 
-    try:
-        dst = rasterio.open(temporary, "w", **profile)
-    except (RasterioError, OSError) as error:
-        raise OutputError(f"cannot create the output {output_path}: {error}") from error
-    try:
-        yield dst
-    except BaseException:
-        dst.close()
-        raise
-    try:
-        dst.close()
-    except (RasterioError, OSError) as error:
-        raise OutputError(f"cannot finish writing the output {output_path}: {error}") from error
+    with _GdalErrors() as errors:
+        try:
+            dst = rasterio.open(temporary, "w", **profile)
+        except (RasterioError, OSError) as error:
+            raise OutputError(f"cannot create the output {output_path}: {error}") from error
+        try:
+            yield dst
+        except BaseException:
+            dst.close()
+            raise
+        try:
+            dst.close()
+        except (RasterioError, OSError) as error:
+            raise OutputError(f"cannot finish writing the output {output_path}: {error}") from error
+    if errors.messages:
+        raise OutputError(f"cannot write the output {output_path}: {'; '.join(errors.messages[:3])}")
 
 
 def _write_block(dst, data: np.ndarray, window, output_path: Path) -> None:

@@ -138,7 +138,8 @@ class FlippedRaster:
 
 def north_up(dataset, log=None, role: str = "image"):
     """``dataset`` as a north-up raster: itself when it is one, a :class:`FlippedRaster`
-    when stored south-up or east-to-west, and a north-up WarpedVRT (cubic) when rotated. The
+    when stored south-up or east-to-west, and a north-up WarpedVRT when rotated (nearest
+    neighbour for a quarter turn, which is exact, cubic otherwise). The
     LR-HSI itself is always warped from the file (any orientation); this view serves the grid
     planning and the MSI's window reads."""
     kind = orientation(dataset.transform)
@@ -151,9 +152,15 @@ def north_up(dataset, log=None, role: str = "image"):
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
 
+    t = dataset.transform
+    # Turned by a quarter turn: a permutation of the pixels, read exactly by nearest neighbour
+    # (GDAL's cubic warper does not reproduce the pixels even on the very same centres).
+    quarter_turn = t.a == 0 and t.e == 0
+    resampling = Resampling.nearest if quarter_turn else Resampling.cubic
     if log is not None:
-        log(f"the {role} is on a rotated grid: read through a north-up grid by cubic resampling")
-    return WarpedVRT(dataset, resampling=Resampling.cubic, src_nodata=dataset.nodata, nodata=dataset.nodata)
+        log(f"the {role} is on a rotated grid: read through a north-up grid "
+            + ("(a quarter turn: no resampling)" if quarter_turn else "by cubic resampling"))
+    return WarpedVRT(dataset, resampling=resampling, src_nodata=dataset.nodata, nodata=dataset.nodata)
 
 
 def plan_grid(lr_dataset, hr_dataset) -> FusionGrid:
@@ -234,9 +241,11 @@ def lr_resampling(lr_dataset, grid: FusionGrid):
         return Resampling.average
     if lr_dataset.crs == grid.crs:
         relative = ~lr_dataset.transform * grid.lr_transform
-        # A flipped LR-HSI on the same grid maps pixel centres onto pixel centres too.
-        if all(abs(v - round(v)) < 1e-6 for v in (relative.a, relative.e, relative.c, relative.f)) and \
-                relative.b == 0 and relative.d == 0 and abs(round(relative.a)) == 1 and abs(round(relative.e)) == 1:
+        # A flipped or quarter-turned LR-HSI on the same grid maps pixel centres onto pixel
+        # centres too: its pixels, permuted.
+        terms = (relative.a, relative.b, relative.d, relative.e)
+        if all(abs(v - round(v)) < 1e-6 for v in terms + (relative.c, relative.f)) and \
+                sorted(abs(round(v)) for v in terms) == [0, 0, 1, 1] and round(relative.a * relative.e - relative.b * relative.d) != 0:
             return Resampling.nearest
     return Resampling.cubic
 
@@ -462,21 +471,29 @@ class WorkingGridCube:
         bands, rows, cols = len(indexes), grid.lr_height, grid.lr_width
         strip = max(1, cls.STRIP_BYTES // (bands * cols * 4))
         resampling = lr_resampling(lr_dataset, grid)
+        # GDAL allows a no-data value per band (ENVI, VRT, netCDF); the warper takes one per call.
+        groups = {}
+        for position, index in enumerate(indexes):
+            nodata = lr_dataset.nodatavals[index - 1]
+            groups.setdefault(np.nan if nodata is not None and np.isnan(nodata) else nodata, []).append(position)
         with open(path, "wb") as scratch:
             for row in range(0, rows, strip):
                 if cancelled is not None and cancelled():
                     raise InterruptedError("cancelled while resampling the hyperspectral image")
                 count = min(strip, rows - row)
                 values = np.full((bands, count, cols), np.nan, dtype=np.float32)
-                # One warp of all bands at once: the source's blocks are decoded once per strip,
-                # not once per band.
-                reproject(
-                    band(lr_dataset, list(indexes)), values,
-                    src_nodata=lr_dataset.nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
-                    dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
-                    # Each band its own no-data: a bad band holds nothing where the others hold data.
-                    UNIFIED_SRC_NODATA="NO",
-                )
+                # One warp of all bands sharing a no-data value at once (usually all): the
+                # source's blocks are decoded once per strip, not once per band.
+                for nodata, positions in groups.items():
+                    part = values if len(groups) == 1 else np.full((len(positions), count, cols), np.nan, np.float32)
+                    reproject(
+                        band(lr_dataset, [indexes[p] for p in positions]), part,
+                        src_nodata=nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
+                        dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
+                        # Each band its own no-data: a bad band holds nothing where the others hold data.
+                        UNIFIED_SRC_NODATA="NO",
+                    )
+                    values[positions] = part
                 values = scaled(values, lr_dataset, indexes, encoding)
                 scratch.write(np.ascontiguousarray(values.transpose(1, 2, 0)).tobytes())
                 if progress is not None:

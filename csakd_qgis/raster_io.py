@@ -154,10 +154,12 @@ def _from_netcdf_dimension(dataset, count):
 
 
 def _attribute(tags: dict, name: str) -> Optional[str]:
-    """A dataset attribute by name, wherever GDAL's HDF5/netCDF drivers put it (a group path
-    and '#' or '_' before the name)."""
+    """A dataset attribute by name, wherever GDAL's HDF5/netCDF drivers put it: alone, or
+    after a group or variable path ending in '#', '/' or EMIT's 'sensor_band_parameters_'."""
+    wanted = name.lower()
     for key, value in tags.items():
-        if re.search(r"(^|[#/_])" + re.escape(name) + "$", key, re.IGNORECASE):
+        key = key.lower()
+        if key == wanted or key.endswith(("#" + wanted, "/" + wanted, "sensor_band_parameters_" + wanted)):
             return value
     return None
 

@@ -45,7 +45,7 @@ class Misregistration:
                 f"from the multispectral image; compensated (residual {self.residual_ratio:.2f} of unaligned)"
             )
         if (dy, dx) == (0.0, 0.0):
-            return "the hyperspectral and multispectral images are aligned: no offset explains the pair better than none"
+            return "no misregistration found: no offset tried explains the pair better than none (the images are aligned)"
         return (
             f"no misregistration compensated: the best offset tried ({dy:+.2f} rows, {dx:+.2f} columns of MSI pixels) "
             f"leaves {self.residual_ratio:.2f} of what the aligned fit leaves unexplained, not clearly less "
