@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -391,14 +389,18 @@ def fuse_files(
     log: Callable[[str], None] = lambda message: None,
     adapt_minutes: float = 0.0,
 ) -> FusionReport:
-    """Fuse two co-registered rasters (any GDAL format, any CRS) into a GeoTIFF.
+    """Fuse two co-registered rasters (any GDAL format, any CRS, any geotransform orientation)
+    into a GeoTIFF.
 
-    The output is on the HR-MSI's grid over the common area, one band per LR-HSI band
+    The output is on the HR-MSI's grid (made north-up) over the common area, one band per LR-HSI band
     (or per 1-based index in ``bands``), with each band's wavelength, FWHM and bad-band flag.
     It is written block by block to a temporary file renamed into place at the end, so a
     failed or cancelled run leaves nothing behind; the LR-HSI resampled onto the working grid
-    sits in a scratch file beside the output for the run's duration. Raises FusionInputError
-    on bad input.
+    sits in a scratch file beside the output for the run's duration. A value missing in one
+    band costs only that band at that pixel; integer outputs keep the input's encoding
+    (georaster.OutputEncoding). Raises FusionInputError on bad input, and on an output that
+    is one of the inputs' files or that cannot be created, written or renamed (disk full,
+    unwritable folder: checked before starting where possible).
     ``adapt_minutes`` > 0 first fine-tunes the model on the scene's own Wald-degraded pair.
     """
     import rasterio
@@ -408,6 +410,12 @@ def fuse_files(
     from .files import atomic_output
     from .georaster import (
         FusionInputError, fill_partial_gaps, hr_on_working_grid, output_profile, plan_grid, read_as_float, read_padded,
+    )
+    from .inputs import (
+        band_gaps_at_hr, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
+    )
+    from .outputs import (
+        check_not_an_input, check_room, log_clipped, output_dataset, output_encoding, output_folder, write_block,
     )
     from .raster_io import read_spectral_metadata
     from .registration import central_window
@@ -421,17 +429,17 @@ def fuse_files(
         except RasterioIOError as error:
             raise FusionInputError(f"cannot read the {role} {path}: {error}") from error
 
-    with _output_folder(output_path), rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
+    with output_folder(output_path), rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
         lr_hsi_path, "hyperspectral image (LRHSI)"
     ) as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_ds:
-        _check_not_an_input(output_path, lr_ds, hr_ds)
+        check_not_an_input(output_path, lr_ds, hr_ds)
         grid = plan_grid(lr_ds, hr_ds)
         indexes = _band_indexes(bands, lr_ds.count)
-        _check_band_counts(indexes, lr_ds.count, hr_ds.count, log)
+        check_band_counts(indexes, lr_ds.count, hr_ds.count, log)
         meta = read_spectral_metadata(lr_ds)
-        lr_encoding = _input_encoding(lr_ds, meta, log)
-        _log_input_properties(lr_ds, hr_ds, grid, meta, log)
-        _check_room(output_path, grid, len(indexes), output_dtype, log)
+        lr_encoding = input_encoding(lr_ds, meta, log)
+        log_input_properties(lr_ds, hr_ds, grid, meta, log)
+        check_room(output_path, grid, len(indexes), output_dtype, log)
         fused_model, card = load_model(model, device) if not hasattr(model, "config") else (model, {})
         torch_device = next(fused_model.parameters()).device
         log(
@@ -445,7 +453,7 @@ def fuse_files(
                     lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled, lr_encoding
                 )
             )
-            hr_view = _north_up_view(stack, hr_ds, log)
+            hr_view = north_up_view(stack, hr_ds, log)
             msi_vrt = stack.enter_context(hr_on_working_grid(hr_ds, grid))
             fit_shape = _fit_shape(grid.lr_height, grid.lr_width)
             lr_fit = lr_cube.sample(*fit_shape)
@@ -455,7 +463,7 @@ def fuse_files(
             usable = np.isfinite(lr_fit).any(axis=(1, 2))
             if meta.bad_bands is not None:
                 usable &= ~meta.bad_bands[np.array(indexes) - 1]
-            usable &= ~_set_aside_mostly_missing(lr_fit, indexes, meta, log)
+            usable &= ~set_aside_mostly_missing(lr_fit, indexes, meta, log)
             if usable.sum() < 4:
                 raise FusionInputError("fewer than 4 hyperspectral bands hold data over the common area")
             if not (np.isfinite(lr_fit[usable]).all(0) & np.isfinite(msi_fit).all(0)).any():
@@ -491,10 +499,10 @@ def fuse_files(
             position = np.flatnonzero(usable)
             profile = output_profile(grid, len(indexes), output_dtype, creation_options)
             block_rows, block_cols = _block_shape(profile)
-            encoding = _output_encoding(output_dtype, lr_ds, lr_encoding, indexes, lr_fit, log)
+            encoding = output_encoding(output_dtype, lr_ds, lr_encoding, indexes, lr_fit, log)
             with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_BYTES), atomic_output(output_path, suffix=".tif") as temporary:
                 _release_freed_memory()
-                with _output_dataset(temporary, output_path, profile) as dst:
+                with output_dataset(temporary, output_path, profile) as dst:
                     _write_band_metadata(dst, meta, indexes, usable, encoding)
 
                     def write(row0: int, col0: int, spectra: np.ndarray) -> None:
@@ -507,8 +515,8 @@ def fuse_files(
                         else:
                             block = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
                             block[position] = spectra[:, :rows, :cols]
-                        block[_band_gaps_at_hr(lr_cube, grid.scale, row0, col0, rows, cols)] = np.nan
-                        _write_block(dst, encoding.encode(block), Window(col0, row0, cols, rows), output_path)
+                        block[band_gaps_at_hr(lr_cube, grid.scale, row0, col0, rows, cols)] = np.nan
+                        write_block(dst, encoding.encode(block), Window(col0, row0, cols, rows), output_path)
 
                     tiles = run_tiles(
                         fuser,
@@ -524,7 +532,7 @@ def fuse_files(
                         cancelled,
                         block_rows,
                     )
-    _log_clipped(encoding, log)
+    log_clipped(encoding, log)
     seconds = time.time() - started
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
@@ -634,309 +642,6 @@ def _block_shape(profile: dict) -> Tuple[int, int]:
     if str(profile.get("tiled", "")).lower() in ("true", "yes", "1"):
         return int(profile.get("blockysize", 256)), int(profile.get("blockxsize", 256))
     return DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE
-
-
-# --- the output: where it goes, what it may not overwrite, how much room it needs --------
-
-
-@contextmanager
-def _output_folder(output_path: Path):
-    """Creates the output's folder (and any missing parents) for the run; turns any failure to
-    create, write or rename the output or its scratch file (files.OutputError) into a
-    FusionInputError naming the path; on any failure removes the folders it created, so
-    nothing is left behind."""
-    from .files import OutputError
-    from .georaster import FusionInputError
-
-    if output_path.is_dir():
-        raise FusionInputError(f"the output {output_path} is a folder; give a file name ending in .tif")
-    folder = output_path.parent if str(output_path.parent) else Path(".")
-    missing = []
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    try:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # A real write, not os.access: as root, or on a read-only or special file system
-            # (/proc), access() says yes where creating a file fails.
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as error:
-            raise OutputError(
-                f"cannot write the output {output_path}: the folder {folder} cannot be created or written to "
-                f"({error.strerror or error}); choose a folder you can write to"
-            ) from error
-        yield
-    except OutputError as error:
-        for created in missing:
-            _remove_empty_folder(created)
-        raise FusionInputError(str(error)) from error
-    except BaseException:
-        for created in missing:
-            _remove_empty_folder(created)
-        raise
-
-
-def _remove_empty_folder(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # not empty (someone else wrote there) or already gone: keep it
-
-
-def _check_not_an_input(output_path: Path, *datasets) -> None:
-    """Refuses an output that would overwrite one of the inputs' files (GDAL's file list of
-    each: an ENVI header and data file, side-cars): the same file after resolving links (also
-    a hard link), or a GeoTIFF side-car of the output (``.aux.xml``, ``.ovr``, ``.msk``)."""
-    from .georaster import FusionInputError
-
-    outputs = [output_path] + [Path(str(output_path) + ext) for ext in (".aux.xml", ".ovr", ".msk")]
-    for dataset in datasets:
-        for name in dataset.files:
-            for output in outputs:
-                if _same_file(Path(name), output):
-                    raise FusionInputError(
-                        f"the output {output_path} would overwrite the input {dataset.name} (its file {name}); "
-                        "choose another output file name"
-                    )
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False  # one of them does not exist
-
-
-def _check_room(output_path: Path, grid, bands: int, output_dtype: str, log) -> None:
-    """Logs the output's and the scratch file's sizes and refuses a run whose folder has not
-    room for both (the output counted uncompressed: an upper bound)."""
-    from .georaster import FusionInputError
-
-    output_bytes = grid.width * grid.height * bands * np.dtype(output_dtype).itemsize
-    scratch_bytes = grid.lr_width * grid.lr_height * bands * 4
-    folder = output_path.parent if str(output_path.parent) else Path(".")
-    free = shutil.disk_usage(folder).free
-    log(
-        f"output size up to {_size(output_bytes)} (uncompressed), scratch file {_size(scratch_bytes)}; "
-        f"{_size(free)} free in {folder}"
-    )
-    if output_bytes + scratch_bytes > free:
-        raise FusionInputError(
-            f"not enough disk space for the output {output_path}: it needs up to {_size(output_bytes + scratch_bytes)} "
-            f"(output {_size(output_bytes)} + scratch file {_size(scratch_bytes)}) and {folder} has {_size(free)} free; "
-            "free some space, choose another folder, or fuse fewer bands or a smaller area"
-        )
-
-
-def _size(count: int) -> str:
-    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= factor:
-            return f"{count / factor:.1f} {unit}"
-    return f"{count} bytes"
-
-
-class _GdalErrors(logging.Handler):
-    """Collects the errors GDAL signals through rasterio's log without raising them: a block
-    written back from GDAL's cache to a full disk (or past a file size limit) fails only
-    there, and the file would otherwise be renamed into place truncated."""
-
-    LOGGER = "rasterio._env"
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("GDAL signalled an error"):
-            self.messages.append(message.split("msg=", 1)[-1])
-
-    def __enter__(self):
-        logger = logging.getLogger(self.LOGGER)
-        self._saved = logger.level, logger.propagate
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # only here: the records are not the user's business twice
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logger = logging.getLogger(self.LOGGER)
-        logger.removeHandler(self)
-        logger.level, logger.propagate = self._saved
-
-
-@contextmanager
-def _output_dataset(temporary: Path, output_path: Path, profile: dict):
-    """The output GeoTIFF open for writing at ``temporary``; a failure to create, write or
-    finish (flush, close) it, raised or only signalled by GDAL, is an OutputError naming
-    ``output_path``."""
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    from .files import OutputError
-
-    with _GdalErrors() as errors:
-        try:
-            dst = rasterio.open(temporary, "w", **profile)
-        except (RasterioError, OSError) as error:
-            raise OutputError(f"cannot create the output {output_path}: {error}") from error
-        try:
-            yield dst
-        except BaseException:
-            dst.close()
-            raise
-        try:
-            dst.close()
-        except (RasterioError, OSError) as error:
-            raise OutputError(f"cannot finish writing the output {output_path}: {error}") from error
-    if errors.messages:
-        raise OutputError(f"cannot write the output {output_path}: {'; '.join(errors.messages[:3])}")
-
-
-def _write_block(dst, data: np.ndarray, window, output_path: Path) -> None:
-    from rasterio.errors import RasterioError
-
-    from .files import OutputError
-
-    try:
-        dst.write(data, window=window)
-    except (RasterioError, OSError) as error:
-        raise OutputError(f"cannot write the output {output_path}: {error}") from error
-
-
-# --- the inputs: band counts, encodings, gaps, what the log says about them -------------
-
-
-MSI_TRAINED_BANDS = (3, 13)
-
-
-def _check_band_counts(indexes: list, hsi_count: int, msi_count: int, log) -> None:
-    """Refuses too few hyperspectral bands for the MSI's; warns about MSI band counts outside
-    what the model was trained on."""
-    from .georaster import FusionInputError
-
-    if len(indexes) < 4:
-        raise FusionInputError(
-            f"the hyperspectral image gives {len(indexes)} band(s); fusion needs at least 4 hyperspectral bands"
-        )
-    if len(indexes) <= msi_count:
-        if hsi_count > msi_count:
-            raise FusionInputError(
-                f"{len(indexes)} hyperspectral band(s) chosen (BANDS) but the multispectral image has {msi_count}: "
-                f"choose more than {msi_count} bands, or leave BANDS empty to fuse all {hsi_count}"
-            )
-        raise FusionInputError(
-            f"the 'hyperspectral' image has {hsi_count} bands and the 'multispectral' one {msi_count}: "
-            "the hyperspectral image must have more bands; are the two inputs swapped?"
-        )
-    low, high = MSI_TRAINED_BANDS
-    if not low <= msi_count <= high:
-        log(
-            f"warning: the multispectral image has {msi_count} band(s); the model was trained on {low} to {high}. "
-            "It is fused all the same; check the result (with 1 or 2 bands the spatial detail comes from a single "
-            "brightness image)"
-        )
-
-
-def _input_encoding(lr_ds, meta, log):
-    """(scales, offsets) per band of the LR-HSI when they come from a metadata file beside it
-    and the raster carries none of its own (EnMAP's gain 0.0001); None to use the raster's."""
-    own = any(v != 1 for v in lr_ds.scales) or any(v != 0 for v in lr_ds.offsets)
-    if meta.scales is None or own:
-        return None
-    log(f"gain and offset of every band taken from {meta.source} (value = gain · DN + offset)")
-    return np.asarray(meta.scales, dtype=np.float64), np.asarray(meta.offsets, dtype=np.float64)
-
-
-def _log_input_properties(lr_ds, hr_ds, grid, meta, log) -> None:
-    """One line for each input property the fusion repairs or adapts to."""
-    from .georaster import orientation
-    from .raster_io import missing_wavelengths_warning
-
-    if meta.wavelengths_nm is None:
-        log(missing_wavelengths_warning(lr_ds))
-    else:
-        log(f"wavelengths of the hyperspectral image read from {meta.source}")
-    kind = orientation(lr_ds.transform)
-    if kind != "north-up":
-        log(f"the hyperspectral image is stored {'rotated' if kind == 'rotated' else 'flipped (south-up or east-to-west)'}: "
-            "it is warped onto the north-up working grid")
-    if grid.lr_width * grid.lr_height < SMALL_SCENE_LR_PIXELS:
-        log(
-            f"warning: the common area is only {grid.lr_width}×{grid.lr_height} hyperspectral pixels; the scene "
-            "statistics are fitted on these few pixels and may be poor"
-        )
-
-
-SMALL_SCENE_LR_PIXELS = 16 * 16
-
-
-def _north_up_view(stack, hr_ds, log):
-    from .georaster import FlippedRaster, north_up
-
-    view = north_up(hr_ds, log, "multispectral image (HRMSI)")
-    if view is not hr_ds and not isinstance(view, FlippedRaster):
-        stack.callback(view.close)
-    return view
-
-
-def _set_aside_mostly_missing(lr_fit, indexes, meta, log) -> np.ndarray:
-    """(len(indexes),) True for the bands that lack data in most pixels; each one is named in
-    the log and written as a bad band (bbl = 0)."""
-    from .georaster import mostly_missing_bands
-
-    missing = mostly_missing_bands(lr_fit)
-    for position in np.flatnonzero(missing):
-        index = indexes[position]
-        where = f" ({meta.wavelengths_nm[index - 1]:.1f} nm)" if meta.wavelengths_nm is not None else ""
-        share = 1.0 - np.isfinite(lr_fit[position]).mean()
-        log(f"band {index}{where} of the hyperspectral image has no data in {share:.0%} of the pixels: set aside as a "
-            "bad band (bbl = 0, nodata in the output)")
-    return missing
-
-
-def _band_gaps_at_hr(lr_cube, scale: int, row0: int, col0: int, rows: int, cols: int) -> np.ndarray:
-    """(bands, rows, cols) True where a band of the working-grid LR-HSI has no data while other
-    bands have, on the output window at (row0, col0): that band is nodata there."""
-    from .georaster import partial_gaps
-
-    lr_r0, lr_c0 = row0 // scale, col0 // scale
-    lr_r1 = min(lr_cube.rows, -(-(row0 + rows) // scale))
-    lr_c1 = min(lr_cube.cols, -(-(col0 + cols) // scale))
-    gaps = partial_gaps(lr_cube.read(lr_r0, lr_c0, lr_r1 - lr_r0, lr_c1 - lr_c0))
-    gaps = gaps.repeat(scale, 1).repeat(scale, 2)
-    r, c = row0 - lr_r0 * scale, col0 - lr_c0 * scale
-    out = np.zeros((gaps.shape[0], rows, cols), dtype=bool)
-    part = gaps[:, r : r + rows, c : c + cols]
-    out[:, : part.shape[1], : part.shape[2]] = part
-    return out
-
-
-def _output_encoding(output_dtype, lr_ds, lr_encoding, indexes, lr_fit, log):
-    """The output's encoding (georaster.OutputEncoding), logged."""
-    from .georaster import OutputEncoding
-
-    scales, offsets = lr_encoding if lr_encoding is not None else (lr_ds.scales, lr_ds.offsets)
-    pick = np.array(indexes) - 1
-    finite = lr_fit[np.isfinite(lr_fit)]
-    encoding = OutputEncoding.for_input(
-        output_dtype, lr_ds.dtypes[0], np.asarray(scales, dtype=np.float64)[pick], np.asarray(offsets, dtype=np.float64)[pick],
-        float(np.abs(finite).max()) if finite.size else 1.0,
-    )
-    log(encoding.describe())
-    return encoding
-
-
-def _log_clipped(encoding, log) -> None:
-    if encoding.clipped:
-        log(
-            f"warning: {encoding.clipped} fused value(s) lay outside what {encoding.dtype} holds and were clipped "
-            f"(e.g. negative values in uint16); choose int16 or float32 to keep them"
-        )
 
 
 def _band_indexes(bands, count: int) -> list:

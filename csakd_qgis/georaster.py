@@ -160,7 +160,9 @@ def north_up(dataset, log=None, role: str = "image"):
     if log is not None:
         log(f"the {role} is on a rotated grid: read through a north-up grid "
             + ("(a quarter turn: no resampling)" if quarter_turn else "by cubic resampling"))
-    return WarpedVRT(dataset, resampling=resampling, src_nodata=dataset.nodata, nodata=dataset.nodata)
+    # float32 with the sentinel read_as_float takes for no data: the corners outside a rotated
+    # footprint are no data, also for a raster that declares no no-data value.
+    return WarpedVRT(dataset, resampling=resampling, src_nodata=dataset.nodata, nodata=_vrt_nodata_float, dtype="float32")
 
 
 def plan_grid(lr_dataset, hr_dataset) -> FusionGrid:
@@ -269,6 +271,9 @@ def hr_on_working_grid(hr_dataset, grid: FusionGrid):
         hr_dataset, crs=grid.crs, transform=grid.lr_transform, width=grid.lr_width, height=grid.lr_height,
         resampling=Resampling.average, src_nodata=hr_dataset.nodata, nodata=_vrt_nodata(hr_dataset),
     )
+
+
+_vrt_nodata_float = -3.4e38
 
 
 def _vrt_nodata(dataset):

@@ -111,9 +111,8 @@ def _from_band_metadata(dataset, count):
     wavelengths = _floats([t["wavelength"] for t in band_tags], count)
     if wavelengths is None:
         return None
-    fwhm = _floats([t["fwhm"] for t in band_tags], count) if all("fwhm" in t for t in band_tags) else None
     unit = band_tags[0].get("wavelength_units") or dataset.tags().get("wavelength_units")
-    return _Found(wavelengths, unit, "band metadata", fwhm)
+    return _Found(wavelengths, unit, "band metadata")
 
 
 def _from_imagery_domain(dataset, count):
@@ -132,7 +131,7 @@ def _from_envi_header(dataset, count):
     wavelengths = _floats(_parse_envi_list(envi.get("wavelength")) or [], count)
     if wavelengths is None:
         return None
-    return _Found(wavelengths, envi.get("wavelength_units"), "the ENVI header", _floats(_parse_envi_list(envi.get("fwhm")) or [], count))
+    return _Found(wavelengths, envi.get("wavelength_units"), "the ENVI header")
 
 
 def _from_netcdf_dimension(dataset, count):
@@ -245,6 +244,17 @@ def _from_band_names(dataset, count):
     return _Found(values, units.pop() if units else None, "band names")
 
 
+def _fwhm_anywhere(dataset, count) -> Optional[np.ndarray]:
+    """FWHM from per-band metadata or the ENVI header, for wavelengths found elsewhere (GDAL's
+    ENVI driver puts the wavelengths on the bands but leaves the FWHM in the header), in the
+    wavelengths' unit."""
+    band_tags = [dataset.tags(i + 1) for i in range(count)]
+    if all("fwhm" in t for t in band_tags):
+        return _floats([t["fwhm"] for t in band_tags], count)
+    envi = dataset.tags(ns="ENVI") if "ENVI" in (dataset.tag_namespaces() or []) else {}
+    return _floats(_parse_envi_list(envi.get("fwhm")) or [], count)
+
+
 _READERS = (
     _from_band_metadata, _from_imagery_domain, _from_envi_header, _from_netcdf_dimension, _from_sensor_attributes,
     _from_enmap_xml, _from_band_names,
@@ -265,7 +275,8 @@ def read_spectral_metadata(dataset) -> SpectralMetadata:
         if not _plausible(found.wavelengths * factor):
             continue
         meta.wavelengths_nm = found.wavelengths * factor
-        meta.fwhm_nm = None if found.fwhm is None else found.fwhm * factor
+        fwhm = found.fwhm if found.fwhm is not None else _fwhm_anywhere(dataset, count)
+        meta.fwhm_nm = None if fwhm is None else fwhm * factor
         meta.source = found.source
         meta.bad_bands = found.bad_bands
         if found.scales is not None and found.offsets is not None:

@@ -119,13 +119,11 @@ def largest_valid_window(valid: np.ndarray) -> Tuple[int, int, int, int]:
         heights[:-1] = np.where(valid[row], heights[:-1] + 1, 0)
         stack = []  # columns of increasing height
         for col, height in enumerate(heights):
-            start = col
             while stack and heights[stack[-1]] >= height:
                 top = stack.pop()
                 left = stack[-1] + 1 if stack else 0
                 area = heights[top] * (col - left)
                 if area > best[0]:
                     best = (area, row - heights[top] + 1, left, int(heights[top]), col - left)
-                start = left
             stack.append(col)
     return best[1:]

@@ -19,7 +19,7 @@ from qgis.core import (
 
 from . import dependencies
 from .base import CsakdAlgorithm, advanced
-from .styling import TRUE_COLOUR
+from .styling import true_colour_post_processor
 
 DEVICES = ["auto", "cpu", "cuda"]
 OUTPUT_TYPES = ["float32", "int16", "uint16"]
@@ -138,9 +138,11 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "Fuses a coarse hyperspectral image with a sharp multispectral image of the same place into a sharp "
             "hyperspectral image, with the CSAKD student network (runs on the CPU, tile by tile).\n\n"
             "<b>Low-resolution hyperspectral image (LRHSI)</b>: e.g. EnMAP, PRISMA, AVIRIS, HyMap; any GDAL raster. "
-            "Wavelengths are read from band metadata or the ENVI header and copied to the output.\n"
+            "Wavelengths are read from band metadata, the ENVI header, netCDF, an EnMAP METADATA.XML beside the image or "
+            "band names, and copied to the output; the log warns when there are none.\n"
             "<b>High-resolution multispectral image (HRMSI)</b>: e.g. Sentinel-2, WorldView, an aerial or drone "
-            "image (3 to 13 bands), co-registered with the hyperspectral image; any CRS.\n"
+            "image (trained on 3 to 13 bands; other counts fuse with a warning), co-registered with the hyperspectral "
+            "image; any CRS.\n"
             "<b>Fused image (OUTPUT)</b>: GeoTIFF on the multispectral image's grid (CRS, pixel size, alignment) over "
             "the area both images cover; one band per hyperspectral band, with wavelength, FWHM and bad-band flag.\n"
             "<b>Model bundle (MODEL)</b>: a .json model card with its .pt weights beside it; empty = the bundled "
@@ -150,7 +152,8 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "more memory.\n"
             "<b>Device</b> (advanced): auto uses a CUDA GPU when torch sees one, otherwise the CPU.\n"
             "<b>Bands</b> (advanced): fuse only these hyperspectral bands (default: all).\n"
-            "<b>Output data type</b> (advanced): float32 (nodata −9999) or integer types in the input's units.\n"
+            "<b>Output data type</b> (advanced): float32 (nodata −9999), or int16/uint16 in the input's encoding (its "
+            "scale and offset written on the output bands).\n"
             "<b>Creation options</b> (advanced): extra GeoTIFF options, e.g. COMPRESS=ZSTD.\n"
             "<b>Scene adaptation (minutes)</b> (advanced): first fine-tune the model for this long on the scene's own "
             "pair degraded by the working scale (Wald protocol); the log reports the PSNR it gained on a held-out part. "
@@ -216,7 +219,13 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
 
         lr_path = layer_path(self.parameterAsRasterLayer(parameters, self.LRHSI, context), "hyperspectral")
         hr_path = layer_path(self.parameterAsRasterLayer(parameters, self.HRMSI, context), "multispectral")
-        output = geotiff_output(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
+        requested = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        output = geotiff_output(requested)
+        if output != requested and context.willLoadLayerOnCompletion(requested):
+            # The layer to load is the file written, with its .tif.
+            layers = context.layersToLoadOnCompletion()
+            layers[output] = layers.pop(requested)
+            context.setLayersToLoadOnCompletion(layers)
         if Path(output).suffix.lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(f"the output {output} must be a GeoTIFF (.tif)")
         model = self.parameterAsFile(parameters, self.MODEL, context) or None
@@ -244,6 +253,6 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
             details.name = "Fused hyperspectral image"
-            details.setPostProcessor(TRUE_COLOUR)
+            details.setPostProcessor(true_colour_post_processor())
         feedback.pushInfo(f"done in {report.seconds:.1f} s on {report.device}")
         return {self.OUTPUT: output}

@@ -20,7 +20,7 @@ import pytest
 import rasterio
 from affine import Affine
 from osgeo import gdal
-from qgis.core import QgsProcessingException
+from qgis.core import QgsProcessingContext, QgsProcessingException, QgsProject
 
 from csakd_qgis.raster_io import parse_wavelength_name, read_spectral_metadata
 from csakd_qgis.registration import Misregistration
@@ -126,6 +126,25 @@ def test_any_orientation_fuses_like_the_north_up_pair(role, kind, potsdam_wald_p
     assert difference < 1e-2
     orientation_lines = [m for m in log if kind.split("-")[0] in m or "flipped" in m]
     assert orientation_lines, log
+
+
+def test_msi_rotated_by_30_degrees_fuses_on_a_north_up_grid(potsdam_wald_pair, run_fusion, make_feedback, tmp_path):
+    """A rotation that is no quarter turn: the MSI is warped onto GDAL's north-up grid around
+    it; the corners outside its footprint are no data, the centre is fused."""
+    pair = potsdam_wald_pair
+    with rasterio.open(pair.hr_path) as src:
+        t, width, height = src.transform, src.width, src.height
+    centre = t * (width / 2, height / 2)
+    turned = Affine.rotation(30, pivot=centre) * t
+    hr = rewrite(pair.hr_path, tmp_path / "msi_30.tif", transform=turned)
+    fused, log = fuse(run_fusion, make_feedback, tmp_path / "fused.tif", LRHSI=str(pair.lr_path), HRMSI=str(hr))
+    out = fused["transform"]
+    assert out.b == 0 and out.d == 0 and out.a > 0 and out.e < 0
+    good = fused["data"][~pair.bad_bands]
+    rows, cols = good.shape[1:]
+    assert np.isnan(good[:, 0, 0]).all() and np.isnan(good[:, -1, -1]).all()
+    assert np.isfinite(good[:, rows // 2 - 3 : rows // 2 + 3, cols // 2 - 3 : cols // 2 + 3]).all()
+    assert any("rotated grid" in m and "cubic" in m for m in log), log
 
 
 def test_orientation_is_measured_on_sorted_corners_not_bounds(potsdam_wald_pair, tmp_path):
@@ -512,6 +531,17 @@ def test_a_tiny_overlap_is_refused(potsdam_wald_pair, run_fusion, tmp_path):
     assert not (tmp_path / "fused.tif").exists()
 
 
+def test_a_small_overlap_fuses_with_a_warning(potsdam_wald_pair, run_fusion, make_feedback, tmp_path):
+    pair = potsdam_wald_pair
+    with rasterio.open(pair.lr_path) as src:
+        t, width, height = src.transform, src.width, src.height
+    moved = rewrite(pair.lr_path, tmp_path / "lr_corner.tif",
+                    transform=Affine.translation(t.a * (width - 6), t.e * (height - 6)) * t)
+    fused, log = fuse(run_fusion, make_feedback, tmp_path / "fused.tif", LRHSI=str(moved), HRMSI=str(pair.hr_path))
+    assert fused["data"].shape[1:] == (18, 18)
+    assert any("only 6×6 hyperspectral pixels" in m for m in log), log
+
+
 @pytest.mark.parametrize("bands", [1, 2, 20])
 def test_msi_band_counts_outside_the_trained_range_fuse_with_a_warning(bands, potsdam_wald_pair, run_fusion,
                                                                         make_feedback, tmp_path):
@@ -532,11 +562,25 @@ def test_destination_is_geotiff_only_and_tif_is_appended(potsdam_wald_pair, run_
     destination = algorithm.parameterDefinition("OUTPUT")
     assert destination.supportedOutputRasterLayerExtensions() == ["tif"]
     assert "*.tif" in destination.createFileFilter() and "*.img" not in destination.createFileFilter()
-    results, _ = run_fusion(LRHSI=str(potsdam_wald_pair.lr_path), HRMSI=str(potsdam_wald_pair.hr_path),
-                            OUTPUT=str(tmp_path / "fused"))
-    assert results["OUTPUT"] == str(tmp_path / "fused.tif")
+    # Twice, each run with its own context that loads the result (as the QGIS window does): the
+    # first context, once gone, must not take the second run's rendering with it.
+    for name in ("fused", "second"):
+        context = QgsProcessingContext()
+        context.setProject(QgsProject.instance())
+        context.addLayerToLoadOnCompletion(str(tmp_path / name),
+                                           QgsProcessingContext.LayerDetails(name, QgsProject.instance(), "OUTPUT"))
+        results, _ = run_fusion(context=context, LRHSI=str(potsdam_wald_pair.lr_path),
+                                HRMSI=str(potsdam_wald_pair.hr_path), OUTPUT=str(tmp_path / name))
+        assert results["OUTPUT"] == str(tmp_path / f"{name}.tif")
+        assert context.willLoadLayerOnCompletion(str(tmp_path / f"{name}.tif"))
+        assert not context.willLoadLayerOnCompletion(str(tmp_path / name))
+        assert context.layerToLoadOnCompletionDetails(str(tmp_path / f"{name}.tif")).postProcessor() is not None
+        del context
     with rasterio.open(tmp_path / "fused.tif") as ds:
         assert ds.driver == "GTiff"
+    refused(run_fusion, "must be a GeoTIFF", LRHSI=str(potsdam_wald_pair.lr_path),
+            HRMSI=str(potsdam_wald_pair.hr_path), OUTPUT=str(tmp_path / "fused.img"))
+    assert not (tmp_path / "fused.img").exists()
 
 
 def test_bands_given_as_text_as_qgis_process_passes_them(potsdam_wald_pair, run_fusion, make_feedback, tmp_path):
@@ -601,3 +645,19 @@ def test_misregistration_gap_message_names_the_image_and_the_remedy():
     assert "the multispectral image has no data" in messages[0] and "hyperspectral image has" not in messages[0]
     assert "co-register them first" in messages[0]
 
+
+
+def test_largest_valid_window_is_the_largest_all_valid_rectangle():
+    from csakd_qgis.registration import largest_valid_window
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        mask = rng.random((7, 9)) < 0.8
+        row, col, rows, cols = largest_valid_window(mask)
+        assert mask[row : row + rows, col : col + cols].all()
+        largest = max(
+            (r1 - r0) * (c1 - c0)
+            for r0 in range(7) for r1 in range(r0 + 1, 8) for c0 in range(9) for c1 in range(c0 + 1, 10)
+            if mask[r0:r1, c0:c1].all()
+        ) if mask.any() else 0
+        assert rows * cols == largest
