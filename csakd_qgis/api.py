@@ -409,10 +409,12 @@ def fuse_files(
 
     from .files import atomic_output
     from .georaster import (
-        FusionInputError, fill_partial_gaps, hr_on_working_grid, output_profile, plan_grid, read_as_float, read_padded,
+        BandSubset, FusionInputError, fill_partial_gaps, hr_on_working_grid, output_profile, plan_grid, read_as_float,
+        read_padded,
     )
     from .inputs import (
         band_gaps_at_hr, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
+        set_aside_mostly_missing_msi,
     )
     from .outputs import (
         check_not_an_input, check_room, log_clipped, output_dataset, output_encoding, output_folder, write_block,
@@ -460,6 +462,11 @@ def fuse_files(
             msi_fit = _as_wald_blurred(
                 read_as_float(msi_vrt, out_shape=(hr_ds.count,) + fit_shape), grid.lr_height / fit_shape[0]
             )
+            # (On the MSI's own pixels: the average onto the working grid hides scattered gaps.)
+            msi_keep = set_aside_mostly_missing_msi(read_as_float(hr_view, out_shape=(hr_ds.count,) + fit_shape), log)
+            if not msi_keep.all():
+                kept = np.flatnonzero(msi_keep) + 1
+                msi_fit, hr_view, msi_vrt = msi_fit[msi_keep], BandSubset(hr_view, kept), BandSubset(msi_vrt, kept)
             usable = np.isfinite(lr_fit).any(axis=(1, 2))
             if meta.bad_bands is not None:
                 usable &= ~meta.bad_bands[np.array(indexes) - 1]

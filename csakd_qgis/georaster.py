@@ -136,6 +136,38 @@ class FlippedRaster:
         return data
 
 
+class BandSubset:
+    """Bands ``indexes`` (1-based) of a raster seen as a raster of their own (for an MSI band
+    set aside because it has no data in most pixels); everything else is the raster's."""
+
+    def __init__(self, dataset, indexes):
+        self._dataset = dataset
+        self._indexes = [int(i) for i in indexes]
+        self.count = len(self._indexes)
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def _pick(self, values):
+        return tuple(values[i - 1] for i in self._indexes)
+
+    @property
+    def scales(self):
+        return self._pick(self._dataset.scales)
+
+    @property
+    def offsets(self):
+        return self._pick(self._dataset.offsets)
+
+    @property
+    def nodatavals(self):
+        return self._pick(self._dataset.nodatavals)
+
+    def read(self, indexes=None, **kwargs):
+        chosen = self._indexes if indexes is None else [self._indexes[i - 1] for i in np.atleast_1d(indexes)]
+        return self._dataset.read(chosen, **kwargs)
+
+
 def north_up(dataset, log=None, role: str = "image"):
     """``dataset`` as a north-up raster: itself when it is one, a :class:`FlippedRaster`
     when stored south-up or east-to-west, and a north-up WarpedVRT when rotated (nearest

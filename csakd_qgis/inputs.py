@@ -110,3 +110,19 @@ def band_gaps_at_hr(lr_cube, scale: int, row0: int, col0: int, rows: int, cols: 
     part = gaps[:, r : r + rows, c : c + cols]
     out[:, : part.shape[1], : part.shape[2]] = part
     return out
+
+
+def set_aside_mostly_missing_msi(msi_sample, log) -> np.ndarray:
+    """(M,) True for the MSI bands to keep, from a (M, rows, cols) sample of its pixels: a band
+    without data in most pixels is set aside and named in the log (all are kept when none has
+    data in most pixels)."""
+    from .georaster import mostly_missing_bands
+
+    missing = mostly_missing_bands(msi_sample)
+    if missing.all():
+        return np.ones(len(msi_sample), dtype=bool)
+    for position in np.flatnonzero(missing):
+        share = 1.0 - np.isfinite(msi_sample[position]).mean()
+        log(f"band {position + 1} of the multispectral image has no data in {share:.0%} of the pixels: set aside "
+            "(the fusion uses the other multispectral bands)")
+    return ~missing

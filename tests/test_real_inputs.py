@@ -215,6 +215,23 @@ def test_msi_band_missing_in_a_patch_blanks_no_output_pixel(potsdam_wald_pair, r
     assert relative < 0.1
 
 
+def test_msi_band_missing_in_most_pixels_is_set_aside_and_named(potsdam_wald_pair, reference, run_fusion,
+                                                                make_feedback, tmp_path):
+    pair = potsdam_wald_pair
+    with rasterio.open(pair.hr_path) as src:
+        msi = src.read()
+    extra = msi[3:4] * 0.5 + msi[0:1] * 0.5  # a fifth band, without data in 70 % of the pixels
+    extra[:, np.random.default_rng(2).random(msi.shape[1:]) < 0.7] = -9999.0
+    hr = rewrite(pair.hr_path, tmp_path / "msi_5_bands.tif", np.concatenate([msi, extra]), nodata=-9999.0,
+                 descriptions=[""] * 5)
+    fused, log = fuse(run_fusion, make_feedback, tmp_path / "fused.tif", LRHSI=str(pair.lr_path), HRMSI=str(hr))
+    assert any("band 5 of the multispectral image" in m and "set aside" in m for m in log), log
+    # The other four bands give what the 4-band MSI gives.
+    both = np.isfinite(reference["data"])
+    assert (np.isfinite(fused["data"]) == both).all()
+    np.testing.assert_allclose(fused["data"][both], reference["data"][both], rtol=1e-4, atol=1e-2)
+
+
 def test_per_band_nodata_values_and_mask_bands(potsdam_wald_pair, reference, run_fusion, make_feedback, tmp_path):
     """A VRT gives band 21 of the LR-HSI its own no-data value (GDAL's per-band no-data); an
     internal mask band on the MSI masks a corner in every band."""
