@@ -81,17 +81,22 @@ def north_up_view(stack, hr_ds, log):
 
 
 def set_aside_mostly_missing(lr_fit, indexes, meta, log) -> np.ndarray:
-    """(len(indexes),) True for the bands that lack data in most pixels; each one is named in
-    the log and written as a bad band (bbl = 0)."""
+    """(len(indexes),) True for the bands that lack data in most pixels; they are written as
+    bad bands (bbl = 0), and those the file does not already flag as bad are named in one log
+    line."""
     from .georaster import mostly_missing_bands
 
     missing = mostly_missing_bands(lr_fit)
+    named = []
     for position in np.flatnonzero(missing):
         index = indexes[position]
-        where = f" ({meta.wavelengths_nm[index - 1]:.1f} nm)" if meta.wavelengths_nm is not None else ""
-        share = 1.0 - np.isfinite(lr_fit[position]).mean()
-        log(f"band {index}{where} of the hyperspectral image has no data in {share:.0%} of the pixels: set aside as a "
-            "bad band (bbl = 0, nodata in the output)")
+        if meta.bad_bands is not None and meta.bad_bands[index - 1]:
+            continue
+        where = f"{meta.wavelengths_nm[index - 1]:.1f} nm, " if meta.wavelengths_nm is not None else ""
+        named.append(f"band {index} ({where}{1.0 - np.isfinite(lr_fit[position]).mean():.0%} missing)")
+    if named:
+        log("hyperspectral bands without data in most pixels, set aside as bad bands (bbl = 0, nodata in the "
+            "output): " + ", ".join(named))
     return missing
 
 
