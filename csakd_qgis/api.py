@@ -358,14 +358,18 @@ def fuse_files(
     adapt_minutes: float = 0.0,
     psf=None,
 ) -> FusionReport:
-    """Fuse two co-registered rasters (any GDAL format, any CRS) into a GeoTIFF.
+    """Fuse two co-registered rasters (any GDAL format, any CRS, any geotransform orientation)
+    into a GeoTIFF.
 
-    The output is on the HR-MSI's grid over the common area, one band per LR-HSI band
+    The output is on the HR-MSI's grid (made north-up) over the common area, one band per LR-HSI band
     (or per 1-based index in ``bands``), with each band's wavelength, FWHM and bad-band flag.
     It is written block by block to a temporary file renamed into place at the end, so a
     failed or cancelled run leaves nothing behind; the LR-HSI resampled onto the working grid
-    sits in a scratch file beside the output for the run's duration. Raises FusionInputError
-    on bad input.
+    sits in a scratch file beside the output for the run's duration. A value missing in one
+    band costs only that band at that pixel; integer outputs keep the input's encoding
+    (georaster.OutputEncoding). Raises FusionInputError on bad input, and on an output that
+    is one of the inputs' files or that cannot be created, written or renamed (disk full,
+    unwritable folder: checked before starting where possible).
     ``adapt_minutes`` > 0 first fine-tunes the model on the scene's own Wald-degraded pair.
     ``psf``: None or "auto" estimates the LR-HSI's PSF from the pair; else a PSF text
     (:func:`psf.parse_psf`: "box", "gaussian:0.5", "mtf:0.3", …) or a psf.SpatialDegradation.
@@ -379,14 +383,23 @@ def fuse_files(
     from rasterio.windows import Window
 
     from .files import atomic_output
-    from .georaster import FusionInputError, hr_reader, msi_on_square_ground_pixels, output_profile, plan_grid
+    from .georaster import (
+        BandSubset, FusionInputError, fill_partial_gaps, hr_reader, msi_on_square_ground_pixels, output_profile, plan_grid,
+        read_as_float,
+    )
+    from .inputs import (
+        band_gaps_at_hr, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
+        set_aside_mostly_missing_msi,
+    )
+    from .outputs import (
+        check_not_an_input, check_room, log_clipped, output_dataset, output_encoding, output_folder, write_block,
+    )
     from .pipeline import ScenePair
     from .psf import parse_psf
     from .raster_io import read_spectral_metadata
 
     started = time.time()
     output_path = Path(output_path)
-    _check_writable(output_path)
 
     def open_raster(path, role):
         try:
@@ -394,22 +407,18 @@ def fuse_files(
         except RasterioIOError as error:
             raise FusionInputError(f"cannot read the {role} {path}: {error}") from error
 
-    with rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
+    with output_folder(output_path), rasterio.Env(GDAL_CACHEMAX=RESAMPLE_CACHE_BYTES), open_raster(
         lr_hsi_path, "hyperspectral image (LRHSI)"
     ) as lr_ds, open_raster(hr_msi_path, "multispectral image (HRMSI)") as hr_file, ExitStack() as inputs:
+        check_not_an_input(output_path, lr_ds, hr_file)
         hr_ds = inputs.enter_context(msi_on_square_ground_pixels(lr_ds, hr_file, log))
         grid = plan_grid(lr_ds, hr_ds)
         indexes = _band_indexes(bands, lr_ds.count)
-        if len(indexes) < 4:
-            raise FusionInputError(
-                f"the hyperspectral image gives {len(indexes)} band(s); fusion needs at least 4 hyperspectral bands"
-            )
-        if len(indexes) <= hr_ds.count:
-            raise FusionInputError(
-                f"the 'hyperspectral' image has {len(indexes)} bands and the 'multispectral' one {hr_ds.count}: "
-                "the hyperspectral image must have more bands; are the two inputs swapped?"
-            )
+        check_band_counts(indexes, lr_ds.count, hr_ds.count, log)
         meta = read_spectral_metadata(lr_ds)
+        lr_encoding = input_encoding(lr_ds, meta, log)
+        log_input_properties(lr_ds, hr_ds, grid, meta, log)
+        check_room(output_path, grid, len(indexes), output_dtype, log)
         fused_model, card = load_model(model, device) if not hasattr(model, "config") else (model, {})
         torch_device = next(fused_model.parameters()).device
         psf_choice = parse_psf(psf, grid.scale) if isinstance(psf, str) else psf
@@ -420,26 +429,41 @@ def fuse_files(
         )
         with ExitStack() as stack:
             lr_cube = stack.enter_context(
-                _working_grid_cube(lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled)
+                _working_grid_cube(
+                    lr_ds, grid, indexes, output_path, _part(progress, 0.0, RESAMPLE_SHARE), cancelled, lr_encoding
+                )
             )
-            lr_fit = lr_cube.sample(*_fit_shape(grid.lr_height, grid.lr_width))
+            hr_view = north_up_view(stack, hr_ds, log)
+            fit_shape = _fit_shape(grid.lr_height, grid.lr_width)
+            lr_fit = lr_cube.sample(*fit_shape)
+            # (On the MSI's own pixels: the average onto the working grid hides scattered gaps.)
+            msi_sample = read_as_float(hr_view, out_shape=(hr_view.count,) + fit_shape)
+            msi_keep = set_aside_mostly_missing_msi(msi_sample, log)
+            if not msi_keep.all():
+                kept = np.flatnonzero(msi_keep) + 1
+                msi_sample, hr_view = msi_sample[msi_keep], BandSubset(hr_view, kept)
             usable = np.isfinite(lr_fit).any(axis=(1, 2))
             if meta.bad_bands is not None:
                 usable &= ~meta.bad_bands[np.array(indexes) - 1]
+            usable &= ~set_aside_mostly_missing(lr_fit, indexes, meta, log)
             if usable.sum() < 4:
                 raise FusionInputError("fewer than 4 hyperspectral bands hold data over the common area")
             all_used = bool(usable.all())
 
+            # A value missing in one band at a pixel where the others have data is filled for the
+            # network (and written as nodata in that band only, see write below).
+            lr_fallback, msi_fallback = np.nanmean(lr_fit, axis=(1, 2)), np.nanmean(msi_sample, axis=(1, 2))
+
             def read_lr(w):
                 window = lr_cube.read(*w) if _inside(w, grid) else _read_lr_padded(lr_cube, w)
-                window = window if all_used else window[usable]
-                # A pixel missing in any used band is missing for the fusion.
-                window[:, ~np.isfinite(window).all(0)] = np.nan
-                return window
+                return fill_partial_gaps(window if all_used else window[usable], lr_fallback)
 
-            pair = ScenePair(
-                (grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, hr_reader(hr_ds, grid)
-            )
+            read_msi = hr_reader(hr_view, grid)
+
+            def read_hr(w):
+                return fill_partial_gaps(read_msi(w), msi_fallback)
+
+            pair = ScenePair((grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, read_hr)
 
             def adapt(model_, statistics):
                 if adapt_minutes <= 0:
@@ -449,11 +473,11 @@ def fuse_files(
             position = np.flatnonzero(usable)
             profile = output_profile(grid, len(indexes), output_dtype, creation_options)
             block_rows, block_cols = _block_shape(profile)
-            nodata = profile["nodata"]
+            encoding = output_encoding(output_dtype, lr_ds, lr_encoding, indexes, lr_fit, log)
             with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_BYTES), atomic_output(output_path, suffix=".tif") as temporary:
                 _release_freed_memory()
-                with rasterio.open(temporary, "w", **profile) as dst:
-                    _write_band_metadata(dst, meta, indexes, usable)
+                with output_dataset(temporary, output_path, profile) as dst:
+                    _write_band_metadata(dst, meta, indexes, usable, encoding)
 
                     def write(row0: int, col0: int, spectra: np.ndarray) -> None:
                         rows = min(spectra.shape[1], grid.height - row0)
@@ -465,7 +489,8 @@ def fuse_files(
                         else:
                             block = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
                             block[position] = spectra[:, :rows, :cols]
-                        dst.write(_to_output(block, output_dtype, nodata), window=Window(col0, row0, cols, rows))
+                        block[band_gaps_at_hr(lr_cube, grid.scale, row0, col0, rows, cols)] = np.nan
+                        write_block(dst, encoding.encode(block), Window(col0, row0, cols, rows), output_path)
 
                     try:
                         tiles, statistics = fuse_scene(
@@ -479,6 +504,7 @@ def fuse_files(
                     # The degradation the fusion assumed, readable back (consistency.psf_consistency).
                     dst.update_tags(CSAKD_PSF=json.dumps(statistics.degradation.to_dict()),
                                     CSAKD_PSF_DESCRIPTION=statistics.degradation.describe())
+    log_clipped(encoding, log)
     seconds = time.time() - started
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
@@ -510,19 +536,29 @@ def _adapted(model, stats, pair, minutes, log, cancelled):
 
 
 @contextmanager
-def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancelled):
+def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancelled, encoding=None):
     """The LR-HSI on the working grid in a scratch file beside the output, removed afterwards
-    whatever happens (the output's folder is where the user has room for large files)."""
+    whatever happens (the output's folder is where the user has room for large files).
+    ``encoding``: (scales, offsets) per band when they come from a metadata file."""
+    from rasterio.errors import RasterioError
+
+    from .files import OutputError
     from .georaster import WorkingGridCube
 
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".lr-working-grid", dir=output_path.parent)
-    os.close(handle)
+    try:
+        handle, scratch = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".lr-working-grid", dir=output_path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise OutputError(f"cannot create the scratch file beside the output {output_path}: {error.strerror or error}") from error
     try:
         try:
-            cube = WorkingGridCube.materialise(lr_ds, grid, indexes, scratch, progress, cancelled)
+            cube = WorkingGridCube.materialise(lr_ds, grid, indexes, scratch, progress, cancelled, encoding)
         except InterruptedError as error:
             raise FusionCancelled(str(error)) from error
+        except OSError as error:
+            if isinstance(error, RasterioError):
+                raise  # reading the input, not writing the scratch file
+            raise OutputError(f"cannot write the scratch file {scratch}: {error.strerror or error}") from error
         _release_freed_memory()
         with cube:
             yield cube
@@ -570,19 +606,6 @@ def _block_shape(profile: dict) -> Tuple[int, int]:
     return DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE
 
 
-def _check_writable(output_path: Path) -> None:
-    from .georaster import FusionInputError
-
-    folder = output_path.parent if str(output_path.parent) else Path(".")
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise FusionInputError(f"cannot write the output {output_path}: folder {folder} is not writable")
-    if output_path.exists() and output_path.is_dir():
-        raise FusionInputError(f"the output {output_path} is a folder; give a file name ending in .tif")
-
-
 def _band_indexes(bands, count: int) -> list:
     from .georaster import FusionInputError
 
@@ -601,23 +624,9 @@ def _fit_shape(rows: int, cols: int) -> Tuple[int, int]:
     return max(2, int(rows / factor)), max(2, int(cols / factor))
 
 
-def _to_output(block: np.ndarray, dtype: str, nodata) -> np.ndarray:
-    missing = ~np.isfinite(block)
-    if dtype != "float32":
-        info = np.iinfo(dtype)
-        low, high = info.min, info.max
-        # The nodata value is kept for missing pixels only.
-        if nodata == low:
-            low += 1
-        if nodata == high:
-            high -= 1
-        block = np.clip(np.rint(np.nan_to_num(block)), low, high)
-    block = block.astype(dtype)
-    block[missing] = nodata
-    return block
-
-
-def _write_band_metadata(dst, meta, indexes, usable) -> None:
+def _write_band_metadata(dst, meta, indexes, usable, encoding=None) -> None:
+    if encoding is not None and encoding.is_scaled:
+        dst.scales, dst.offsets = tuple(encoding.scales), tuple(encoding.offsets)
     for out_band, (index, good) in enumerate(zip(indexes, usable), start=1):
         tags = {"bbl": "1" if good else "0"}
         description = meta.band_names[index - 1] if meta.band_names else f"band {index}"

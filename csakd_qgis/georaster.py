@@ -23,6 +23,9 @@ import numpy as np
 
 MIN_RATIO = 1.5
 MAX_SCALE = 16
+# Hyperspectral pixels per side of the common area below which the inputs are refused: a
+# 2 × 2 overlap gives a "fused" image whose statistics rest on 4 pixels.
+MIN_COMMON_LR = 4
 
 
 class FusionInputError(ValueError):
@@ -67,21 +70,155 @@ def _check_georeferenced(dataset, role: str) -> None:
             f"the {role} ({dataset.name}) has no coordinate reference system; assign one "
             "(Raster ▸ Projections ▸ Assign Projection, or gdal_edit.py -a_srs) and run again"
         )
+
+
+def orientation(transform) -> str:
+    """'north-up', 'flipped' (an axis runs the other way: south-up rows and/or east-to-west
+    columns, as gdal_grid and many netCDF/HDF conversions write) or 'rotated' (a GDAL
+    geotransform with rotation terms)."""
+    if transform.b != 0 or transform.d != 0:
+        return "rotated"
+    return "north-up" if transform.a > 0 and transform.e < 0 else "flipped"
+
+
+class FlippedRaster:
+    """A flipped (south-up and/or east-to-west) rasterio dataset seen as north-up.
+
+    Every GDAL geotransform orientation is valid and read correctly by GDAL, QGIS and
+    gdalwarp; the grid planning and the window reads here assume row 0 in the north and
+    column 0 in the west. A flip is exact: windows are mapped onto the mirrored window of the
+    file and the pixels mirrored back, so values, per-band no-data and mask bands are the
+    file's own (no resampling). Everything else is the dataset's.
+    """
+
+    def __init__(self, dataset):
+        from affine import Affine
+
+        self._dataset = dataset
+        t = dataset.transform
+        self._flip_x, self._flip_y = t.a < 0, t.e > 0
+        left = t.c + t.a * dataset.width if self._flip_x else t.c
+        top = t.f + t.e * dataset.height if self._flip_y else t.f
+        self.transform = Affine(abs(t.a), 0.0, left, 0.0, -abs(t.e), top)
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    @property
+    def bounds(self):
+        from rasterio.coords import BoundingBox
+
+        t = self.transform
+        return BoundingBox(t.c, t.f + t.e * self.height, t.c + t.a * self.width, t.f)
+
+    def window_transform(self, window):
+        from rasterio.windows import transform
+
+        return transform(window, self.transform)
+
+    def read(self, indexes=None, window=None, out_shape=None, **kwargs):
+        from rasterio.windows import Window
+
+        if kwargs.get("boundless"):
+            raise ValueError("boundless reads of a flipped raster are not supported")
+        if window is None:
+            window = Window(0, 0, self.width, self.height)
+        col, row = window.col_off, window.row_off
+        if self._flip_x:
+            col = self.width - col - window.width
+        if self._flip_y:
+            row = self.height - row - window.height
+        data = self._dataset.read(indexes, window=Window(col, row, window.width, window.height), out_shape=out_shape, **kwargs)
+        if self._flip_y:
+            data = data[..., ::-1, :]
+        if self._flip_x:
+            data = data[..., :, ::-1]
+        return data
+
+
+class BandSubset:
+    """Bands ``indexes`` (1-based) of a raster seen as a raster of their own (for an MSI band
+    set aside because it has no data in most pixels); everything else is the raster's."""
+
+    def __init__(self, dataset, indexes):
+        self._dataset = dataset
+        self._indexes = [int(i) for i in indexes]
+        self.count = len(self._indexes)
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def _pick(self, values):
+        return tuple(values[i - 1] for i in self._indexes)
+
+    @property
+    def scales(self):
+        return self._pick(self._dataset.scales)
+
+    @property
+    def offsets(self):
+        return self._pick(self._dataset.offsets)
+
+    @property
+    def nodatavals(self):
+        return self._pick(self._dataset.nodatavals)
+
+    def read(self, indexes=None, **kwargs):
+        chosen = self._indexes if indexes is None else [self._indexes[i - 1] for i in np.atleast_1d(indexes)]
+        return self._dataset.read(chosen, **kwargs)
+
+
+def north_up(dataset, log=None, role: str = "image"):
+    """``dataset`` as a north-up raster: itself when it is one, a :class:`FlippedRaster`
+    when stored south-up or east-to-west, and a north-up WarpedVRT when rotated (nearest
+    neighbour for a quarter turn, which is exact, cubic otherwise). The
+    LR-HSI itself is always warped from the file (any orientation); this view serves the grid
+    planning and the MSI's window reads."""
+    kind = orientation(dataset.transform)
+    if kind == "north-up":
+        return dataset
+    if kind == "flipped":
+        if log is not None:
+            log(f"the {role} is stored {'south-up' if dataset.transform.e > 0 else 'east-to-west'}: read as north-up (no resampling)")
+        return FlippedRaster(dataset)
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
     t = dataset.transform
-    if t.b != 0 or t.d != 0:
-        raise FusionInputError(
-            f"the {role} ({dataset.name}) is rotated; warp it to a north-up grid first (gdalwarp)"
-        )
+    # Turned by a quarter turn: a permutation of the pixels, read exactly by nearest neighbour
+    # (GDAL's cubic warper does not reproduce the pixels even on the very same centres).
+    quarter_turn = t.a == 0 and t.e == 0
+    resampling = Resampling.nearest if quarter_turn else Resampling.cubic
+    if log is not None:
+        log(f"the {role} is on a rotated grid: read through a north-up grid "
+            + ("(a quarter turn: no resampling)" if quarter_turn else "by cubic resampling"))
+    # float32 with the sentinel read_as_float takes for no data: the corners outside a rotated
+    # footprint are no data, also for a raster that declares no no-data value.
+    return WarpedVRT(dataset, resampling=resampling, src_nodata=dataset.nodata, nodata=_vrt_nodata_float, dtype="float32")
 
 
 def plan_grid(lr_dataset, hr_dataset) -> FusionGrid:
-    """The output and working grids for two open rasterio datasets."""
+    """The output and working grids for two open rasterio datasets of any GDAL geotransform
+    orientation (north-up, flipped or rotated); the output grid is the MSI's made north-up.
+    Raises FusionInputError when they cannot be fused."""
+    _check_georeferenced(lr_dataset, "hyperspectral image (LRHSI)")
+    _check_georeferenced(hr_dataset, "multispectral image (HRMSI)")
+    # Footprints and pixel sizes from north-up views: a south-up raster's bounds have
+    # bottom > top and would share no area with anything.
+    lr_view, hr_view = north_up(lr_dataset), north_up(hr_dataset)
+    try:
+        return _plan_north_up(lr_view, hr_view)
+    finally:
+        for view, dataset in ((lr_view, lr_dataset), (hr_view, hr_dataset)):
+            if view is not dataset and not isinstance(view, FlippedRaster):
+                view.close()
+
+
+def _plan_north_up(lr_dataset, hr_dataset) -> FusionGrid:
     from rasterio.warp import calculate_default_transform, transform_bounds
     from rasterio.windows import Window, from_bounds
     from affine import Affine
 
-    _check_georeferenced(lr_dataset, "hyperspectral image (LRHSI)")
-    _check_georeferenced(hr_dataset, "multispectral image (HRMSI)")
     hr_crs = hr_dataset.crs
     lr_bounds = transform_bounds(lr_dataset.crs, hr_crs, *lr_dataset.bounds, densify_pts=21)
     hr_bounds = hr_dataset.bounds
@@ -113,9 +250,11 @@ def plan_grid(lr_dataset, hr_dataset) -> FusionGrid:
     scale = working_scale(ratio)
     width, height = int(out_window.width), int(out_window.height)
     lr_width, lr_height = math.ceil(width / scale), math.ceil(height / scale)
-    if lr_width < 2 or lr_height < 2:
+    if lr_width < MIN_COMMON_LR or lr_height < MIN_COMMON_LR:
         raise FusionInputError(
-            f"the common area is only {width}×{height} multispectral pixels, less than 2×2 hyperspectral pixels"
+            f"the common area is only {width}×{height} multispectral pixels ({lr_width}×{lr_height} working pixels of "
+            f"{scale} × {scale}); fusion needs at least {MIN_COMMON_LR}×{MIN_COMMON_LR} hyperspectral pixels in common "
+            "(the scene statistics are fitted on them): check the footprints or choose images that overlap more"
         )
     return FusionGrid(
         hr_crs, out_transform, width, height, ratio, scale,
@@ -136,8 +275,11 @@ def lr_resampling(lr_dataset, grid: FusionGrid):
         return Resampling.average
     if lr_dataset.crs == grid.crs:
         relative = ~lr_dataset.transform * grid.lr_transform
-        if all(abs(v - round(v)) < 1e-6 for v in (relative.a, relative.e, relative.c, relative.f)) and \
-                round(relative.a) == 1 and round(relative.e) == 1:
+        # A flipped or quarter-turned LR-HSI on the same grid maps pixel centres onto pixel
+        # centres too: its pixels, permuted.
+        terms = (relative.a, relative.b, relative.d, relative.e)
+        if all(abs(v - round(v)) < 1e-6 for v in terms + (relative.c, relative.f)) and \
+                sorted(abs(round(v)) for v in terms) == [0, 0, 1, 1] and round(relative.a * relative.e - relative.b * relative.d) != 0:
             return Resampling.nearest
     return Resampling.cubic
 
@@ -150,6 +292,9 @@ def lr_on_working_grid(lr_dataset, grid: FusionGrid):
         lr_dataset, crs=grid.crs, transform=grid.lr_transform, width=grid.lr_width, height=grid.lr_height,
         resampling=lr_resampling(lr_dataset, grid), src_nodata=lr_dataset.nodata, nodata=_vrt_nodata(lr_dataset),
     )
+
+
+_vrt_nodata_float = -3.4e38
 
 
 def _vrt_nodata(dataset):
@@ -171,12 +316,120 @@ def read_as_float(dataset, window=None, out_shape=None, indexes=None, boundless=
     return scaled(values, dataset, indexes if indexes is not None else list(range(1, dataset.count + 1)))
 
 
-def scaled(values: np.ndarray, dataset, indexes) -> np.ndarray:
+def scaled(values: np.ndarray, dataset, indexes, encoding=None) -> np.ndarray:
     """(B, rows, cols) raw values of bands ``indexes`` (1-based) in the raster's units: each
-    band's scale and offset applied."""
-    scales = np.array([dataset.scales[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
-    offsets = np.array([dataset.offsets[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
+    band's scale and offset applied (the raster's own, or ``encoding`` = (scales, offsets) per
+    band of the raster when they come from a metadata file beside it)."""
+    all_scales, all_offsets = encoding if encoding is not None else (dataset.scales, dataset.offsets)
+    scales = np.array([all_scales[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
+    offsets = np.array([all_offsets[i - 1] for i in indexes], dtype=np.float32).reshape(-1, 1, 1)
     return values * scales + offsets
+
+
+class OutputEncoding:
+    """How fused values (float32, the LR-HSI's physical units) are stored in the output.
+
+    float32 stores them as they are. An integer output keeps the input's encoding: digital
+    numbers DN = (value − offset) / scale, rounded, with the scale and offset written on the
+    output bands (GDAL's scale/offset: value = scale·DN + offset), as EnMAP, Sentinel-2 and
+    Landsat products are distributed. An input stored as floats has no encoding to keep: it
+    gets the finest power-of-ten scale under which twice its largest absolute value still
+    fits (reflectance up to 1 → 0.0001 in int16). Values outside the type's range are
+    clipped and counted in ``clipped`` (uint16 holds no negative values).
+    """
+
+    def __init__(self, dtype: str, scales: np.ndarray, offsets: np.ndarray):
+        if dtype not in OUTPUT_DTYPES:
+            raise FusionInputError(f"output data type {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+        self.dtype = dtype
+        self.nodata = OUTPUT_DTYPES[dtype]
+        self.scales = np.asarray(scales, dtype=np.float64)
+        self.offsets = np.asarray(offsets, dtype=np.float64)
+        self.clipped = 0
+
+    @classmethod
+    def for_input(cls, dtype: str, input_dtype: str, scales, offsets, largest: float) -> "OutputEncoding":
+        """The encoding of an output of ``dtype`` for an input of numpy type ``input_dtype``
+        whose fused bands have these GDAL ``scales`` and ``offsets`` and whose values reach
+        ``largest`` in absolute value (physical units)."""
+        bands = len(scales)
+        if dtype == "float32":
+            return cls(dtype, np.ones(bands), np.zeros(bands))
+        if np.issubdtype(np.dtype(input_dtype), np.integer):
+            return cls(dtype, scales, offsets)
+        headroom = 2.0 * max(float(largest), 1e-30) / np.iinfo(dtype).max
+        return cls(dtype, np.full(bands, 10.0 ** math.ceil(math.log10(headroom))), np.zeros(bands))
+
+    @property
+    def is_scaled(self) -> bool:
+        return bool((self.scales != 1).any() or (self.offsets != 0).any())
+
+    def describe(self) -> str:
+        if self.dtype == "float32":
+            return "float32 output in the hyperspectral image's units"
+        scales, offsets = np.unique(self.scales), np.unique(self.offsets)
+        scale = f"{scales[0]:g}" if len(scales) == 1 else "per band"
+        offset = f"{offsets[0]:g}" if len(offsets) == 1 else "per band"
+        return (f"{self.dtype} output as digital numbers with scale {scale} and offset {offset} written on its bands "
+                "(value = scale · DN + offset)")
+
+    def encode(self, block: np.ndarray) -> np.ndarray:
+        """(B, rows, cols) physical float values → the output's type; NaN → nodata."""
+        missing = ~np.isfinite(block)
+        if self.dtype == "float32":
+            out = block.astype(np.float32)
+        else:
+            info = np.iinfo(self.dtype)
+            low, high = info.min, info.max
+            # The nodata value is kept for missing pixels only.
+            if self.nodata == low:
+                low += 1
+            if self.nodata == high:
+                high -= 1
+            digital = np.rint((np.nan_to_num(block) - self.offsets[:, None, None]) / self.scales[:, None, None])
+            outside = ((digital < low) | (digital > high)) & ~missing
+            self.clipped += int(outside.sum())
+            out = np.clip(digital, low, high).astype(self.dtype)
+        out[missing] = self.nodata
+        return out
+
+
+# A band without data in more than this share of the pixels where the other bands have data
+# is set aside like a bad band (bbl = 0) rather than filled.
+MOSTLY_MISSING_SHARE = 0.5
+
+
+def mostly_missing_bands(sample: np.ndarray) -> np.ndarray:
+    """(B,) True for the bands of a (B, rows, cols) sample (NaN = no data) that lack data in
+    more than ``MOSTLY_MISSING_SHARE`` of the pixels where any band has data."""
+    finite = np.isfinite(sample)
+    anywhere = finite.any(0)
+    if not anywhere.any():
+        return np.zeros(len(sample), dtype=bool)
+    return 1.0 - finite[:, anywhere].mean(1) > MOSTLY_MISSING_SHARE
+
+
+def partial_gaps(image: np.ndarray) -> np.ndarray:
+    """(B, rows, cols) True where a band has no data at a pixel at which another band has."""
+    finite = np.isfinite(image)
+    return ~finite & finite.any(0)
+
+
+def fill_partial_gaps(image: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """(B, rows, cols) float32 with each value missing in one band at a pixel where other
+    bands have data filled from that band's valid neighbours (``fill_gaps``; ``fallback``
+    (B,) where there are none). Pixels without data in any band stay NaN, so that the fusion
+    still leaves them out; a value missing in one band thus costs only that band there."""
+    gaps = partial_gaps(image)
+    if not gaps.any():
+        return image
+    from .api import fill_gaps
+
+    out = np.array(image, dtype=np.float32, copy=True)
+    for band in np.flatnonzero(gaps.any(axis=(1, 2))):
+        filled = fill_gaps(image[band : band + 1], np.isfinite(image[band]), np.asarray(fallback)[band : band + 1])[0]
+        out[band, gaps[band]] = filled[gaps[band]]
+    return out
 
 
 OUTPUT_DTYPES = {"float32": -9999.0, "int16": -32768, "uint16": 65535}
@@ -239,9 +492,12 @@ class WorkingGridCube:
         self._file = open(path, "rb")
 
     @classmethod
-    def materialise(cls, lr_dataset, grid: FusionGrid, indexes, path, progress=None, cancelled=None) -> "WorkingGridCube":
+    def materialise(
+        cls, lr_dataset, grid: FusionGrid, indexes, path, progress=None, cancelled=None, encoding=None
+    ) -> "WorkingGridCube":
         """Resample bands ``indexes`` of ``lr_dataset`` onto ``grid``'s working grid into
-        ``path``, strip by strip (NaN for no data, scale and offset applied)."""
+        ``path``, strip by strip (NaN for no data, scale and offset applied: the raster's own,
+        or ``encoding`` = (scales, offsets) per band, see :func:`scaled`)."""
         from affine import Affine
         from rasterio import band
         from rasterio.warp import reproject
@@ -249,22 +505,30 @@ class WorkingGridCube:
         bands, rows, cols = len(indexes), grid.lr_height, grid.lr_width
         strip = max(1, cls.STRIP_BYTES // (bands * cols * 4))
         resampling = lr_resampling(lr_dataset, grid)
+        # GDAL allows a no-data value per band (ENVI, VRT, netCDF); the warper takes one per call.
+        groups = {}
+        for position, index in enumerate(indexes):
+            nodata = lr_dataset.nodatavals[index - 1]
+            groups.setdefault(np.nan if nodata is not None and np.isnan(nodata) else nodata, []).append(position)
         with open(path, "wb") as scratch:
             for row in range(0, rows, strip):
                 if cancelled is not None and cancelled():
                     raise InterruptedError("cancelled while resampling the hyperspectral image")
                 count = min(strip, rows - row)
                 values = np.full((bands, count, cols), np.nan, dtype=np.float32)
-                # One warp of all bands at once: the source's blocks are decoded once per strip,
-                # not once per band.
-                reproject(
-                    band(lr_dataset, list(indexes)), values,
-                    src_nodata=lr_dataset.nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
-                    dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
-                    # Each band its own no-data: a bad band holds nothing where the others hold data.
-                    UNIFIED_SRC_NODATA="NO",
-                )
-                values = scaled(values, lr_dataset, indexes)
+                # One warp of all bands sharing a no-data value at once (usually all): the
+                # source's blocks are decoded once per strip, not once per band.
+                for nodata, positions in groups.items():
+                    part = values if len(groups) == 1 else np.full((len(positions), count, cols), np.nan, np.float32)
+                    reproject(
+                        band(lr_dataset, [indexes[p] for p in positions]), part,
+                        src_nodata=nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
+                        dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
+                        # Each band its own no-data: a bad band holds nothing where the others hold data.
+                        UNIFIED_SRC_NODATA="NO",
+                    )
+                    values[positions] = part
+                values = scaled(values, lr_dataset, indexes, encoding)
                 scratch.write(np.ascontiguousarray(values.transpose(1, 2, 0)).tobytes())
                 if progress is not None:
                     progress((row + count) / rows)

@@ -123,7 +123,7 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     estimate as their ``degradation``. Raises ValueError when no pixel has data in both."""
     from .api import fill_gaps, fit_scene
     from .model import SceneStatistics
-    from .registration import DegradationEstimate, estimate_degradation, measuring_size, measuring_windows
+    from .registration import DegradationEstimate, central_window, estimate_degradation, measuring_size, measuring_windows
 
     log = log or (lambda message: None)
     s = pair.scale
@@ -143,6 +143,13 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
         pairs.append(
             (fill_gaps(lr_window, lr_valid, statistics.band_mean), fill_gaps(hr_window, hr_valid, statistics.msi_mean))
         )
+    if not pairs:
+        # No window is clean enough (a no-data collar, a cloud mask): measure on the largest part
+        # of the central window where both images have data.
+        r, c, h, w = central_window(pair.lr_shape, measuring_size(s))
+        lr_window, hr_window = valid_part(pair.read_lr((r, c, h, w)), pair.hr_mirrored((r * s, c * s, h * s, w * s)), s, log)
+        if lr_window is not None:
+            pairs = [(lr_window, hr_window)]
     if pairs:
         estimate = estimate_degradation(pairs, s, statistics.basis, statistics.band_mean, fixed=psf)
         log(estimate.describe())
@@ -152,11 +159,7 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
             log(f"PSF as given: {psf.describe()}")
     else:
         estimate = DegradationEstimate(start, (0.0, 0.0), 1.0, False)
-        log(
-            f"the PSF and misregistration could not be measured: every measuring window has more than "
-            f"{MAX_GAP_SHARE_TO_ESTIMATE:.0%} no-data in one of the images; assuming {start.describe()} "
-            "(set PSF to the sensor's if known)"
-        )
+        log(f"the PSF could not be estimated either; assuming {start.describe()} (set PSF to the sensor's if known)")
     degradation = estimate.degradation
     if degradation != wald(s) or psf is not None:
         msi = mosaic([pair.msi_at_lr(w, degradation) for w in windows])
@@ -165,6 +168,38 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     statistics.degradation = degradation
     assert isinstance(statistics, SceneStatistics)
     return statistics, estimate
+
+
+def valid_part(lr_window: np.ndarray, hr_window: np.ndarray, scale: int, log=None):
+    """The largest part of a window pair where both images have data, to measure the offset on
+    (a no-data collar or a cloud mask need not switch the measurement off); (None, None), with
+    a log line that names the image with the gaps and the remedy, when that part is too small.
+    lr_window (B, h, w), hr_window (M, s·h, s·w) with NaN for no data."""
+    from .registration import largest_valid_window
+
+    rows, cols = lr_window.shape[1:]
+    lr_valid = np.isfinite(lr_window).all(0)
+    hr_valid = np.isfinite(hr_window[:, : rows * scale, : cols * scale]).all(0)
+    hr_valid_lr = hr_valid.reshape(rows, scale, cols, scale).all(axis=(1, 3))
+    r, c, h, w = largest_valid_window(lr_valid & hr_valid_lr)
+    if min(h, w) >= MIN_REGISTRATION_WINDOW_LR:
+        if log is not None:
+            log(f"misregistration measured on the {h}×{w} hyperspectral pixels of the central area where both images have data")
+        return lr_window[:, r : r + h, c : c + w], hr_window[:, r * scale : (r + h) * scale, c * scale : (c + w) * scale]
+    if log is not None:
+        gaps = [name for name, valid in (("hyperspectral", lr_valid), ("multispectral", hr_valid)) if valid.mean() < 1]
+        log(
+            f"misregistration not measured: the {' and the '.join(gaps)} image{'s have' if len(gaps) > 1 else ' has'} "
+            f"no data in much of the central {rows}×{cols} hyperspectral "
+            f"pixels, and no block of {MIN_REGISTRATION_WINDOW_LR}×{MIN_REGISTRATION_WINDOW_LR} has data in both; the "
+            "images are taken as aligned. If they are not, co-register them first (e.g. QGIS's Georeferencer or "
+            "gdalwarp) or crop the no-data areas away"
+        )
+    return None, None
+
+
+# Hyperspectral pixels per side of the valid part measured on: enough edges to measure on.
+MIN_REGISTRATION_WINDOW_LR = 12
 
 
 @dataclass

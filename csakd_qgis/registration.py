@@ -74,13 +74,17 @@ class DegradationEstimate:
     def describe(self) -> str:
         dy, dx = self.measured
         if self.accepted:
-            offset = (
+            return (
                 f"the hyperspectral image is offset by {dy:+.2f} rows and {dx:+.2f} columns of MSI pixels "
                 f"from the multispectral image; compensated (residual {self.residual_ratio:.2f} of unaligned)"
             )
-        else:
-            offset = "the two images are aligned (no offset explains the pair better than none)"
-        return offset
+        if (dy, dx) == (0.0, 0.0):
+            return "no misregistration found: no offset tried explains the pair better than none (the images are aligned)"
+        return (
+            f"no misregistration compensated: the best offset tried ({dy:+.2f} rows, {dx:+.2f} columns of MSI pixels) "
+            f"leaves {self.residual_ratio:.2f} of what the aligned fit leaves unexplained, not clearly less "
+            f"(an offset is compensated below {ACCEPT_RESIDUAL_RATIO:.2f}); the images are taken as aligned"
+        )
 
     def describe_psf(self) -> str:
         families = ", ".join(f"{name} {value:.4f}" for name, value in self.by_family.items())
@@ -267,3 +271,23 @@ def window_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, window: Opti
     """The LR window (default: the central one) of an in-memory pair and its HR counterpart."""
     r, c, h, w = window or central_window(lr_hsi.shape[1:])
     return lr_hsi[:, r : r + h, c : c + w], hr_msi[:, r * scale : (r + h) * scale, c * scale : (c + w) * scale]
+
+
+def largest_valid_window(valid: np.ndarray) -> Tuple[int, int, int, int]:
+    """(row, col, rows, cols) of the largest rectangle of a 2-D boolean mask that is True
+    throughout (the classic largest-rectangle-in-a-histogram sweep, one pass per row);
+    (0, 0, 0, 0) when there is none."""
+    best = (0, 0, 0, 0, 0)  # area, row, col, rows, cols
+    heights = np.zeros(valid.shape[1] + 1, dtype=int)  # a sentinel 0 closes every run
+    for row in range(valid.shape[0]):
+        heights[:-1] = np.where(valid[row], heights[:-1] + 1, 0)
+        stack = []  # columns of increasing height
+        for col, height in enumerate(heights):
+            while stack and heights[stack[-1]] >= height:
+                top = stack.pop()
+                left = stack[-1] + 1 if stack else 0
+                area = heights[top] * (col - left)
+                if area > best[0]:
+                    best = (area, row - heights[top] + 1, left, int(heights[top]), col - left)
+            stack.append(col)
+    return best[1:]

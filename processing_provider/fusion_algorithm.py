@@ -12,13 +12,14 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
+    QgsProcessingParameters,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
 )
 
 from . import dependencies
 from .base import CsakdAlgorithm, advanced
-from .styling import TRUE_COLOUR
+from .styling import true_colour_post_processor
 
 DEVICES = ["auto", "cpu", "cuda"]
 OUTPUT_TYPES = ["float32", "int16", "uint16"]
@@ -49,6 +50,53 @@ def _gdal_can_open(path: str) -> bool:
         gdal.PopErrorHandler()
         if with_exceptions:
             gdal.UseExceptions()
+
+
+class GeoTiffDestination(QgsProcessingParameterRasterDestination):
+    """The fused image's destination: GeoTIFF only (the file picker offers .tif alone, and a
+    name without an extension gets .tif)."""
+
+    def defaultFileExtension(self):  # noqa: N802 (QGIS name)
+        return "tif"
+
+    def createFileFilter(self):  # noqa: N802
+        return "GeoTIFF (*.tif *.tiff *.TIF *.TIFF)"
+
+    def supportedOutputRasterLayerExtensions(self):  # noqa: N802
+        return ["tif"]
+
+    def isSupportedOutputValue(self, value, context):  # noqa: N802
+        path = geotiff_output(QgsProcessingParameters.parameterAsOutputLayer(self, value, context))
+        if Path(path).suffix.lower() not in (".tif", ".tiff"):
+            return False, f"the output {path} must be a GeoTIFF (.tif)"
+        return True, ""
+
+    def clone(self):
+        copy = GeoTiffDestination(self.name(), self.description(), self.defaultValue(), self.flags() & self.FlagOptional)
+        copy.setFlags(self.flags())
+        return copy
+
+
+def geotiff_output(path: str) -> str:
+    """``path`` with .tif appended when it has no extension."""
+    return path + ".tif" if path and not Path(path).suffix else path
+
+
+def band_numbers(value) -> list:
+    """1-based band numbers from a BANDS value: a list, or text such as "44,28,11,130" or
+    "44;28" as qgis_process and the modeler pass it."""
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(";", ",").replace(" ", ",").split(",")
+    numbers = []
+    for item in items:
+        if str(item).strip() == "":
+            continue
+        try:
+            numbers.append(int(str(item).strip()))
+        except ValueError:
+            raise QgsProcessingException(f"BANDS: '{item}' is not a band number; give numbers such as 44,28,11,130")
+    return numbers
 
 
 def parse_creation_options(text: str) -> dict:
@@ -91,9 +139,11 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "Fuses a coarse hyperspectral image with a sharp multispectral image of the same place into a sharp "
             "hyperspectral image, with the CSAKD student network (runs on the CPU, tile by tile).\n\n"
             "<b>Low-resolution hyperspectral image (LRHSI)</b>: e.g. EnMAP, PRISMA, AVIRIS, HyMap; any GDAL raster. "
-            "Wavelengths are read from band metadata or the ENVI header and copied to the output.\n"
+            "Wavelengths are read from band metadata, the ENVI header, netCDF, an EnMAP METADATA.XML beside the image or "
+            "band names, and copied to the output; the log warns when there are none.\n"
             "<b>High-resolution multispectral image (HRMSI)</b>: e.g. Sentinel-2, WorldView, an aerial or drone "
-            "image (3 to 13 bands), co-registered with the hyperspectral image; any CRS.\n"
+            "image (trained on 3 to 13 bands; other counts fuse with a warning), co-registered with the hyperspectral "
+            "image; any CRS.\n"
             "<b>Fused image (OUTPUT)</b>: GeoTIFF on the multispectral image's grid (CRS, pixel size, alignment) over "
             "the area both images cover; one band per hyperspectral band, with wavelength, FWHM and bad-band flag.\n"
             "<b>Model bundle (MODEL)</b>: a .json model card with its .pt weights beside it; empty = the bundled "
@@ -103,7 +153,8 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "more memory.\n"
             "<b>Device</b> (advanced): auto uses a CUDA GPU when torch sees one, otherwise the CPU.\n"
             "<b>Bands</b> (advanced): fuse only these hyperspectral bands (default: all).\n"
-            "<b>Output data type</b> (advanced): float32 (nodata −9999) or integer types in the input's units.\n"
+            "<b>Output data type</b> (advanced): float32 (nodata −9999), or int16/uint16 in the input's encoding (its "
+            "scale and offset written on the output bands).\n"
             "<b>Creation options</b> (advanced): extra GeoTIFF options, e.g. COMPRESS=ZSTD.\n"
             "<b>Scene adaptation (minutes)</b> (advanced): first fine-tune the model for this long on the scene's own "
             "pair degraded by the working scale (Wald protocol); the log reports the PSNR it gained on a held-out part. "
@@ -150,9 +201,16 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterString(
             self.PSF, "PSF of the hyperspectral image (auto, box, gaussian:SIGMA, mtf:VALUE)", defaultValue="auto",
             optional=True)))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Fused hyperspectral image"))
+        self.addParameter(GeoTiffDestination(self.OUTPUT, "Fused hyperspectral image"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
+        model = parameters.get(self.MODEL)
+        if isinstance(model, str) and Path(model).suffix.lower() in (".pt", ".pth"):
+            card = Path(model).with_suffix(".json")
+            return False, (
+                f"MODEL: {model} holds the weights only; choose the .json model card beside it ({card.name})"
+                + ("" if card.is_file() else f", which is missing: {card} not found")
+            )
         # QGIS reports a file that exists but that GDAL cannot open as "not found"; say what is wrong.
         for name, role in ((self.LRHSI, "hyperspectral image (LRHSI)"), (self.HRMSI, "multispectral image (HRMSI)")):
             value = parameters.get(name)
@@ -180,7 +238,13 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
 
         lr_path = layer_path(self.parameterAsRasterLayer(parameters, self.LRHSI, context), "hyperspectral")
         hr_path = layer_path(self.parameterAsRasterLayer(parameters, self.HRMSI, context), "multispectral")
-        output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        requested = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        output = geotiff_output(requested)
+        if output != requested and context.willLoadLayerOnCompletion(requested):
+            # The layer to load is the file written, with its .tif.
+            layers = context.layersToLoadOnCompletion()
+            layers[output] = layers.pop(requested)
+            context.setLayersToLoadOnCompletion(layers)
         if Path(output).suffix.lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(f"the output {output} must be a GeoTIFF (.tif)")
         model = self.parameterAsFile(parameters, self.MODEL, context) or None
@@ -193,7 +257,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-                bands=self.parameterAsInts(parameters, self.BANDS, context) or None,
+                bands=band_numbers(parameters.get(self.BANDS)) or None,
                 output_dtype=OUTPUT_TYPES[self.parameterAsEnum(parameters, self.OUTPUT_TYPE, context)],
                 creation_options=parse_creation_options(self.parameterAsString(parameters, self.CREATION_OPTIONS, context)),
                 progress=lambda fraction: feedback.setProgress(100.0 * fraction),
@@ -209,6 +273,6 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
             details.name = "Fused hyperspectral image"
-            details.setPostProcessor(TRUE_COLOUR)
+            details.setPostProcessor(true_colour_post_processor())
         feedback.pushInfo(f"done in {report.seconds:.1f} s on {report.device}")
         return {self.OUTPUT: output}

@@ -59,6 +59,17 @@ class TrueColourPostProcessor(QgsProcessingLayerPostProcessorInterface):
             apply_true_colour(layer)
 
 
-# One stateless instance for every run: Processing calls it after the algorithm object that
-# registered it is gone, so it must not belong to that object.
-TRUE_COLOUR = TrueColourPostProcessor()
+_latest = None
+
+
+def true_colour_post_processor() -> TrueColourPostProcessor:
+    """A new post-processor for one run's result layer.
+
+    Processing calls it after the algorithm object that registered it is gone, so it must not
+    belong to that object; and the run's context deletes it when the run is over, so one shared
+    instance would be gone by the second run ("wrapped C/C++ object … has been deleted"). The
+    module keeps the latest one referenced until Processing has used it.
+    """
+    global _latest
+    _latest = TrueColourPostProcessor()
+    return _latest

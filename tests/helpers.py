@@ -61,3 +61,18 @@ def run_command(cmd, **kwargs):
         f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     )
     return result
+
+
+def expect_refusal(run_fusion, *fragments, **parameters):
+    """Run the fusion algorithm, expect a QgsProcessingException whose message names every
+    fragment (case-insensitive); returns the message."""
+    import pytest
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException) as caught:
+        run_fusion(**parameters)
+    message = str(caught.value)
+    print(f"QgsProcessingException: {message}")
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), message
+    return message
