@@ -17,8 +17,10 @@ QGIS_PROCESS := /usr/bin/qgis_process.bin
 QGIS_PROFILES_ROOT := $(if $(QGIS_CUSTOM_CONFIG_PATH),$(QGIS_CUSTOM_CONFIG_PATH),$(HOME)/.local/share/QGIS/QGIS3)
 QGIS_PLUGINS_DIR ?= $(QGIS_PROFILES_ROOT)/profiles/default/python/plugins
 
-APT_PACKAGES := qgis python3-qgis qgis-providers python3-gdal gdal-bin \
-	python3-rasterio python3-pyproj python3-scipy python3-venv xvfb xauth
+# python3-torch joins them where the distribution's is recent enough (Debian 13 and newer).
+APT_PACKAGES = qgis python3-qgis qgis-providers python3-gdal gdal-bin \
+	python3-rasterio python3-pyproj python3-scipy python3-venv xvfb xauth \
+	$(shell $(SYSTEM_PYTHON) scripts/install_torch.py apt-package 2>/dev/null)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 TRAIN_ARGS ?=
@@ -41,10 +43,14 @@ system-packages:
 # The stamp makes a second `make setup` a no-op until requirements.txt changes;
 # system-packages is checked inside the recipe (not as a prerequisite) so that an
 # unchanged environment does not even start Python.
-$(STAMP): requirements.txt
+# numpy is pinned to the distribution's own version (constraints.txt), so no package can
+# replace it inside the environment QGIS also loads.
+$(STAMP): requirements.txt scripts/install_torch.py
 	@$(MAKE) --no-print-directory system-packages
 	@test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
-	$(PYTHON) -m pip install --no-input -r requirements.txt
+	$(SYSTEM_PYTHON) -c 'import numpy; print("numpy==" + numpy.__version__)' > $(VENV)/constraints.txt
+	$(PYTHON) scripts/install_torch.py $(PYTHON)
+	$(PYTHON) -m pip install --no-input -r requirements.txt -c $(VENV)/constraints.txt
 	@touch $@
 
 test: setup
