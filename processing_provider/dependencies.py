@@ -2,8 +2,13 @@
 
 The plugin must load without torch (so the toolbox can tell users what to do); only running
 an algorithm needs it. ``make install`` may record extra library folders in
-``python_path.txt`` in the plugin folder (one per line); they are appended to sys.path —
-after QGIS's own folders, so QGIS's numpy and GDAL always win.
+``python_path.txt`` in the plugin folder (one per line): the environment the tests run in,
+which holds torch and the versions of its dependencies torch needs. They go ahead of the
+system's site-packages/dist-packages in sys.path, as they are inside that environment: Debian
+12's QGIS pulls in sympy 1.11, and torch 2.13 fails with it (``cannot import name
+'equal_valued'``) once an optimizer is built (scene adaptation, training). They stay behind
+the standard library and QGIS's own folders, and numpy, GDAL and rasterio are never in that
+environment (it uses the system's, see requirements.txt), so QGIS's copies still win.
 """
 
 from __future__ import annotations
@@ -16,16 +21,31 @@ from pathlib import Path
 EXTRA_PATHS_FILE = Path(__file__).resolve().parent.parent / "python_path.txt"
 
 
+def _first_site_packages_index() -> int:
+    for index, entry in enumerate(sys.path):
+        if Path(entry).name in ("site-packages", "dist-packages"):
+            return index
+    return len(sys.path)
+
+
 def add_recorded_library_paths() -> None:
+    """Put the folders in python_path.txt just ahead of the first site-packages/dist-packages folder."""
     if not EXTRA_PATHS_FILE.exists():
         return
-    for line in EXTRA_PATHS_FILE.read_text().splitlines():
-        folder = line.strip()
-        if folder and Path(folder).is_dir() and folder not in sys.path:
-            sys.path.append(folder)
+    folders = [line.strip() for line in EXTRA_PATHS_FILE.read_text().splitlines()]
+    folders = [folder for folder in folders if folder and Path(folder).is_dir()]
+    for folder in reversed(folders):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(_first_site_packages_index(), folder)
 
 
 def torch_available() -> bool:
+    """Whether torch can be imported; first makes recorded folders visible and, before torch is
+    loaded, asks OpenMP for passive waiting (csakd_qgis.threads)."""
+    from ..csakd_qgis.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()
     add_recorded_library_paths()
     return importlib.util.find_spec("torch") is not None
 

@@ -155,6 +155,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         if not dependencies.torch_available():
             raise QgsProcessingException(dependencies.missing_torch_message())
+        from ..csakd_qgis.threads import configure_torch_threads
+
+        configure_torch_threads(feedback.pushInfo)
         from ..csakd_qgis.api import FusionCancelled, fuse_files
         from ..csakd_qgis.bundle import BundleError
         from ..csakd_qgis.georaster import FusionInputError

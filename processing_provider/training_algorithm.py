@@ -156,6 +156,9 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         if not dependencies.torch_available():
             raise QgsProcessingException(dependencies.missing_torch_message())
+        from ..csakd_qgis.threads import configure_torch_threads
+
+        configure_torch_threads(feedback.pushInfo)
         from ..csakd_qgis.bundle import BundleError, default_model_path
         from ..csakd_qgis.train import BudgetTooShort
         from ..csakd_qgis.user_training import train_on_scenes

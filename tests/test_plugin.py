@@ -5,12 +5,14 @@ import configparser
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from qgis.core import QgsApplication
 
@@ -352,3 +354,41 @@ def test_make_install_into_custom_plugins_dir(tmp_path, built_package, csakd_plu
     assert (plugins_dir / PLUGIN_NAME / "__init__.py").is_file()
     assert not (profile / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME).exists()
     _assert_provider_listed(profile, plugin_path=plugins_dir)
+
+
+def test_training_and_scene_adaptation_run_through_qgis_process_after_make_install(
+    tmp_path, built_package, shared_data_dir, potsdam_wald_pair
+):
+    """What a user runs: both algorithms that build a torch optimizer, in QGIS's own Python.
+
+    Inside QGIS the system's packages (Debian 12: sympy 1.11) would shadow the ones torch needs
+    (sympy >= 1.13 once an optimizer is built) unless the plugin puts its environment first;
+    tests run inside that environment and would not notice.
+    """
+    profile = tmp_path / "qgis-config"
+    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}"],
+                cwd=PROJECT_ROOT, env=clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
+
+    model = tmp_path / "trained.json"
+    training = _qgis_process([
+        "run", "csakd:trainfusionmodel", "--",
+        f"CUBES={shared_data_dir / 'enmap_potsdam' / 'enmap_potsdam_blockA_96x64.tif'}",
+        f"SRF={shared_data_dir / 'srf' / 'sentinel2a_msi_srf.csv'}", "SRF_BANDS=B2,B3,B4,B8", "SCALE=3",
+        "MINUTES=0.1", f"OUTPUT_MODEL={model}", f"REPORT={tmp_path / 'report.html'}",
+    ], profile).stdout
+    assert "best student: epoch" in training, training
+    assert model.is_file() and model.with_suffix(".pt").is_file()
+    assert re.search(r"torch \S+: \d+ thread\(s\) \(.*\); OpenMP wait policy PASSIVE", training), training
+
+    output = tmp_path / "adapted.tif"
+    fusion = _qgis_process([
+        "run", "csakd:hyperspectralfusion", "--", f"LRHSI={potsdam_wald_pair.lr_path}",
+        f"HRMSI={potsdam_wald_pair.hr_path}", "ADAPT_MINUTES=0.1", f"OUTPUT={output}",
+    ], profile).stdout
+    assert "scene adaptation:" in fusion and "held-out PSNR" in fusion, fusion
+    import rasterio
+
+    with rasterio.open(output) as fused:
+        assert fused.count == 224
+        assert (fused.width, fused.height) == (potsdam_wald_pair.reference.shape[2], potsdam_wald_pair.reference.shape[1])
+        assert np.isfinite(fused.read(50, masked=True).filled(np.nan)).mean() > 0.9
