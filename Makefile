@@ -14,8 +14,11 @@ PACKAGE_ZIP := $(DIST_DIR)/$(PLUGIN_NAME)-$(VERSION).zip
 
 # Debian's /usr/bin/qgis_process wrapper adds --noversioncheck, which QGIS 3.22 rejects.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
-QGIS_PROFILES_ROOT := $(if $(QGIS_CUSTOM_CONFIG_PATH),$(QGIS_CUSTOM_CONFIG_PATH),$(HOME)/.local/share/QGIS/QGIS3)
-QGIS_PLUGINS_DIR ?= $(QGIS_PROFILES_ROOT)/profiles/default/python/plugins
+# QGIS 3 and QGIS 4 (Qt6) keep separate profile folders: `make install` fills both default
+# profiles, or only QGIS_CUSTOM_CONFIG_PATH's, or only QGIS_PLUGINS_DIR when that is given.
+QGIS_DATA_ROOT := $(HOME)/.local/share/QGIS
+PROFILE_PLUGINS := profiles/default/python/plugins
+QGIS_PLUGINS_DIRS = $(if $(QGIS_PLUGINS_DIR),$(QGIS_PLUGINS_DIR),$(if $(QGIS_CUSTOM_CONFIG_PATH),$(QGIS_CUSTOM_CONFIG_PATH)/$(PROFILE_PLUGINS),$(QGIS_DATA_ROOT)/QGIS3/$(PROFILE_PLUGINS) $(QGIS_DATA_ROOT)/QGIS4/$(PROFILE_PLUGINS)))
 
 # python3-torch joins them where the distribution's is recent enough (Debian 13 and newer).
 APT_PACKAGES = qgis python3-qgis qgis-providers python3-gdal gdal-bin \
@@ -73,10 +76,15 @@ package:
 # A QGIS_PLUGINS_DIR outside the profile also needs QGIS_PLUGINPATH set when QGIS runs.
 # python_path.txt tells the installed plugin where torch lives (this venv's site-packages):
 # QGIS and qgis_process run the system Python, which has no torch of its own here.
+# qgis_process here is QGIS 3's, so it enables the plugin in the first folder; QGIS 4 users
+# enable it once in its Plugin Manager.
 install: setup package
-	$(SYSTEM_PYTHON) scripts/package_plugin.py install $(PACKAGE_ZIP) "$(QGIS_PLUGINS_DIR)"
-	$(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$(QGIS_PLUGINS_DIR)/$(PLUGIN_NAME)/python_path.txt"
-	$(SYSTEM_PYTHON) scripts/package_plugin.py enable $(QGIS_PROCESS) "$(QGIS_PLUGINS_DIR)"
+	@for dir in $(QGIS_PLUGINS_DIRS); do \
+		$(SYSTEM_PYTHON) scripts/package_plugin.py install $(PACKAGE_ZIP) "$$dir" && \
+		$(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$dir/$(PLUGIN_NAME)/python_path.txt" \
+		|| exit 1; \
+	done
+	$(SYSTEM_PYTHON) scripts/package_plugin.py enable $(QGIS_PROCESS) "$(firstword $(QGIS_PLUGINS_DIRS))"
 
 clean:
 	rm -rf dist build .pytest_cache .qgis-settings demo_output

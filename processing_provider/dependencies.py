@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,14 @@ def add_recorded_library_paths() -> None:
     if not EXTRA_PATHS_FILE.exists():
         return
     folders = [line.strip() for line in EXTRA_PATHS_FILE.read_text().splitlines()]
-    folders = [folder for folder in folders if folder and Path(folder).is_dir()]
+    # A folder of another Python version (QGIS 4 may bring its own Python) holds modules
+    # built for that version: skipped, so the missing-torch message explains what to do.
+    running = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    folders = [
+        folder for folder in folders
+        if folder and Path(folder).is_dir()
+        and all(part == running for part in Path(folder).parts if re.fullmatch(r"python\d+\.\d+", part))
+    ]
     for folder in reversed(folders):
         if folder in sys.path:
             sys.path.remove(folder)

@@ -17,7 +17,7 @@ from qgis.core import (
 )
 
 from . import dependencies
-from .base import CsakdAlgorithm, advanced
+from .base import HOMEPAGE, CsakdAlgorithm, advanced
 from .styling import TRUE_COLOUR
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -85,6 +85,12 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
     def tags(self):
         return ["hyperspectral", "multispectral", "fusion", "pansharpening", "super-resolution", "EnMAP", "PRISMA", "CSAKD"]
 
+    def shortDescription(self):  # noqa: N802
+        return "Sharpens a hyperspectral image with a multispectral image of the same place (CSAKD network, on the CPU)."
+
+    def helpUrl(self):  # noqa: N802
+        return f"{HOMEPAGE}#use-it"
+
     def shortHelpString(self):  # noqa: N802
         return (
             "Fuses a coarse hyperspectral image with a sharp multispectral image of the same place into a sharp "
@@ -125,9 +131,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             )
         )
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            self.TILE_SIZE, "Tile size (output pixels)", QgsProcessingParameterNumber.Integer, 256, False, 32, 4096)))
+            self.TILE_SIZE, "Tile size (output pixels)", QgsProcessingParameterNumber.Type.Integer, 256, False, 32, 4096)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            self.OVERLAP, "Tile overlap (output pixels)", QgsProcessingParameterNumber.Integer, 32, False, 0, 1024)))
+            self.OVERLAP, "Tile overlap (output pixels)", QgsProcessingParameterNumber.Type.Integer, 32, False, 0, 1024)))
         self.addParameter(advanced(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)))
         self.addParameter(advanced(QgsProcessingParameterBand(
             self.BANDS, "Hyperspectral bands to fuse (default: all)", parentLayerParameterName=self.LRHSI,
@@ -137,7 +143,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterString(
             self.CREATION_OPTIONS, "GeoTIFF creation options (KEY=VALUE separated by spaces)", optional=True)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Double,
+            self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Type.Double,
             0.0, False, 0.0, 600.0)))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Fused hyperspectral image"))
 

@@ -43,7 +43,7 @@ def apply_true_colour(layer: QgsRasterLayer) -> bool:
     renderer = QgsMultiBandColorRenderer(layer.dataProvider(), *bands)
     for band, setter in zip(bands, (renderer.setRedContrastEnhancement, renderer.setGreenContrastEnhancement, renderer.setBlueContrastEnhancement)):
         enhancement = QgsContrastEnhancement(layer.dataProvider().dataType(band))
-        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.StretchToMinimumMaximum)
+        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
         stats = layer.dataProvider().cumulativeCut(band, 0.02, 0.98, layer.extent(), 250000)
         enhancement.setMinimumValue(stats[0])
         enhancement.setMaximumValue(stats[1])

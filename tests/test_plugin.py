@@ -237,11 +237,23 @@ def test_metadata_has_every_required_key():
     assert meta["name"] == PROVIDER_NAME
     assert meta["hasProcessingProvider"] == "yes"
     assert meta["qgisMinimumVersion"] == "3.22"
-    assert meta["category"] == "Analysis"
+    # The menus the plugin repository and QGIS's Plugin Manager know.
+    assert meta["category"] in ("Raster", "Vector", "Database", "Mesh", "Web"), meta["category"]
+    # QGIS 4 (Qt6) loads only plugins that declare support for it.
+    assert meta["supportsQt6"] == "True"
+    assert meta["qgisMaximumVersion"] == "4.99"
+    assert meta["changelog"].strip().splitlines()[0].strip() == meta["version"]
     assert meta["tracker"] == meta["repository"].rstrip("/") + "/issues"
     assert (PROJECT_ROOT / meta["icon"]).is_file()
     version_parts = meta["version"].split(".")
     assert len(version_parts) == 3 and all(p.isdigit() for p in version_parts)
+
+
+def test_every_algorithm_has_a_short_description_and_a_help_url(csakd_provider):
+    homepage = _metadata()["homepage"]
+    for algorithm in csakd_provider.algorithms():
+        assert algorithm.shortDescription().strip(), algorithm.id()
+        assert algorithm.helpUrl().startswith(homepage + "#"), algorithm.helpUrl()
 
 
 # --- packaging and installing ------------------------------------------------------
@@ -269,6 +281,11 @@ def test_package_zip_has_one_clean_top_folder(built_package):
                      "resources/icon.svg"):
         assert required in inside, f"{required} missing from the package"
     assert any(n.startswith("csakd_qgis/") for n in inside)
+    # The plugin repository refuses uploads without a licence; the teacher is for `make bench` only.
+    assert "LICENSE" in inside
+    assert "resources/models/csakd_student.pt" in inside
+    assert not [n for n in inside if "teacher" in n]
+    assert built_package.stat().st_size < 10 * 1024 * 1024, built_package.stat().st_size
     forbidden = [n for n in inside
                  if n.startswith(("tests/", ".venv/", ".git", "scripts/", "dist/",
                                   "demo_output/", ".qgis-settings/"))
@@ -343,6 +360,18 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
     run_command(make, cwd=PROJECT_ROOT, env=env)
     assert not (installed / "left_over_from_old_version.py").exists()
     _assert_provider_listed(profile)
+
+
+def test_make_install_fills_the_default_profiles_of_qgis3_and_qgis4(tmp_path, built_package, csakd_plugin_package):
+    home = tmp_path / "home"
+    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}"],
+                cwd=PROJECT_ROOT, env=clean_env(HOME=home))
+    for qgis in ("QGIS3", "QGIS4"):
+        installed = home / ".local" / "share" / "QGIS" / qgis / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME
+        assert (installed / "metadata.txt").is_file(), qgis
+        assert Path((installed / "python_path.txt").read_text().strip()).is_dir()
+    listing = run_command([QGIS_PROCESS, "plugins"], env=clean_env(HOME=home), cwd=tmp_path).stdout
+    assert f"* {PLUGIN_NAME}" in listing.splitlines(), listing
 
 
 def test_make_install_into_custom_plugins_dir(tmp_path, built_package, csakd_plugin_package):
