@@ -18,7 +18,7 @@ from qgis.core import (
 
 from . import dependencies
 from .base import HOMEPAGE, CsakdAlgorithm, advanced
-from .styling import TRUE_COLOUR
+from .styling import TrueColourPostProcessor
 
 DEVICES = ["auto", "cpu", "cuda"]
 OUTPUT_TYPES = ["float32", "int16", "uint16"]
@@ -49,6 +49,17 @@ def _gdal_can_open(path: str) -> bool:
         gdal.PopErrorHandler()
         if with_exceptions:
             gdal.UseExceptions()
+
+
+def result_layer_name(output: str) -> str:
+    """The loaded layer's name: the output file's name without extension, as QGIS names layers it
+    opens; a temporary output (no name chosen) keeps the parameter's description."""
+    from qgis.core import QgsProcessingUtils
+
+    temporary = Path(QgsProcessingUtils.tempFolder()).resolve()
+    if temporary in Path(output).resolve().parents:
+        return "Fused hyperspectral image"
+    return Path(output).stem
 
 
 def parse_creation_options(text: str) -> dict:
@@ -197,7 +208,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             raise QgsProcessingException(str(error))
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
-            details.name = "Fused hyperspectral image"
-            details.setPostProcessor(TRUE_COLOUR)
+            details.name = result_layer_name(output)
+            details.setPostProcessor(TrueColourPostProcessor.create())
         feedback.pushInfo(f"done in {report.seconds:.1f} s on {report.device}")
         return {self.OUTPUT: output}

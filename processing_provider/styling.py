@@ -54,11 +54,16 @@ def apply_true_colour(layer: QgsRasterLayer) -> bool:
 
 
 class TrueColourPostProcessor(QgsProcessingLayerPostProcessorInterface):
+    # QGIS deletes a post-processor once it has run, so each run needs a new one; the class
+    # keeps the latest alive on the Python side until then (Processing calls it after the
+    # algorithm object that registered it is gone).
+    latest = None
+
+    @classmethod
+    def create(cls):
+        cls.latest = cls()
+        return cls.latest
+
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if isinstance(layer, QgsRasterLayer):
             apply_true_colour(layer)
-
-
-# One stateless instance for every run: Processing calls it after the algorithm object that
-# registered it is gone, so it must not belong to that object.
-TRUE_COLOUR = TrueColourPostProcessor()
