@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .transforms import compose
+
 
 @dataclass
 class Consistency:
@@ -83,7 +85,7 @@ def consistency_report(lr_path: Path, hr_path: Path, fused_path: Path, ridge: fl
         crs, transform, width, height = fused_ds.crs, fused_ds.transform, fused_ds.width, fused_ds.height
         good = [i + 1 for i in range(fused_ds.count) if fused_ds.tags(i + 1).get("bbl", "1") != "0"]
     with rasterio.open(lr_path) as lr_ds:
-        lr_transform = transform * transform.scale(lr_ds.transform.a / transform.a, lr_ds.transform.e / transform.e)
+        lr_transform = compose(transform, transform.scale(lr_ds.transform.a / transform.a, lr_ds.transform.e / transform.e))
         lr_width = int(width * transform.a / lr_ds.transform.a)
         lr_height = int(height * transform.e / lr_ds.transform.e)
     fused = _read_on_grid(fused_path, crs, transform, width, height, Resampling.nearest, good)

@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from .transforms import compose
+
 MIN_RATIO = 1.5
 MAX_SCALE = 16
 
@@ -119,7 +121,7 @@ def plan_grid(lr_dataset, hr_dataset) -> FusionGrid:
         )
     return FusionGrid(
         hr_crs, out_transform, width, height, ratio, scale,
-        out_transform * Affine.scale(scale), lr_width, lr_height,
+        compose(out_transform, Affine.scale(scale)), lr_width, lr_height,
     )
 
 
@@ -135,7 +137,7 @@ def lr_resampling(lr_dataset, grid: FusionGrid):
     if lr_pixel_in_grid < 0.95:
         return Resampling.average
     if lr_dataset.crs == grid.crs:
-        relative = ~lr_dataset.transform * grid.lr_transform
+        relative = compose(~lr_dataset.transform, grid.lr_transform)
         if all(abs(v - round(v)) < 1e-6 for v in (relative.a, relative.e, relative.c, relative.f)) and \
                 round(relative.a) == 1 and round(relative.e) == 1:
             return Resampling.nearest
@@ -262,7 +264,7 @@ class WorkingGridCube:
                 # not once per band.
                 reproject(
                     band(lr_dataset, list(indexes)), values,
-                    src_nodata=lr_dataset.nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
+                    src_nodata=lr_dataset.nodata, dst_transform=compose(grid.lr_transform, Affine.translation(0, row)),
                     dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
                     # Each band its own no-data: a bad band holds nothing where the others hold data.
                     UNIFIED_SRC_NODATA="NO",
