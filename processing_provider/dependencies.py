@@ -17,6 +17,7 @@ import importlib.util
 import platform
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 EXTRA_PATHS_FILE = Path(__file__).resolve().parent.parent / "python_path.txt"
@@ -67,26 +68,43 @@ def qgis_python() -> str:
     return "python3"
 
 
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def externally_managed() -> bool:
+    """Whether the running Python is marked as managed by the system's package manager (PEP 668),
+    as Debian 12+ and Ubuntu 23.04+ do; pip then needs --break-system-packages even with --user."""
+    return (Path(sysconfig.get_paths()["stdlib"]) / "EXTERNALLY-MANAGED").exists()
+
+
+def linux_instructions(python: str, managed: bool, has_pip: bool) -> str:
+    """Terminal commands that give ``python`` a CPU torch in the user's own site-packages."""
+    steps = []
+    if not has_pip:
+        steps.append("sudo apt install python3-pip")
+    # Older pip (Ubuntu 22.04's) rejects the flag; only PEP 668 systems need it.
+    flag = " --break-system-packages" if managed else ""
+    steps.append(f"{python} -m pip install --user{flag} torch --index-url {CPU_INDEX}")
+    return (
+        "on Debian 13 or newer run `sudo apt install python3-torch`; elsewhere run in a terminal:\n"
+        + "\n".join(f"    {step}" for step in steps)
+        + "\n(the CPU build from PyTorch's own index; keep QGIS's numpy: do not upgrade numpy alongside)"
+    )
+
+
 def missing_torch_message() -> str:
     python = qgis_python()
     system = platform.system()
     if system == "Windows":
         how = (
             "open the OSGeo4W Shell (Start menu ▸ QGIS ▸ OSGeo4W Shell) and run:\n"
-            "    python -m pip install torch --index-url https://download.pytorch.org/whl/cpu"
+            f"    python -m pip install --user torch --index-url {CPU_INDEX}"
         )
     elif system == "Darwin":
-        how = (
-            "run in a terminal:\n"
-            "    /Applications/QGIS.app/Contents/MacOS/bin/python3 -m pip install torch"
-        )
+        # Into the user's site-packages: writing into the signed QGIS.app bundle breaks its signature.
+        how = f"run in a terminal:\n    {python} -m pip install --user torch"
     else:
-        how = (
-            "run in a terminal:\n"
-            f"    {python} -m pip install --user --break-system-packages 'torch' "
-            "--index-url https://download.pytorch.org/whl/cpu\n"
-            "(keep QGIS's numpy: do not upgrade numpy alongside)"
-        )
+        how = linux_instructions(python, externally_managed(), importlib.util.find_spec("pip") is not None)
     return (
         "Hyperspectral Fusion needs PyTorch, which QGIS's Python cannot import. To install the CPU build, "
         f"{how}\nthen restart QGIS."

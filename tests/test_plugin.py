@@ -421,3 +421,17 @@ def test_training_and_scene_adaptation_run_through_qgis_process_after_make_insta
         assert fused.count == 224
         assert (fused.width, fused.height) == (potsdam_wald_pair.reference.shape[2], potsdam_wald_pair.reference.shape[1])
         assert np.isfinite(fused.read(50, masked=True).filled(np.nan)).mean() > 0.9
+
+
+def test_the_missing_torch_message_gives_commands_this_system_accepts(csakd_plugin_package):
+    from csakd_fusion.processing_provider import dependencies
+
+    # Debian 12 and newer mark their Python as externally managed (PEP 668); Ubuntu 22.04's pip
+    # does not know the flag that then becomes necessary.
+    here = dependencies.linux_instructions("/usr/bin/python3.11", dependencies.externally_managed(), True)
+    assert ("--break-system-packages" in here) == Path(f"/usr/lib/python3.{sys.version_info.minor}/EXTERNALLY-MANAGED").exists()
+    jammy = dependencies.linux_instructions("/usr/bin/python3.10", False, False)
+    assert "--break-system-packages" not in jammy
+    assert "sudo apt install python3-pip" in jammy
+    assert "/usr/bin/python3.10 -m pip install --user torch --index-url https://download.pytorch.org/whl/cpu" in jammy
+    assert "python3-torch" in dependencies.missing_torch_message()
