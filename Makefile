@@ -28,11 +28,12 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+TESTS ?= tests
 
 # Headless Qt everywhere: CI and build machines have no display.
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup system-packages test demo train bench package install clean distclean
+.PHONY: setup system-packages test test-qgis demo train bench package install clean distclean
 
 setup: $(STAMP)
 
@@ -57,7 +58,12 @@ $(STAMP): requirements.txt scripts/install_torch.py
 	@touch $@
 
 test: setup
-	$(PYTHON) -m pytest tests -v $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(TESTS) -v $(PYTEST_ARGS)
+
+# The suite here (QGIS 3.22) and in Debian trixie (3.40) and sid (3.44) chroots with their own
+# torch; needs root, a Debian mirror and ~4 GB per chroot (see the script for its variables).
+test-qgis:
+	scripts/test_qgis_matrix.sh
 
 demo: setup
 	$(PYTHON) scripts/demo.py
