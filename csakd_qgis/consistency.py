@@ -31,9 +31,11 @@ class ConsistencyReport:
     fused: Consistency
     bicubic: Consistency
 
-    def table(self) -> str:
+    def table(self, pair: str = "the pair") -> str:
+        """The numbers as a text table headed with the name of the ``pair`` they were measured on."""
         rows = [
-            "consistency on the real pair        fused   bicubic",
+            f"consistency on {pair}",
+            "                                   fused   bicubic",
             f"spectral: relative RMSE vs LR-HSI  {self.fused.spectral_relative_rmse:7.4f}   {self.bicubic.spectral_relative_rmse:7.4f}",
             f"spectral: SAM vs LR-HSI (°)        {self.fused.spectral_sam:7.3f}   {self.bicubic.spectral_sam:7.3f}",
             f"spatial: PSNR vs HR-MSI (dB)       {self.fused.spatial_psnr:7.2f}   {self.bicubic.spatial_psnr:7.2f}",

@@ -62,8 +62,10 @@ for suite in $suites; do
     mount --bind "$shared" "$dir/m/shared"
     version=$(chroot "$dir" /usr/bin/qgis_process --version 2>/dev/null | grep -m1 QGIS)
     echo "== $suite: $version"
+    # The selection travels in the environment, so quotes inside PYTEST_ARGS survive.
     chroot "$dir" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin QT_QPA_PLATFORM=offscreen \
-        bash -c "git config --global --add safe.directory /m/project; cd /m/project && make --no-print-directory test VENV=.venv-$suite TESTS='$tests' PYTEST_ARGS='$pytest_args'"
+        SUITE="$suite" TESTS="$tests" PYTEST_ARGS="$pytest_args" \
+        bash -c 'cd /m/project && make --no-print-directory test VENV=".venv-$SUITE" TESTS="$TESTS" PYTEST_ARGS="$PYTEST_ARGS"'
     record "$suite ($version)" $?
     umount "$dir/m/shared" "$dir/m/project" "$dir/dev/shm" "$dir/proc"
 done
