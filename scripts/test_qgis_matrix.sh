@@ -56,6 +56,8 @@ for suite in $suites; do
     fi
     mkdir -p "$dir/m/project" "$dir/m/shared"
     cp /etc/resolv.conf "$dir/etc/resolv.conf"
+    # A network that intercepts TLS has its CA in this machine's bundle, not in the chroot's.
+    cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/host-ca-certificates.crt"
     mount -t proc proc "$dir/proc"
     mount -t tmpfs tmpfs "$dir/dev/shm"
     mount --bind "$root" "$dir/m/project"
@@ -64,7 +66,7 @@ for suite in $suites; do
     echo "== $suite: $version"
     # The selection travels in the environment, so quotes inside PYTEST_ARGS survive.
     chroot "$dir" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin QT_QPA_PLATFORM=offscreen \
-        SUITE="$suite" TESTS="$tests" PYTEST_ARGS="$pytest_args" \
+        SUITE="$suite" TESTS="$tests" PYTEST_ARGS="$pytest_args" PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt \
         bash -c 'cd /m/project && make --no-print-directory test VENV=".venv-$SUITE" TESTS="$TESTS" PYTEST_ARGS="$PYTEST_ARGS"'
     record "$suite ($version)" $?
     umount "$dir/m/shared" "$dir/m/project" "$dir/dev/shm" "$dir/proc"

@@ -24,6 +24,9 @@ PROVIDER_ID = "csakd"
 PROVIDER_NAME = "Hyperspectral Fusion (CSAKD)"
 # Debian's /usr/bin/qgis_process wrapper passes an option QGIS 3.22 rejects.
 QGIS_PROCESS = "/usr/bin/qgis_process.bin"
+# Nested make runs use the environment these tests run in (`make test VENV=…` may name another
+# than .venv, e.g. one per distribution in `make test-qgis`).
+MAKE = ["make", "--no-print-directory", f"VENV={sys.prefix}"]
 
 
 def _load_packager():
@@ -262,7 +265,7 @@ def test_every_algorithm_has_a_short_description_and_a_help_url(csakd_provider):
 @pytest.fixture(scope="module")
 def built_package(tmp_path_factory):
     dist = tmp_path_factory.mktemp("dist")
-    run_command(["make", "--no-print-directory", "package", f"DIST_DIR={dist}"],
+    run_command([*MAKE, "package", f"DIST_DIR={dist}"],
          cwd=PROJECT_ROOT, env=clean_env())
     version = _metadata()["version"]
     archive = dist / f"{PLUGIN_NAME}-{version}.zip"
@@ -344,7 +347,7 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
     profile = tmp_path / "qgis-config"
     plugins_dir = profile / "profiles" / "default" / "python" / "plugins"
     dist = built_package.parent
-    make = ["make", "--no-print-directory", "install", f"DIST_DIR={dist}"]
+    make = [*MAKE, "install", f"DIST_DIR={dist}"]
     env = clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
     run_command(make, cwd=PROJECT_ROOT, env=env)
     installed = plugins_dir / PLUGIN_NAME
@@ -364,7 +367,7 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
 
 def test_make_install_fills_the_default_profiles_of_qgis3_and_qgis4(tmp_path, built_package, csakd_plugin_package):
     home = tmp_path / "home"
-    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}"],
+    run_command([*MAKE, "install", f"DIST_DIR={built_package.parent}"],
                 cwd=PROJECT_ROOT, env=clean_env(HOME=home))
     for qgis in ("QGIS3", "QGIS4"):
         installed = home / ".local" / "share" / "QGIS" / qgis / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME
@@ -377,7 +380,7 @@ def test_make_install_fills_the_default_profiles_of_qgis3_and_qgis4(tmp_path, bu
 def test_make_install_into_custom_plugins_dir(tmp_path, built_package, csakd_plugin_package):
     profile = tmp_path / "qgis-config"
     plugins_dir = tmp_path / "plugins"
-    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}",
+    run_command([*MAKE, "install", f"DIST_DIR={built_package.parent}",
           f"QGIS_PLUGINS_DIR={plugins_dir}"],
          cwd=PROJECT_ROOT, env=clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
     assert (plugins_dir / PLUGIN_NAME / "__init__.py").is_file()
@@ -395,7 +398,7 @@ def test_training_and_scene_adaptation_run_through_qgis_process_after_make_insta
     tests run inside that environment and would not notice.
     """
     profile = tmp_path / "qgis-config"
-    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}"],
+    run_command([*MAKE, "install", f"DIST_DIR={built_package.parent}"],
                 cwd=PROJECT_ROOT, env=clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
 
     model = tmp_path / "trained.json"
