@@ -34,7 +34,11 @@ def without_pip_configuration(**overrides):
 
 @pytest.fixture(scope="module")
 def cpu_wheel_index(tmp_path_factory):
-    """A local index laid out like https://download.pytorch.org/whl/cpu, holding the pinned wheel."""
+    """A local index laid out like https://download.pytorch.org/whl/cpu, holding the pinned wheel.
+
+    The wheel itself comes from pip as configured (a build machine's wheel folder) or from the
+    real CPU index; a machine with neither cannot run these tests.
+    """
     index = tmp_path_factory.mktemp("cpu-index")
     project = index / "torch"
     project.mkdir()
