@@ -40,7 +40,8 @@ def test_output_is_loaded_with_a_true_colour_rendering(potsdam_wald_pair, csakd_
 def _gdal_stores_undefined_on_band_1(folder):
     """Whether this GDAL keeps ColorInterp=Undefined on the first band of a GeoTIFF it writes."""
     probe = folder / "colorinterp_probe.tif"
-    with rasterio.open(probe, "w", driver="GTiff", count=2, width=1, height=1, dtype="float32") as dst:
+    georeferenced = {"transform": rasterio.transform.from_origin(0.0, 1.0, 1.0, 1.0)}
+    with rasterio.open(probe, "w", driver="GTiff", count=2, width=1, height=1, dtype="float32", **georeferenced) as dst:
         dst.colorinterp = [ColorInterp.undefined] * 2
     with rasterio.open(probe) as src:
         return src.colorinterp[0] == ColorInterp.undefined
