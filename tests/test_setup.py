@@ -5,6 +5,7 @@ PyTorch's CPU wheel index is stood in for by a local folder laid out the same wa
 as it does for a user.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,8 +16,16 @@ import pytest
 from tests.helpers import clean_env, run_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-import install_torch  # noqa: E402  (stdlib-only script, loaded by path)
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+install_torch = _load_script("install_torch")
 
 WHEEL_PIN = f"torch=={install_torch.TORCH_VERSION}+cpu"
 
