@@ -7,7 +7,19 @@ import rasterio
 from rasterio.enums import ColorInterp
 
 
-def test_output_is_loaded_with_a_true_colour_rendering(potsdam_wald_pair, csakd_provider, fusion_model, tmp_path, qgis_new_project):
+@pytest.fixture
+def result_loading_without_a_layer_tree_view(monkeypatch):
+    """Result loading as headless QGIS does it. From QGIS 3.44 on, Processing hands the layer tree
+    view of ``iface`` to C++ (QgsProcessingGuiUtils.addResultLayers), which refuses the stand-in
+    view of pytest-qgis's mock iface; without a view the layers go to the project's root."""
+    import processing.gui.Postprocessing as postprocessing
+
+    monkeypatch.setattr(postprocessing, "iface", None, raising=False)
+
+
+def test_output_is_loaded_with_a_true_colour_rendering(
+    potsdam_wald_pair, csakd_provider, fusion_model, tmp_path, qgis_new_project, result_loading_without_a_layer_tree_view
+):
     """What the toolbox does: run, then load the result into the project with its post-processor."""
     import processing
     from qgis.core import QgsMultiBandColorRenderer, QgsProject
@@ -56,7 +68,9 @@ def _gdal_stores_undefined_on_band_1(folder):
         assert enhancement is not None and enhancement.maximumValue() > enhancement.minimumValue()
 
 
-def test_a_temporary_output_keeps_the_descriptive_layer_name(potsdam_wald_pair, csakd_provider, fusion_model, qgis_new_project):
+def test_a_temporary_output_keeps_the_descriptive_layer_name(
+    potsdam_wald_pair, csakd_provider, fusion_model, qgis_new_project, result_loading_without_a_layer_tree_view
+):
     import processing
     from qgis.core import QgsProject
 
