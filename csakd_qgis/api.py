@@ -664,6 +664,6 @@ def _write_band_metadata(dst, meta, indexes, usable) -> None:
         dst.update_tags(out_band, **tags)
         own = meta.band_names[index - 1] if meta.band_names else None
         dst.set_band_description(out_band, band_description(index, wavelength, own))
-    # No band is a grey (or any colour) channel. GDAL up to at least 3.6 cannot store Undefined on
-    # the first band of a GeoTIFF (TIFF's MinIsBlack makes it grey) and keeps Gray there.
+    # No band is a grey (or any colour) channel. GDAL (3.6, 3.10, 3.13 checked) cannot store
+    # Undefined on the first band of a GeoTIFF (TIFF's MinIsBlack makes it grey) and keeps Gray there.
     dst.colorinterp = [ColorInterp.undefined] * dst.count

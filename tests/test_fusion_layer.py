@@ -42,7 +42,7 @@ def test_output_is_loaded_with_a_true_colour_rendering(
     for band in (1, 35, provider.bandCount()):
         expected = f"Band {band:03d}: {input_wavelengths[band - 1]:.1f} nm"
         if band == 1 and not _gdal_stores_undefined_on_band_1(tmp_path):
-            # GDAL 3.6 makes the first band of every GeoTIFF grey; QGIS shows it.
+            # GDAL (3.6 to 3.13 at least) makes the first band of every GeoTIFF grey; QGIS shows it.
             expected += " (Gray)"
         assert provider.displayBandName(band) == expected
     with rasterio.open(output) as fused:
