@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -624,17 +625,41 @@ def _fit_shape(rows: int, cols: int) -> Tuple[int, int]:
     return max(2, int(rows / factor)), max(2, int(cols / factor))
 
 
+# A description that only restates a band number or a wavelength ("band 35", "band 35 (0.6400
+# Micrometers)" as GDAL's ENVI driver writes, "640.000 nm"): not a name of the input's own.
+_GENERIC_DESCRIPTION = re.compile(
+    r"^\s*(band\s*\d+)?\s*(\(?\s*[0-9.]+\s*[A-Za-zµ]*\s*\)?)?\s*$", re.IGNORECASE
+)
+
+
+def band_description(index: int, wavelength_nm: Optional[float], own: Optional[str]) -> str:
+    """Short band description for the layer panel and Identify: "640.0 nm", with the input band's
+    own name after it where it has one ("640.0 nm (VNIR 35)"); without a wavelength the own name,
+    else "band <index>" (1-based index in the input)."""
+    own = (own or "").strip()
+    named = bool(own) and not _GENERIC_DESCRIPTION.match(own)
+    if wavelength_nm is None:
+        return own if named else f"band {index}"
+    return f"{wavelength_nm:.1f} nm ({own})" if named else f"{wavelength_nm:.1f} nm"
+
+
 def _write_band_metadata(dst, meta, indexes, usable, encoding=None) -> None:
+    from rasterio.enums import ColorInterp
+
     if encoding is not None and encoding.is_scaled:
         dst.scales, dst.offsets = tuple(encoding.scales), tuple(encoding.offsets)
     for out_band, (index, good) in enumerate(zip(indexes, usable), start=1):
         tags = {"bbl": "1" if good else "0"}
-        description = meta.band_names[index - 1] if meta.band_names else f"band {index}"
+        wavelength = None
         if meta.wavelengths_nm is not None:
-            tags["wavelength"] = f"{meta.wavelengths_nm[index - 1]:.4f}"
+            wavelength = float(meta.wavelengths_nm[index - 1])
+            tags["wavelength"] = f"{wavelength:.4f}"
             tags["wavelength_units"] = "Nanometers"
-            description = f"band {index} ({meta.wavelengths_nm[index - 1]:.2f} Nanometers)"
         if meta.fwhm_nm is not None:
             tags["fwhm"] = f"{meta.fwhm_nm[index - 1]:.4f}"
         dst.update_tags(out_band, **tags)
-        dst.set_band_description(out_band, description)
+        own = meta.band_names[index - 1] if meta.band_names else None
+        dst.set_band_description(out_band, band_description(index, wavelength, own))
+    # No band is a grey (or any colour) channel. GDAL (3.6, 3.10, 3.13 checked) cannot store
+    # Undefined on the first band of a GeoTIFF (TIFF's MinIsBlack makes it grey) and keeps Gray there.
+    dst.colorinterp = [ColorInterp.undefined] * dst.count

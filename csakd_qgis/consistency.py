@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .transforms import compose
+
 
 @dataclass
 class Consistency:
@@ -34,9 +36,11 @@ class ConsistencyReport:
     psf_fused: Optional[float] = None
     psf_bicubic: Optional[float] = None
 
-    def table(self) -> str:
+    def table(self, pair: str = "the pair") -> str:
+        """The numbers as a text table headed with the name of the ``pair`` they were measured on."""
         rows = [
-            "consistency on the real pair        fused   bicubic",
+            f"consistency on {pair}",
+            "                                   fused   bicubic",
             f"spectral: relative RMSE vs LR-HSI  {self.fused.spectral_relative_rmse:7.4f}   {self.bicubic.spectral_relative_rmse:7.4f}",
             f"spectral: SAM vs LR-HSI (°)        {self.fused.spectral_sam:7.3f}   {self.bicubic.spectral_sam:7.3f}",
             f"spatial: PSNR vs HR-MSI (dB)       {self.fused.spatial_psnr:7.2f}   {self.bicubic.spatial_psnr:7.2f}",
@@ -90,7 +94,7 @@ def consistency_report(lr_path: Path, hr_path: Path, fused_path: Path, ridge: fl
         crs, transform, width, height = fused_ds.crs, fused_ds.transform, fused_ds.width, fused_ds.height
         good = [i + 1 for i in range(fused_ds.count) if fused_ds.tags(i + 1).get("bbl", "1") != "0"]
     with rasterio.open(lr_path) as lr_ds:
-        lr_transform = transform * transform.scale(lr_ds.transform.a / transform.a, lr_ds.transform.e / transform.e)
+        lr_transform = compose(transform, transform.scale(lr_ds.transform.a / transform.a, lr_ds.transform.e / transform.e))
         lr_width = int(width * transform.a / lr_ds.transform.a)
         lr_height = int(height * transform.e / lr_ds.transform.e)
     fused = _read_on_grid(fused_path, crs, transform, width, height, Resampling.nearest, good)
@@ -143,8 +147,11 @@ def psf_consistency(lr_path: Path, fused_path: Path, bands) -> Optional[Tuple[fl
     import torch
     from rasterio.enums import Resampling
 
+    from affine import Affine
+
     from .interpolation import upsample_lr
     from .psf import SpatialDegradation, degrade
+    from .transforms import compose
 
     with rasterio.open(fused_path) as fused_ds:
         recorded = fused_ds.tags().get("CSAKD_PSF")
@@ -155,7 +162,7 @@ def psf_consistency(lr_path: Path, fused_path: Path, bands) -> Optional[Tuple[fl
     s = degradation.scale
     rows, cols = height // s, width // s
     fused = _read_on_grid(fused_path, crs, transform, cols * s, rows * s, Resampling.nearest, bands)
-    lr = _read_on_grid(lr_path, crs, transform * transform.scale(s), cols, rows, Resampling.average, bands)
+    lr = _read_on_grid(lr_path, crs, compose(transform, Affine.scale(s)), cols, rows, Resampling.average, bands)
     valid = np.isfinite(lr).all(0)
     lr_filled = np.where(np.isfinite(lr), lr, np.nanmean(lr, axis=(1, 2), keepdims=True)).astype(np.float32)
     bicubic = upsample_lr(torch.from_numpy(lr_filled)[None], degradation, "bicubic")[0].numpy()

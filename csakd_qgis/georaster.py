@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from .transforms import compose
+
 MIN_RATIO = 1.5
 MAX_SCALE = 16
 # Hyperspectral pixels per side of the common area below which the inputs are refused: a
@@ -258,7 +260,7 @@ def _plan_north_up(lr_dataset, hr_dataset) -> FusionGrid:
         )
     return FusionGrid(
         hr_crs, out_transform, width, height, ratio, scale,
-        out_transform * Affine.scale(scale), lr_width, lr_height,
+        compose(out_transform, Affine.scale(scale)), lr_width, lr_height,
     )
 
 
@@ -274,7 +276,7 @@ def lr_resampling(lr_dataset, grid: FusionGrid):
     if lr_pixel_in_grid < 0.95:
         return Resampling.average
     if lr_dataset.crs == grid.crs:
-        relative = ~lr_dataset.transform * grid.lr_transform
+        relative = compose(~lr_dataset.transform, grid.lr_transform)
         # A flipped or quarter-turned LR-HSI on the same grid maps pixel centres onto pixel
         # centres too: its pixels, permuted.
         terms = (relative.a, relative.b, relative.d, relative.e)
@@ -522,7 +524,7 @@ class WorkingGridCube:
                     part = values if len(groups) == 1 else np.full((len(positions), count, cols), np.nan, np.float32)
                     reproject(
                         band(lr_dataset, [indexes[p] for p in positions]), part,
-                        src_nodata=nodata, dst_transform=grid.lr_transform * Affine.translation(0, row),
+                        src_nodata=nodata, dst_transform=compose(grid.lr_transform, Affine.translation(0, row)),
                         dst_crs=grid.crs, dst_nodata=np.nan, resampling=resampling, num_threads=os.cpu_count() or 1,
                         # Each band its own no-data: a bad band holds nothing where the others hold data.
                         UNIFIED_SRC_NODATA="NO",

@@ -348,6 +348,22 @@ def train(args) -> Path:
     return write_bundles(paths, state, baselines, training_info, run)
 
 
+# Credited in every model card (and the README): the bundled weights are trained and validated
+# on these data sets, under the terms given here.
+DATA_SOURCES = [
+    "Berlin-Urban-Gradient dataset 2009 (Okujeni, van der Linden, Hostert; GFZ Data Services, "
+    "doi:10.5880/enmap.2016.008), licence CC BY-SA 4.0: EnMAP-simulated Berlin cube (training), "
+    "HyMap02 Berlin (validation)",
+    "Contains modified EnMAP data © DLR 2022: EnMAP L2A scene ENMAP01-____L2A-DT0000001867_20220724T104526Z "
+    "(Potsdam), as distributed with the EnMAP-Box test data (training: blocks A and B; validation: block C)",
+    "AVIRIS Moffett Field and Jasper Ridge (NASA/JPL) and the Samson scene, public research copies of "
+    "hyperspectral unmixing benchmark cubes (training: Moffett Field, Samson; validation: Jasper Ridge)",
+    "Spectral response functions of Sentinel-2A/B MSI and Landsat 8/9 OLI from the EnMAP-Box (GPL-3.0), of "
+    "WorldView-2/3, QuickBird, Pléiades 1A, RapidEye and SPOT 6 from EnMAP-Box test migration data, of IKONOS "
+    "from HySure (GPL-3.0): used to simulate multispectral images",
+]
+
+
 def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training_info: Dict, run: TrainingRun) -> Path:
     """Bundles of the best validated models, one per role in ``paths`` ({"student": card path, ...});
     returns the student's card path."""
@@ -375,6 +391,7 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
             "regression fitted at low resolution"
         ),
         "training": training,
+        "data_sources": DATA_SOURCES,
         "history": state["history"],
     }
     baseline_summary = {name: summarise(rows) for name, rows in baselines.items()}

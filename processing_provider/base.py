@@ -6,11 +6,13 @@ from qgis.core import QgsProcessingAlgorithm, QgsProcessingParameterDefinition
 from qgis.PyQt.QtGui import QIcon
 
 ICON = Path(__file__).resolve().parent.parent / "resources" / "icon.svg"
+# The project's homepage (metadata.txt); algorithms link to sections of its README.
+HOMEPAGE = "https://github.com/csakd-qgis/csakd-qgis"
 
 
 def advanced(parameter):
     """Flag a rarely changed parameter, so dialogs fold it away."""
-    parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
     return parameter
 
 

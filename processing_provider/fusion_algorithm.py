@@ -18,8 +18,8 @@ from qgis.core import (
 )
 
 from . import dependencies
-from .base import CsakdAlgorithm, advanced
-from .styling import true_colour_post_processor
+from .base import HOMEPAGE, CsakdAlgorithm, advanced
+from .styling import TrueColourPostProcessor
 
 DEVICES = ["auto", "cpu", "cuda"]
 OUTPUT_TYPES = ["float32", "int16", "uint16"]
@@ -99,6 +99,17 @@ def band_numbers(value) -> list:
     return numbers
 
 
+def result_layer_name(output: str) -> str:
+    """The loaded layer's name: the output file's name without extension, as QGIS names layers it
+    opens; a temporary output (no name chosen) keeps the parameter's description."""
+    from qgis.core import QgsProcessingUtils
+
+    temporary = Path(QgsProcessingUtils.tempFolder()).resolve()
+    if temporary in Path(output).resolve().parents:
+        return "Fused hyperspectral image"
+    return Path(output).stem
+
+
 def parse_creation_options(text: str) -> dict:
     options = {}
     for item in filter(None, (part.strip() for part in (text or "").replace(";", " ").split())):
@@ -133,6 +144,12 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
 
     def tags(self):
         return ["hyperspectral", "multispectral", "fusion", "pansharpening", "super-resolution", "EnMAP", "PRISMA", "CSAKD"]
+
+    def shortDescription(self):  # noqa: N802
+        return "Sharpens a hyperspectral image with a multispectral image of the same place (CSAKD network, on the CPU)."
+
+    def helpUrl(self):  # noqa: N802
+        return f"{HOMEPAGE}#use-it"
 
     def shortHelpString(self):  # noqa: N802
         return (
@@ -184,9 +201,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             )
         )
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            self.TILE_SIZE, "Tile size (output pixels)", QgsProcessingParameterNumber.Integer, 256, False, 32, 4096)))
+            self.TILE_SIZE, "Tile size (output pixels)", QgsProcessingParameterNumber.Type.Integer, 256, False, 32, 4096)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            self.OVERLAP, "Tile overlap (output pixels)", QgsProcessingParameterNumber.Integer, 32, False, 0, 1024)))
+            self.OVERLAP, "Tile overlap (output pixels)", QgsProcessingParameterNumber.Type.Integer, 32, False, 0, 1024)))
         self.addParameter(advanced(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)))
         self.addParameter(advanced(QgsProcessingParameterBand(
             self.BANDS, "Hyperspectral bands to fuse (default: all)", parentLayerParameterName=self.LRHSI,
@@ -196,7 +213,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterString(
             self.CREATION_OPTIONS, "GeoTIFF creation options (KEY=VALUE separated by spaces)", optional=True)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Double,
+            self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Type.Double,
             0.0, False, 0.0, 600.0)))
         self.addParameter(advanced(QgsProcessingParameterString(
             self.PSF, "PSF of the hyperspectral image (auto, box, gaussian:SIGMA, mtf:VALUE)", defaultValue="auto",
@@ -232,6 +249,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         if not dependencies.torch_available():
             raise QgsProcessingException(dependencies.missing_torch_message())
+        from ..csakd_qgis.threads import configure_torch_threads
+
+        configure_torch_threads(feedback.pushInfo)
         from ..csakd_qgis.api import FusionCancelled, fuse_files
         from ..csakd_qgis.bundle import BundleError
         from ..csakd_qgis.georaster import FusionInputError
@@ -272,7 +292,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             raise QgsProcessingException(str(error))
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
-            details.name = "Fused hyperspectral image"
-            details.setPostProcessor(true_colour_post_processor())
+            details.name = result_layer_name(output)
+            details.setPostProcessor(TrueColourPostProcessor.create())
         feedback.pushInfo(f"done in {report.seconds:.1f} s on {report.device}")
         return {self.OUTPUT: output}

@@ -43,7 +43,7 @@ def apply_true_colour(layer: QgsRasterLayer) -> bool:
     renderer = QgsMultiBandColorRenderer(layer.dataProvider(), *bands)
     for band, setter in zip(bands, (renderer.setRedContrastEnhancement, renderer.setGreenContrastEnhancement, renderer.setBlueContrastEnhancement)):
         enhancement = QgsContrastEnhancement(layer.dataProvider().dataType(band))
-        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.StretchToMinimumMaximum)
+        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
         stats = layer.dataProvider().cumulativeCut(band, 0.02, 0.98, layer.extent(), 250000)
         enhancement.setMinimumValue(stats[0])
         enhancement.setMaximumValue(stats[1])
@@ -54,22 +54,16 @@ def apply_true_colour(layer: QgsRasterLayer) -> bool:
 
 
 class TrueColourPostProcessor(QgsProcessingLayerPostProcessorInterface):
+    # QGIS deletes a post-processor once it has run, so each run needs a new one; the class
+    # keeps the latest alive on the Python side until then (Processing calls it after the
+    # algorithm object that registered it is gone).
+    latest = None
+
+    @classmethod
+    def create(cls):
+        cls.latest = cls()
+        return cls.latest
+
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if isinstance(layer, QgsRasterLayer):
             apply_true_colour(layer)
-
-
-_latest = None
-
-
-def true_colour_post_processor() -> TrueColourPostProcessor:
-    """A new post-processor for one run's result layer.
-
-    Processing calls it after the algorithm object that registered it is gone, so it must not
-    belong to that object; and the run's context deletes it when the run is over, so one shared
-    instance would be gone by the second run ("wrapped C/C++ object … has been deleted"). The
-    module keeps the latest one referenced until Processing has used it.
-    """
-    global _latest
-    _latest = TrueColourPostProcessor()
-    return _latest

@@ -18,7 +18,7 @@ from qgis.core import (
 )
 
 from . import dependencies
-from .base import CsakdAlgorithm, advanced
+from .base import HOMEPAGE, CsakdAlgorithm, advanced
 from .fusion_algorithm import layer_path
 
 SIZES = ["small", "medium", "paper"]
@@ -68,6 +68,12 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
     def tags(self):
         return ["hyperspectral", "multispectral", "fusion", "training", "distillation", "CSAKD"]
 
+    def shortDescription(self):  # noqa: N802
+        return "Trains a fusion model for your own sensors: a CSAKD teacher and student, co-trained with distillation."
+
+    def helpUrl(self):  # noqa: N802
+        return f"{HOMEPAGE}#train-a-model-for-your-own-sensors"
+
     def shortHelpString(self):  # noqa: N802
         return (
             "Co-trains a teacher and a student network with CSAKD's knowledge-distillation loss on your own data, on "
@@ -96,21 +102,21 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.LRHSI_LAYERS, "LR-HSI layers (real pairs)", QgsProcessing.TypeRaster, optional=True))
+            self.LRHSI_LAYERS, "LR-HSI layers (real pairs)", QgsProcessing.SourceType.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.HRMSI_LAYERS, "HR-MSI layers (same order as the LR-HSI layers)", QgsProcessing.TypeRaster, optional=True))
+            self.HRMSI_LAYERS, "HR-MSI layers (same order as the LR-HSI layers)", QgsProcessing.SourceType.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterFile(
-            self.PAIRS_FOLDER, "Folder of pairs (<name>_lrhsi / <name>_hrmsi)", QgsProcessingParameterFile.Folder,
+            self.PAIRS_FOLDER, "Folder of pairs (<name>_lrhsi / <name>_hrmsi)", QgsProcessingParameterFile.Behavior.Folder,
             optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.CUBES, "High-resolution hyperspectral cubes (MSI simulated through the SRF)", QgsProcessing.TypeRaster,
+            self.CUBES, "High-resolution hyperspectral cubes (MSI simulated through the SRF)", QgsProcessing.SourceType.TypeRaster,
             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.SRF, "Sensor SRF for the cubes (.csv)", extension="csv", optional=True))
         self.addParameter(QgsProcessingParameterString(self.SRF_BANDS, "SRF bands to use (comma-separated; empty = all)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.SCALE, "Scale for the cubes", QgsProcessingParameterNumber.Integer, 3, False, 2, 10))
+            self.SCALE, "Scale for the cubes", QgsProcessingParameterNumber.Type.Integer, 3, False, 2, 10))
         self.addParameter(QgsProcessingParameterNumber(
-            self.MINUTES, "Time budget (minutes)", QgsProcessingParameterNumber.Double, 20.0, False, 0.01, 24 * 60))
+            self.MINUTES, "Time budget (minutes)", QgsProcessingParameterNumber.Type.Double, 20.0, False, 0.01, 24 * 60))
         self.addParameter(QgsProcessingParameterEnum(self.STUDENT_SIZE, "Student size", SIZES, defaultValue=0))
         self.addParameter(QgsProcessingParameterFile(
             self.START_MODEL, "Starting model (.json; empty = the bundled student)", extension="json", optional=True))
@@ -156,6 +162,9 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         if not dependencies.torch_available():
             raise QgsProcessingException(dependencies.missing_torch_message())
+        from ..csakd_qgis.threads import configure_torch_threads
+
+        configure_torch_threads(feedback.pushInfo)
         from ..csakd_qgis.bundle import BundleError, default_model_path
         from ..csakd_qgis.train import BudgetTooShort
         from ..csakd_qgis.user_training import train_on_scenes

@@ -28,11 +28,14 @@ def default_pair():
     lr = BERLIN / "EnMAP_BerlinUrbanGradient_177b_30m.bsq"
     hr = BERLIN / "HighResolution_BerlinUrbanGradient_HyMap4b_3m6.bsq"
     if lr.exists() and hr.exists():
-        return lr, hr, "real Berlin pair (EnMAP-simulated 30 m, 177 bands + HyMap 3.6 m, 4 bands)"
+        return lr, hr, "the real Berlin pair (EnMAP-simulated 30 m, 177 bands + HyMap 3.6 m, 4 bands)"
     from csakd_qgis.synthetic import write_scene
 
     lr, hr = write_scene(OUTPUT / "inputs")
-    return lr, hr, "generated scene (96 bands at 40 m + 4 bands at 10 m); the real data was not found"
+    return lr, hr, (
+        f"a generated scene (96 bands at 40 m + 4 bands at 10 m), not real data: {BERLIN} was not found "
+        "(see the README's 'Data and attribution' for where the real pair comes from)"
+    )
 
 
 def main() -> int:
@@ -62,7 +65,7 @@ def main() -> int:
     png = write_quicklook(fused, OUTPUT / "fused_quicklook.png")
     print(f"quicklook → {png}")
     report = consistency_report(lr, hr, fused)
-    print(report.table())
+    print(report.table(label.split(" (")[0]))
     app.exitQgis()
     return 0
 

@@ -190,6 +190,7 @@ def write_potsdam_wald_pair(
     from csakd_qgis.degradation import blur_and_decimate, crop_to_multiple, simulate_msi
     from csakd_qgis.psf import wald
     from csakd_qgis.srf import load_srf, spectral_response_matrix
+    from csakd_qgis.transforms import compose
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,7 +211,7 @@ def write_potsdam_wald_pair(
     lr_path = folder / "lr_hsi.tif"
     profile = dict(driver="GTiff", dtype="float32", nodata=nodata, crs=crs)
     with rasterio.open(lr_path, "w", count=lr.shape[0], width=lr.shape[2], height=lr.shape[1],
-                       transform=transform * Affine.scale(scale), **profile) as dst:
+                       transform=compose(transform, Affine.scale(scale)), **profile) as dst:
         dst.write(lr_written)
         for index, (tags, description) in enumerate(zip(band_tags, descriptions), start=1):
             dst.update_tags(index, **tags)

@@ -10,6 +10,7 @@ import rasterio
 from affine import Affine
 from qgis.core import QgsProcessingException
 
+from csakd_qgis.transforms import compose
 from tests.helpers import expect_refusal
 
 
@@ -47,7 +48,7 @@ def copy_raster(source, destination, transform=None, crs="keep", bands=None):
 def test_footprints_that_do_not_overlap(potsdam_wald_pair, run_fusion, out_dir, tmp_path):
     pair = potsdam_wald_pair
     with rasterio.open(pair.lr_path) as src:
-        far_away = Affine.translation(50_000, 0) * src.transform
+        far_away = compose(Affine.translation(50_000, 0), src.transform)
     moved = copy_raster(pair.lr_path, tmp_path / "lr_far_away.tif", transform=far_away)
     assert_fails(run_fusion, out_dir, "do not overlap", LRHSI=str(moved), HRMSI=str(pair.hr_path))
 

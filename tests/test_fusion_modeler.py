@@ -4,6 +4,7 @@ command line with qgis_process after ``make install``."""
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,7 @@ def test_qgis_process_runs_the_installed_plugin(potsdam_wald_pair, fusion_model,
     torch here, so this also proves that python_path.txt leads the plugin to the venv's torch."""
     profile = tmp_path / "qgis-config"
     env = clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
-    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={tmp_path / 'dist'}"], cwd=PROJECT_ROOT, env=env)
+    run_command(["make", "--no-print-directory", f"VENV={sys.prefix}", "install", f"DIST_DIR={tmp_path / 'dist'}"], cwd=PROJECT_ROOT, env=env)
     installed = profile / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME
     recorded = (installed / "python_path.txt").read_text().split()
     assert recorded and all(os.path.isdir(p) for p in recorded)

@@ -5,12 +5,14 @@ import configparser
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from qgis.core import QgsApplication
 
@@ -22,6 +24,9 @@ PROVIDER_ID = "csakd"
 PROVIDER_NAME = "Hyperspectral Fusion (CSAKD)"
 # Debian's /usr/bin/qgis_process wrapper passes an option QGIS 3.22 rejects.
 QGIS_PROCESS = "/usr/bin/qgis_process.bin"
+# Nested make runs use the environment these tests run in (`make test VENV=…` may name another
+# than .venv, e.g. one per distribution in `make test-qgis`).
+MAKE = ["make", "--no-print-directory", f"VENV={sys.prefix}"]
 
 
 def _load_packager():
@@ -235,11 +240,23 @@ def test_metadata_has_every_required_key():
     assert meta["name"] == PROVIDER_NAME
     assert meta["hasProcessingProvider"] == "yes"
     assert meta["qgisMinimumVersion"] == "3.22"
-    assert meta["category"] == "Analysis"
+    # The menus the plugin repository and QGIS's Plugin Manager know.
+    assert meta["category"] in ("Raster", "Vector", "Database", "Mesh", "Web"), meta["category"]
+    # QGIS 4 (Qt6) loads only plugins that declare support for it.
+    assert meta["supportsQt6"] == "True"
+    assert meta["qgisMaximumVersion"] == "4.99"
+    assert meta["changelog"].strip().splitlines()[0].strip() == meta["version"]
     assert meta["tracker"] == meta["repository"].rstrip("/") + "/issues"
     assert (PROJECT_ROOT / meta["icon"]).is_file()
     version_parts = meta["version"].split(".")
     assert len(version_parts) == 3 and all(p.isdigit() for p in version_parts)
+
+
+def test_every_algorithm_has_a_short_description_and_a_help_url(csakd_provider):
+    homepage = _metadata()["homepage"]
+    for algorithm in csakd_provider.algorithms():
+        assert algorithm.shortDescription().strip(), algorithm.id()
+        assert algorithm.helpUrl().startswith(homepage + "#"), algorithm.helpUrl()
 
 
 # --- packaging and installing ------------------------------------------------------
@@ -248,7 +265,7 @@ def test_metadata_has_every_required_key():
 @pytest.fixture(scope="module")
 def built_package(tmp_path_factory):
     dist = tmp_path_factory.mktemp("dist")
-    run_command(["make", "--no-print-directory", "package", f"DIST_DIR={dist}"],
+    run_command([*MAKE, "package", f"DIST_DIR={dist}"],
          cwd=PROJECT_ROOT, env=clean_env())
     version = _metadata()["version"]
     archive = dist / f"{PLUGIN_NAME}-{version}.zip"
@@ -267,6 +284,11 @@ def test_package_zip_has_one_clean_top_folder(built_package):
                      "resources/icon.svg"):
         assert required in inside, f"{required} missing from the package"
     assert any(n.startswith("csakd_qgis/") for n in inside)
+    # The plugin repository refuses uploads without a licence; the teacher is for `make bench` only.
+    assert "LICENSE" in inside
+    assert "resources/models/csakd_student.pt" in inside
+    assert not [n for n in inside if "teacher" in n]
+    assert built_package.stat().st_size < 10 * 1024 * 1024, built_package.stat().st_size
     forbidden = [n for n in inside
                  if n.startswith(("tests/", ".venv/", ".git", "scripts/", "dist/",
                                   "demo_output/", ".qgis-settings/"))
@@ -325,7 +347,7 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
     profile = tmp_path / "qgis-config"
     plugins_dir = profile / "profiles" / "default" / "python" / "plugins"
     dist = built_package.parent
-    make = ["make", "--no-print-directory", "install", f"DIST_DIR={dist}"]
+    make = [*MAKE, "install", f"DIST_DIR={dist}"]
     env = clean_env(QGIS_CUSTOM_CONFIG_PATH=profile)
     run_command(make, cwd=PROJECT_ROOT, env=env)
     installed = plugins_dir / PLUGIN_NAME
@@ -343,12 +365,77 @@ def test_make_install_into_throwaway_profile_is_seen_by_qgis_process(
     _assert_provider_listed(profile)
 
 
+def test_make_install_fills_the_default_profiles_of_qgis3_and_qgis4(tmp_path, built_package, csakd_plugin_package):
+    home = tmp_path / "home"
+    run_command([*MAKE, "install", f"DIST_DIR={built_package.parent}"],
+                cwd=PROJECT_ROOT, env=clean_env(HOME=home))
+    for qgis in ("QGIS3", "QGIS4"):
+        installed = home / ".local" / "share" / "QGIS" / qgis / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME
+        assert (installed / "metadata.txt").is_file(), qgis
+        assert Path((installed / "python_path.txt").read_text().strip()).is_dir()
+    listing = run_command([QGIS_PROCESS, "plugins"], env=clean_env(HOME=home), cwd=tmp_path).stdout
+    assert f"* {PLUGIN_NAME}" in listing.splitlines(), listing
+
+
 def test_make_install_into_custom_plugins_dir(tmp_path, built_package, csakd_plugin_package):
     profile = tmp_path / "qgis-config"
     plugins_dir = tmp_path / "plugins"
-    run_command(["make", "--no-print-directory", "install", f"DIST_DIR={built_package.parent}",
+    run_command([*MAKE, "install", f"DIST_DIR={built_package.parent}",
           f"QGIS_PLUGINS_DIR={plugins_dir}"],
          cwd=PROJECT_ROOT, env=clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
     assert (plugins_dir / PLUGIN_NAME / "__init__.py").is_file()
     assert not (profile / "profiles" / "default" / "python" / "plugins" / PLUGIN_NAME).exists()
     _assert_provider_listed(profile, plugin_path=plugins_dir)
+
+
+def test_training_and_scene_adaptation_run_through_qgis_process_after_make_install(
+    tmp_path, built_package, shared_data_dir, potsdam_wald_pair
+):
+    """What a user runs: both algorithms that build a torch optimizer, in QGIS's own Python.
+
+    Inside QGIS the system's packages (Debian 12: sympy 1.11) would shadow the ones torch needs
+    (sympy >= 1.13 once an optimizer is built) unless the plugin puts its environment first;
+    tests run inside that environment and would not notice.
+    """
+    profile = tmp_path / "qgis-config"
+    run_command([*MAKE, "install", f"DIST_DIR={built_package.parent}"],
+                cwd=PROJECT_ROOT, env=clean_env(QGIS_CUSTOM_CONFIG_PATH=profile))
+
+    model = tmp_path / "trained.json"
+    # Half a minute: on a busy 2-core machine the first training step alone took 6 s.
+    training = _qgis_process([
+        "run", "csakd:trainfusionmodel", "--",
+        f"CUBES={shared_data_dir / 'enmap_potsdam' / 'enmap_potsdam_blockA_96x64.tif'}",
+        f"SRF={shared_data_dir / 'srf' / 'sentinel2a_msi_srf.csv'}", "SRF_BANDS=B2,B3,B4,B8", "SCALE=3",
+        "MINUTES=0.5", f"OUTPUT_MODEL={model}", f"REPORT={tmp_path / 'report.html'}",
+    ], profile).stdout
+    assert "best student: epoch" in training, training
+    assert model.is_file() and model.with_suffix(".pt").is_file()
+    assert re.search(r"torch \S+: \d+ thread\(s\) \(.*\); OpenMP wait policy PASSIVE", training), training
+
+    output = tmp_path / "adapted.tif"
+    fusion = _qgis_process([
+        "run", "csakd:hyperspectralfusion", "--", f"LRHSI={potsdam_wald_pair.lr_path}",
+        f"HRMSI={potsdam_wald_pair.hr_path}", "ADAPT_MINUTES=0.2", f"OUTPUT={output}",
+    ], profile).stdout
+    assert "scene adaptation:" in fusion and "held-out PSNR" in fusion, fusion
+    import rasterio
+
+    with rasterio.open(output) as fused:
+        assert fused.count == 224
+        assert (fused.width, fused.height) == (potsdam_wald_pair.reference.shape[2], potsdam_wald_pair.reference.shape[1])
+        assert np.isfinite(fused.read(50, masked=True).filled(np.nan)).mean() > 0.9
+
+
+def test_the_missing_torch_message_gives_commands_this_system_accepts(csakd_plugin_package):
+    from csakd_fusion.processing_provider import dependencies
+
+    # Debian 12 and newer mark their Python as externally managed (PEP 668); Ubuntu 22.04's pip
+    # does not know the flag that then becomes necessary.
+    here = dependencies.linux_instructions("/usr/bin/python3.11", dependencies.externally_managed(), True)
+    assert ("--break-system-packages" in here) == Path(f"/usr/lib/python3.{sys.version_info.minor}/EXTERNALLY-MANAGED").exists()
+    jammy = dependencies.linux_instructions("/usr/bin/python3.10", False, False)
+    assert "--break-system-packages" not in jammy
+    assert "sudo apt install python3-pip" in jammy
+    assert "/usr/bin/python3.10 -m pip install --user torch --index-url https://download.pytorch.org/whl/cpu" in jammy
+    assert "python3-torch" in dependencies.missing_torch_message()

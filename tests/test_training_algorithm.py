@@ -132,10 +132,12 @@ def _expect_error(tmp_path, fragment, **parameters):
 def test_pairs_that_do_not_overlap_are_refused(csakd_provider, potsdam_wald_pair, tmp_path):
     from affine import Affine
 
+    from csakd_qgis.transforms import compose
+
     moved = tmp_path / "moved_lr.tif"
     with rasterio.open(potsdam_wald_pair.lr_path) as src:
         profile = src.profile
-        profile["transform"] = src.transform * Affine.translation(10_000, 0)
+        profile["transform"] = compose(src.transform, Affine.translation(10_000, 0))
         with rasterio.open(moved, "w", **profile) as dst:
             dst.write(src.read())
     _expect_error(tmp_path, "do not overlap", LRHSI_LAYERS=[str(moved)], HRMSI_LAYERS=[str(potsdam_wald_pair.hr_path)],
