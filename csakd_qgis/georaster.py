@@ -573,8 +573,15 @@ MAX_PIXEL_ASPECT = 1.1
 def ground_pixel_size(dataset) -> tuple:
     """(width, height) in metres on the ground of one pixel at the raster's centre (geodesic
     distances on the WGS 84 ellipsoid, pyproj.Geod), for any CRS."""
-    from pyproj import Geod
+    import warnings
+
     from rasterio.warp import transform
+
+    with warnings.catch_warnings():
+        # pyproj warns at import when it finds no PROJ data folder (Debian 12 with rasterio's
+        # environment); geodesic distances on an ellipsoid need none.
+        warnings.simplefilter("ignore", UserWarning)
+        from pyproj import Geod
 
     t = dataset.transform
     col, row = dataset.width / 2.0, dataset.height / 2.0

@@ -96,13 +96,16 @@ def test_scene_adaptation_reports_its_gain(potsdam_wald_pair, run_fusion, tmp_pa
 
 
 ADAPTATION_TEST_MINUTES = 2.0
-GAIN_DB = 0.05  # 2 min gave +0.09 dB on a machine busy with training, +0.34 dB (1 min) idle
 ADAPTATION_HELD_OUT = re.compile(r"held-out PSNR ([0-9.]+) → ([0-9.]+) dB \((adapted model used|no gain[^)]*)\)")
 
 
-def test_scene_adaptation_beats_the_bundled_student_on_the_real_berlin_pair(shared_data_dir, run_fusion, tmp_path):
-    # The real EnMAP + HyMap pair at working scale 8: its own Wald pair is 10 × 7 HSI pixels.
-    # Measured through the engine with a one-minute budget: held-out PSNR 26.12 → 26.46 dB.
+def test_scene_adaptation_on_the_real_berlin_pair_keeps_the_better_model(shared_data_dir, run_fusion, tmp_path):
+    """The real EnMAP + HyMap pair at working scale 8: its own Wald pair is 10 × 7 HSI pixels.
+    Adaptation reports what it gained on the held-out part and uses the adapted model only when
+    it gained there. Measured: with the PSF estimated from the pair the bundled student scores
+    29.09 dB on that part (26.12 dB when the Wald Gaussian was assumed, where two minutes of
+    adaptation gained +0.09 to +0.34 dB); two minutes of adaptation now reach 29.06 dB, so the
+    original model is kept."""
     berlin = shared_data_dir / "berlin"
     output = tmp_path / "adapted.tif"
     _, feedback = run_fusion(
@@ -114,7 +117,8 @@ def test_scene_adaptation_beats_the_bundled_student_on_the_real_berlin_pair(shar
     found = [ADAPTATION_HELD_OUT.search(m) for m in feedback.messages if m.startswith("scene adaptation:")]
     assert len(found) == 1 and found[0], feedback.messages
     before, after, verdict = float(found[0].group(1)), float(found[0].group(2)), found[0].group(3)
-    assert after > before + GAIN_DB and verdict == "adapted model used", (before, after, verdict)
+    assert (verdict == "adapted model used") == (after > before), (before, after, verdict)
+    assert before > 28.0, before  # the base under the estimated PSF (26.1 dB under the assumed Wald Gaussian)
     with rasterio.open(output) as fused:
         assert fused.count == 177
 
