@@ -178,7 +178,9 @@ def parse_psf(text: str, scale: int):
 def _kernel(family: str, sigma_hr: float, scale: int, offset: float) -> Tuple[np.ndarray, int]:
     centre = (scale - 1) / 2.0 + offset
     if family == "gaussian":
-        if sigma_hr <= 0:
+        # Narrower than a quarter HR pixel, a sampled Gaussian can miss every tap (a centre
+        # between two pixels); its limit, linear interpolation at the centre, is used instead.
+        if sigma_hr < 0.25:
             # No blur: linear interpolation at the centre.
             first = int(math.floor(centre))
             frac = centre - first
