@@ -52,3 +52,22 @@ def test_free_cores_subtracts_the_load_and_keeps_at_least_one():
     assert free_cores(2, 7.0) == 1
     assert free_cores(16, 3.6) == 12
     assert free_cores(4, None) == 4
+
+
+def test_busy_cores_are_measured_now_not_a_minute_ago():
+    """The load is what runs now: one spinning process shows as about one busy core within a
+    quarter second (a 1-minute load average would still remember earlier work, or not yet see it)."""
+    import subprocess
+
+    from csakd_qgis.threads import system_load
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        load = system_load()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert load is not None and load >= 0.7, load
