@@ -163,10 +163,13 @@ def test_berlin_output_has_no_nan_and_no_nodata_where_the_inputs_have_data(berli
     assert fused["nodata"] == FLOAT_NODATA
     assert np.isfinite(data).all()
     assert not (data == fused["nodata"]).any()
-    # Reflectance ×10000 (inputs 21–10000): hardly any value leaves the physical range.
-    # Measured: 0.16 % negative values, maximum 11725.
-    assert np.mean(data < 0) < 0.005
-    assert data.max() < 15000
+    # Reflectance ×10000 (inputs 21–10000): no value below 0 (both inputs are non-negative, so
+    # negative values could only be ringing, which the fusion clips), and hardly any above
+    # 10000. Measured: none negative (0.16 % before the clipping); 0.002 % above 10000, the
+    # largest 14350 (a single sharpened pixel's overshoot, which moves with the estimated PSF:
+    # 11725–15294 in runs with different estimates, so the share is bounded, not the maximum).
+    assert not (data < 0).any()
+    assert np.mean(data > 10000) < 1e-4
 
 
 def test_berlin_spectrally_consistent_with_the_lr_hsi(berlin_paths, berlin_fused):
