@@ -84,25 +84,17 @@ def consistent_kernel(degradation: SpatialDegradation, axis: int) -> Tuple[np.nd
     for p in range(scale):
         column[phase == p] /= column[phase == p].sum()
     return column, lo - _DERIVATION_HALF_WIDTH * scale
-    column = inverse[:, _DERIVATION_HALF_WIDTH]
-    kept = np.flatnonzero(np.abs(column) >= KERNEL_TOLERANCE * np.abs(column).max())
-    lo, hi = kept.min(), kept.max() + 1
-    column = column[lo:hi].copy()
-    # Every HR pixel's weights sum to 1, so that a constant image stays that constant, with or
-    # without the regularisation (which shrinks them) and the truncation.
-    phase = np.arange(lo, hi) % scale
-    for p in range(scale):
-        column[phase == p] /= column[phase == p].sum()
-    return column, lo - _DERIVATION_HALF_WIDTH * scale
+
+
+def _axis_reach(degradation: SpatialDegradation, axis: int) -> int:
+    """LR pixels the consistent interpolator reads away from an HR pixel along ``axis``."""
+    weights, first = consistent_kernel(degradation, axis)
+    return int(math.ceil(max(-first, first + len(weights)) / degradation.scale)) + 1
 
 
 def consistent_reach(degradation: SpatialDegradation) -> int:
     """How many LR pixels away from an HR pixel the consistent interpolator still reads."""
-    reach = 0
-    for axis in (0, 1):
-        weights, first = consistent_kernel(degradation, axis)
-        reach = max(reach, int(math.ceil(max(-first, first + len(weights)) / degradation.scale)) + 1)
-    return reach
+    return max(_axis_reach(degradation, 0), _axis_reach(degradation, 1))
 
 
 @lru_cache(maxsize=256)
@@ -121,7 +113,7 @@ def interpolation_matrix(n_lr: int, degradation: SpatialDegradation, axis: int, 
             np.add.at(matrix, (hr, np.clip(j, 0, n_lr - 1)), _keys(position - j))
     elif kind == "consistent":
         weights, first = consistent_kernel(degradation, axis)
-        reach = int(math.ceil(max(-first, first + len(weights)) / scale)) + 1
+        reach = _axis_reach(degradation, axis)
         for j in range(-reach, n_lr + reach):
             rows = j * scale + first + np.arange(len(weights))
             inside = (rows >= 0) & (rows < n_hr)
