@@ -236,17 +236,13 @@ def array_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int):
     """A :class:`pipeline.ScenePair` over two arrays in memory (NaN outside them)."""
     from .pipeline import ScenePair
 
-    def reader(image):
-        def read(window):
-            row, col, rows, cols = window
-            out = np.full((image.shape[0], rows, cols), np.nan, dtype=np.float32)
-            r0, c0 = max(row, 0), max(col, 0)
-            r1, c1 = min(row + rows, image.shape[1]), min(col + cols, image.shape[2])
-            if r1 > r0 and c1 > c0:
-                out[:, r0 - row : r1 - row, c0 - col : c1 - col] = image[:, r0:r1, c0:c1]
-            return out
+    from .georaster import padded_window
 
-        return read
+    def reader(image):
+        def inside(row, col, rows, cols):
+            return image[:, row : row + rows, col : col + cols]
+
+        return lambda window: padded_window(inside, image.shape[0], image.shape[1], image.shape[2], *window)
 
     return ScenePair(lr_hsi.shape[1:], hr_msi.shape[1:], scale, reader(lr_hsi), reader(hr_msi))
 
@@ -385,8 +381,8 @@ def fuse_files(
 
     from .files import atomic_output
     from .georaster import (
-        BandSubset, FusionInputError, fill_partial_gaps, hr_reader, msi_on_square_ground_pixels, output_profile, plan_grid,
-        read_as_float,
+        BandSubset, FusionInputError, fill_partial_gaps, hr_reader, msi_on_square_ground_pixels, output_profile,
+        padded_window, plan_grid, read_as_float,
     )
     from .inputs import (
         band_gaps_at_hr, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
@@ -456,7 +452,7 @@ def fuse_files(
             lr_fallback, msi_fallback = np.nanmean(lr_fit, axis=(1, 2)), np.nanmean(msi_sample, axis=(1, 2))
 
             def read_lr(w):
-                window = lr_cube.read(*w) if _inside(w, grid) else _read_lr_padded(lr_cube, w)
+                window = padded_window(lr_cube.read, lr_cube.bands, lr_cube.rows, lr_cube.cols, *w)
                 return fill_partial_gaps(window if all_used else window[usable], lr_fallback)
 
             read_msi = hr_reader(hr_view, grid)
@@ -565,22 +561,6 @@ def _working_grid_cube(lr_ds, grid, indexes, output_path: Path, progress, cancel
             yield cube
     finally:
         os.unlink(scratch)
-
-
-def _inside(window, grid) -> bool:
-    row, col, rows, cols = window
-    return row >= 0 and col >= 0 and row + rows <= grid.lr_height and col + cols <= grid.lr_width
-
-
-def _read_lr_padded(cube, window) -> np.ndarray:
-    """A working-grid window that may reach past the grid; NaN outside."""
-    row, col, rows, cols = window
-    out = np.full((cube.bands, rows, cols), np.nan, dtype=np.float32)
-    r0, c0 = max(row, 0), max(col, 0)
-    r1, c1 = min(row + rows, cube.rows), min(col + cols, cube.cols)
-    if r1 > r0 and c1 > c0:
-        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = cube.read(r0, c0, r1 - r0, c1 - c0)
-    return out
 
 
 def _release_freed_memory() -> None:

@@ -454,6 +454,19 @@ def output_profile(grid: FusionGrid, bands: int, dtype: str = "float32", creatio
     return profile
 
 
+def padded_window(read, bands: int, height: int, width: int, row: int, col: int, rows: int, cols: int) -> np.ndarray:
+    """(bands, rows, cols) float32 window of an image of ``height`` × ``width`` pixels that may
+    reach past it; the part outside is NaN. ``read(row, col, rows, cols)`` reads a window
+    inside the image. The one rule for every windowed reader (rasters, the working-grid cube,
+    arrays in memory)."""
+    out = np.full((bands, rows, cols), np.nan, dtype=np.float32)
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + rows, height), min(col + cols, width)
+    if r1 > r0 and c1 > c0:
+        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = read(r0, c0, r1 - r0, c1 - c0)
+    return out
+
+
 def read_padded(dataset, row: int, col: int, rows: int, cols: int) -> np.ndarray:
     """Like read_as_float for a window that may reach past the raster; the part outside is NaN.
 
@@ -461,12 +474,10 @@ def read_padded(dataset, row: int, col: int, rows: int, cols: int) -> np.ndarray
     """
     from rasterio.windows import Window
 
-    out = np.full((dataset.count, rows, cols), np.nan, dtype=np.float32)
-    r0, c0 = max(row, 0), max(col, 0)
-    r1, c1 = min(row + rows, dataset.height), min(col + cols, dataset.width)
-    if r1 > r0 and c1 > c0:
-        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = read_as_float(dataset, window=Window(c0, r0, c1 - c0, r1 - r0))
-    return out
+    def read(r0, c0, h, w):
+        return read_as_float(dataset, window=Window(c0, r0, w, h))
+
+    return padded_window(read, dataset.count, dataset.height, dataset.width, row, col, rows, cols)
 
 
 def hr_reader(hr_dataset, grid: FusionGrid):
