@@ -281,6 +281,7 @@ def fuse_arrays(
     cancelled: Optional[Callable[[], bool]] = None,
     log: Optional[Callable[[str], None]] = None,
     psf=None,
+    adapt_minutes: float = 0.0,
 ) -> np.ndarray:
     """Fuse an LR-HSI (B, h, w) with an HR-MSI (M, s·h, s·w) on the same footprint.
 
@@ -288,7 +289,8 @@ def fuse_arrays(
     are estimated from the pair unless ``psf`` (a psf.SpatialDegradation at scale s, or a
     PSF text as :func:`psf.parse_psf` reads it) is given; ``log`` receives what was found.
     NaN marks missing data; output pixels without data in either input are NaN.
-    ``model`` is a loaded model or a bundle path (default: the bundled student).
+    ``model`` is a loaded model or a bundle path (default: the bundled student);
+    ``adapt_minutes`` > 0 fine-tunes it on the scene first (as :func:`fuse_files`).
     Returns float32 (B, s·h, s·w). Raises ValueError for shapes that do not fit.
     """
     from .psf import parse_psf
@@ -307,7 +309,12 @@ def fuse_arrays(
         output[:, row0 : row0 + spectra.shape[1], col0 : col0 + spectra.shape[2]] = spectra
 
     pair = array_pair(lr_hsi, hr_msi, scale)
-    fuse_scene(pair, model, torch_device, write, tile_size, overlap, psf, 256, progress, cancelled, log)
+
+    def adapt(model_, statistics):
+        return _adapted(model_, statistics, pair, adapt_minutes, log or (lambda message: None), cancelled)
+
+    fuse_scene(pair, model, torch_device, write, tile_size, overlap, psf, 256, progress, cancelled, log,
+               adapt=adapt if adapt_minutes > 0 else None)
     return output
 
 

@@ -33,9 +33,17 @@ TRAINING_PSF_GAP = 0.02
 
 @dataclass
 class HyperspectralCube:
+    """One reference cube: (B, rows, cols) float32 with bad and empty bands removed.
+
+    ``wavelengths_nm`` (B,) is None when the band centres are unknown: such a cube is paired
+    only with band-group MSIs (:func:`band_group_response`), never with a sensor's SRF.
+    ``weight`` scales how often training draws the cube (laboratory scenes are drawn less).
+    """
+
     name: str
-    data: np.ndarray  # (B, rows, cols) float32, bad and empty bands removed
-    wavelengths_nm: np.ndarray
+    data: np.ndarray
+    wavelengths_nm: Optional[np.ndarray]
+    weight: float = 1.0
 
 
 def default_data_dir() -> Path:
@@ -50,13 +58,16 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _clean(name: str, data: np.ndarray, wavelengths: np.ndarray, bad: Optional[np.ndarray] = None) -> HyperspectralCube:
+def _clean(
+    name: str, data: np.ndarray, wavelengths: Optional[np.ndarray], bad: Optional[np.ndarray] = None, weight: float = 1.0
+) -> HyperspectralCube:
     """Drop flagged, empty or non-finite bands; the network never sees a band of no-data."""
     keep = np.isfinite(data).all(axis=(1, 2))
     keep[keep] = data[keep].std(axis=(1, 2)) > 0
     if bad is not None:
         keep &= ~bad
-    return HyperspectralCube(name, np.ascontiguousarray(data[keep], dtype=np.float32), np.asarray(wavelengths)[keep])
+    kept_wavelengths = np.asarray(wavelengths)[keep] if wavelengths is not None else None
+    return HyperspectralCube(name, np.ascontiguousarray(data[keep], dtype=np.float32), kept_wavelengths, weight)
 
 
 def _read_raster(path: Path, window=None) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -98,6 +109,57 @@ def training_cubes(data_dir=None) -> List[HyperspectralCube]:
         _from_mat("AVIRIS Moffett Field", cubes.load_moffett, data_dir),
         _from_mat("Samson", cubes.load_samson, data_dir),
     ]
+
+
+# Laboratory scenes (CAVE: close range, 400–700 nm) are drawn this much less often than an
+# Earth-observation cube of the same size: their statistics differ strongly from what users fuse.
+LABORATORY_WEIGHT = 0.25
+
+
+def corpus_cubes(data_dir=None, unknown_wavelengths: bool = True) -> List[HyperspectralCube]:
+    """The training corpus (``corpus/`` in the shared data folder; its README gives every cube's
+    sensor, source and licence): AVIRIS, HYDICE and ROSIS airborne scenes and CAVE laboratory
+    scenes, as GeoTIFFs with per-band ``wavelength`` tags where the centres are known or
+    reconstructed, ``wavelength_approx`` where only approximate (used as centres: ROSIS's
+    uniform 430–860 nm grid is within a band width of the truth) and none where unknown
+    (kept with ``wavelengths_nm`` None when ``unknown_wavelengths``, else left out).
+    Values are scaled by the files' GDAL scale factors; NaN bands are dropped.
+    Raises FileNotFoundError when the folder is missing.
+    """
+    import rasterio
+
+    root = _require(Path(data_dir or default_data_dir()) / "corpus")
+    found = []
+    for path in sorted(root.glob("*.tif")):
+        with rasterio.open(path) as dataset:
+            data = dataset.read().astype(np.float32) * np.asarray(dataset.scales, dtype=np.float32)[:, None, None]
+            tags = [dataset.tags(b) for b in range(1, dataset.count + 1)]
+            domain = dataset.tags().get("domain", "")
+        for key in ("wavelength", "wavelength_approx"):
+            if all(key in t for t in tags):
+                wavelengths = np.array([float(t[key]) for t in tags])
+                break
+        else:
+            wavelengths = None
+        if wavelengths is None and not unknown_wavelengths:
+            continue
+        weight = LABORATORY_WEIGHT if "lab" in domain else 1.0
+        found.append(_clean(path.stem, data, wavelengths, weight=weight))
+    if not found:
+        raise FileNotFoundError(f"no cube (*.tif) in {root}")
+    return found
+
+
+def band_group_response(bands: int, rng: np.random.Generator) -> Tuple[np.ndarray, str]:
+    """An MSI made from groups of neighbouring bands, for cubes whose band centres are unknown:
+    3–8 bands, each a Gaussian over band index centred at random (width 2–8 % of the bands), rows
+    normalised to sum 1. Returns the (M, B) response matrix and a label."""
+    count = int(rng.integers(3, 9))
+    centres = np.sort(rng.uniform(0.03, 0.97, count)) * (bands - 1)
+    widths = rng.uniform(0.02, 0.08, count) * bands
+    index = np.arange(bands)
+    response = np.exp(-0.5 * ((index[None, :] - centres[:, None]) / widths[:, None]) ** 2)
+    return response / response.sum(1, keepdims=True), f"{count} band groups"
 
 
 def validation_cubes(data_dir=None) -> List[HyperspectralCube]:
@@ -153,11 +215,13 @@ def make_wald_case(
     shift: Tuple[float, float] = (0.0, 0.0),
     crop: Optional[Tuple[int, int, int, int]] = None,
     psf=None,
+    response: Optional[np.ndarray] = None,
 ) -> WaldCase:
     """crop = (row, col, rows, cols) of the reference in HR pixels; rows/cols are cut to multiples of scale.
 
     ``psf``: the LR-HSI's spatial degradation (psf.SpatialDegradation at ``scale``; default the
-    Wald protocol's Gaussian), its offset moved further by ``shift`` (dy, dx) HR pixels."""
+    Wald protocol's Gaussian), its offset moved further by ``shift`` (dy, dx) HR pixels.
+    ``response`` (M, B), when given, replaces the sensor's SRFs (band-group MSIs)."""
     from .psf import wald
 
     degradation = psf if psf is not None else wald(scale)
@@ -166,10 +230,12 @@ def make_wald_case(
     if crop is not None:
         r, c, h, w = crop
         data = data[:, r : r + h, c : c + w]
-    response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
+    if response is None:
+        response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
     lr, msi, reference = wald_pair(data, degradation, response, rng, hsi_snr_db, msi_snr_db)
+    name = sensor if isinstance(sensor, str) else sensor.name
     return WaldCase(
-        lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, sensor.name, degradation
+        lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, name, degradation
     )
 
 
@@ -247,15 +313,18 @@ def training_batch(
     clean inputs do not need.) No misregistration: fusion measures and compensates it
     (registration.py), so a network taught to hedge against it would only blur aligned pairs.
     """
-    weights = np.array([c.data.shape[1] * c.data.shape[2] for c in cubes_], dtype=float) ** 0.5
+    weights = np.array([c.weight * (c.data.shape[1] * c.data.shape[2]) ** 0.5 for c in cubes_])
     cube = cubes_[rng.choice(len(cubes_), p=weights / weights.sum())]
-    while True:
-        sensor = sensors[rng.integers(len(sensors))]
-        try:
-            spectral_response_matrix(sensor, cube.wavelengths_nm)
-            break
-        except ValueError:
-            continue
+    if cube.wavelengths_nm is None:
+        response, sensor = band_group_response(cube.data.shape[0], rng)
+    else:
+        while True:
+            sensor = sensors[rng.integers(len(sensors))]
+            try:
+                response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
+                break
+            except ValueError:
+                continue
     _, rows, cols = cube.data.shape
     usable = [s for s in scales if min(rows, cols) // s >= 6]
     scale = int(rng.choice(usable))
@@ -267,10 +336,10 @@ def training_batch(
     for _ in range(batch_size):
         r = int(rng.integers(rows - size + 1))
         c = int(rng.integers(cols - size + 1))
-        patch = HyperspectralCube(cube.name, _augment(cube.data[:, r : r + size, c : c + size], rng), cube.wavelengths_nm)
-        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr, psf=psf))
+        patch = HyperspectralCube(cube.name, _augment(cube.data[:, r : r + size, c : c + size], rng), cube.wavelengths_nm, cube.weight)
+        batch.append(make_wald_case(patch, sensor, scale, rng, hsi_snr, msi_snr, psf=psf, response=response))
     if statistics is not None:
-        whole = statistics(cube, sensor, psf)
+        whole = statistics(cube, sensor, psf, response)
         for case in batch:
             case.statistics = whole
     return batch
@@ -290,17 +359,21 @@ class WholeSceneStatistics:
         self.subspace_dim = subspace_dim
         self.cache: Dict[tuple, object] = {}
 
-    def __call__(self, cube: HyperspectralCube, sensor: SensorResponse, psf):
-        """``psf``: a psf.SpatialDegradation, or an integer scale for the Wald Gaussian."""
+    def __call__(self, cube: HyperspectralCube, sensor, psf, response: Optional[np.ndarray] = None):
+        """``psf``: a psf.SpatialDegradation, or an integer scale for the Wald Gaussian;
+        ``sensor`` a SensorResponse, or a label when ``response`` (M, B) gives the MSI."""
         from .degradation import as_degradation
 
         psf = as_degradation(psf)
-        key = (cube.name, cube.data.shape, sensor.name, tuple(sensor.band_names), psf)
+        if response is None:
+            response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
+        key = (cube.name, cube.data.shape, getattr(sensor, "name", sensor), response.tobytes(), psf)
         if key not in self.cache:
             if len(self.cache) >= self.MAX_ENTRIES:
                 # Random PSFs rarely repeat: keep memory bounded rather than every fit.
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[key] = case_statistics(make_wald_case(cube, sensor, psf.scale, psf=psf), self.subspace_dim)
+            whole = make_wald_case(cube, sensor, psf.scale, psf=psf, response=response)
+            self.cache[key] = case_statistics(whole, self.subspace_dim)
         return self.cache[key]
 
 

@@ -39,6 +39,7 @@ from .datasets import (
     WholeSceneStatistics,
     case_statistics,
     training_batch,
+    corpus_cubes,
     training_cubes,
     training_sensors,
     validation_cases,
@@ -57,6 +58,9 @@ from .network import NetworkConfig, count_macs, count_parameters
 SUBSPACE_DIM = 12
 TEACHER_SUBSPACE_DIM = 32
 DEFAULT_CHECKPOINT = Path("build") / "train" / "checkpoint.pt"
+# The student trained without its teacher (TrainingRun.control): kept beside the bundles for the
+# benchmark's distillation comparison, never packaged into the plugin.
+CONTROL_BUNDLE = "csakd_student_without_distillation.json"
 
 
 def student_config(subspace_dim: int = SUBSPACE_DIM) -> FusionModelConfig:
@@ -86,6 +90,21 @@ def prepare_batch(cases: List[WaldCase], subspace_dim: int, statistics: Optional
     reference = torch.from_numpy(np.stack([c.reference for c in cases]).astype(np.float32))
     stacked = stack_statistics(stats)
     return lr, hr, stacked, reference
+
+
+# LR pixels at a training crop's edge left out of every loss: there the degradation saw the
+# crop's mirrored border, not real neighbours, which a whole scene has only at its own edge.
+LOSS_MARGIN = 3
+
+
+def crop_interior(*images: torch.Tensor, lr_size: int, margin: int = LOSS_MARGIN):
+    """The images (N,C,H,W) at H = s·lr_size without ``margin`` LR pixels on each side, the margin
+    shrunk so that at least 2 LR pixels per side remain. Returns a tuple of views."""
+    scale = images[0].shape[-1] // lr_size
+    cut = min(margin, max(0, (lr_size - 2) // 2)) * scale
+    if cut == 0:
+        return images
+    return tuple(image[..., cut:-cut, cut:-cut] for image in images)
 
 
 class Distiller(nn.Module):
@@ -159,6 +178,9 @@ class TrainingRun:
     fresh: bool = False
     start_student: Optional[Dict] = None  # a state dict to start the student from
     baselines: Dict = field(default_factory=dict)
+    # Also train the same student without the teacher, from the same weights on the same
+    # batches: the control that shows what distillation adds (make train; the bench compares).
+    control: bool = False
 
     @property
     def statistics_dim(self) -> int:
@@ -189,6 +211,14 @@ def co_train(
     distiller = Distiller(teacher, student)
     teacher_opt = torch.optim.AdamW(teacher.parameters(), lr=run.lr, weight_decay=1e-4)
     student_opt = torch.optim.AdamW(list(student.parameters()) + list(distiller.adapter.parameters()), lr=run.lr, weight_decay=1e-4)
+    models = {"teacher": teacher, "student": student}
+    optimisers = [teacher_opt, student_opt]
+    if run.control:
+        control = SubspaceFusionModel(run.student)
+        control.load_state_dict(student.state_dict())
+        control_opt = torch.optim.AdamW(control.parameters(), lr=run.lr, weight_decay=1e-4)
+        models["control"] = control
+        optimisers.append(control_opt)
     if not run.baselines:
         run.baselines = baseline_metrics(run.validation)
 
@@ -198,48 +228,55 @@ def co_train(
         distiller.load_state_dict(saved["distiller"])
         teacher_opt.load_state_dict(saved["teacher_opt"])
         student_opt.load_state_dict(saved["student_opt"])
+        if run.control:
+            control.load_state_dict(saved["control"])
+            control_opt.load_state_dict(saved["control_opt"])
         rng.bit_generator.state = saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
         log(f"resumed from {run.checkpoint} at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
 
     def validate_and_checkpoint(epoch_losses):
-        teacher_rows = validate(teacher, run.validation)
-        student_rows = validate(student, run.validation)
-        t_sum, s_sum = summarise(teacher_rows), summarise(student_rows)
+        rows = {role: validate(model, run.validation) for role, model in models.items()}
+        summary = {role: summarise(role_rows) for role, role_rows in rows.items()}
         # Epoch 0 is the starting point, validated before any step: what training must beat.
         epoch = len(state["history"])
-        losses = np.mean(epoch_losses, axis=0).tolist() if epoch_losses else [None, None]
-        state["history"].append(
-            {"epoch": epoch, "step": state["step"], "minutes": state["elapsed"] / 60, "teacher": t_sum,
-             "student": s_sum, "losses": losses}
-        )
+        losses = np.mean(epoch_losses, axis=0).tolist() if epoch_losses else [None] * len(models)
+        state["history"].append({"epoch": epoch, "step": state["step"], "minutes": state["elapsed"] / 60, **summary,
+                                 "losses": losses})
         b, g = summarise(run.baselines["bicubic"]), summarise(run.baselines["gsa"])
         log(
-            f"epoch {epoch:3d} validation PSNR/SAM  teacher {t_sum['psnr']:.2f}/{t_sum['sam']:.2f}  "
-            f"student {s_sum['psnr']:.2f}/{s_sum['sam']:.2f}  GSA {g['psnr']:.2f}/{g['sam']:.2f}  "
-            f"bicubic {b['psnr']:.2f}/{b['sam']:.2f}"
+            f"epoch {epoch:3d} validation PSNR/SAM  "
+            + "  ".join(f"{role} {m['psnr']:.2f}/{m['sam']:.2f}" for role, m in summary.items())
+            + f"  GSA {g['psnr']:.2f}/{g['sam']:.2f}  bicubic {b['psnr']:.2f}/{b['sam']:.2f}"
         )
-        if state["best"] is None or s_sum["psnr"] > state["best"]["student"]["psnr"]:
-            state["best"] = {
-                "epoch": epoch, "step": state["step"], "student": s_sum, "teacher": t_sum,
-                "student_rows": student_rows, "teacher_rows": teacher_rows,
-                "student_state": {k: v.clone() for k, v in student.state_dict().items()},
-                "teacher_state": {k: v.clone() for k, v in teacher.state_dict().items()},
-            }
+        # Each model keeps its own best epoch (mean validation PSNR), the teacher and the student
+        # together since the student learnt from that teacher.
+        best = state["best"] or {}
+        for roles in (("student", "teacher"), ("control",)):
+            if roles[0] not in models or (roles[0] in best and summary[roles[0]]["psnr"] <= best[roles[0]]["psnr"]):
+                continue
+            for role in roles:
+                best.update({role: summary[role], f"{role}_rows": rows[role],
+                             f"{role}_state": {k: v.clone() for k, v in models[role].state_dict().items()}})
+            if roles[0] == "student":
+                best.update(epoch=epoch, step=state["step"])
+        state["best"] = best
         saved = {
             "distiller": distiller.state_dict(), "teacher_opt": teacher_opt.state_dict(),
             "student_opt": student_opt.state_dict(), "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "state": state,
         }
+        if run.control:
+            saved.update(control=control.state_dict(), control_opt=control_opt.state_dict())
         _atomic_write(run.checkpoint, lambda p: torch.save(saved, p))
 
     budget = run.minutes * 60.0
     if not state["history"]:
         validate_and_checkpoint([])
     started = time.time() - state["elapsed"]
-    teacher.train()
-    student.train()
+    for model in models.values():
+        model.train()
     stop = False
     while state["elapsed"] < budget and not stop:
         epoch_losses = []
@@ -250,32 +287,35 @@ def co_train(
                 break
             fraction = min(1.0, state["elapsed"] / budget)
             lr = run.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * fraction)))
-            for opt in (teacher_opt, student_opt):
+            for opt in optimisers:
                 for group in opt.param_groups:
                     group["lr"] = lr
             lr_hsi, hr_msi, stats, reference = prepare_batch(run.sample_batch(rng), run.statistics_dim)
             norm = stats["scale"].view(-1, 1, 1, 1)
-            target = reference / norm
+            lr_size = lr_hsi.shape[-1]
+            (target,) = crop_interior(reference / norm, lr_size=lr_size)
+
+            def image(output):
+                return crop_interior(output.image / norm, lr_size=lr_size)[0]
 
             teacher_out = teacher(lr_hsi, hr_msi, stats)
-            t_loss = teacher_loss(teacher_out.image / norm, target)
-            teacher_opt.zero_grad(set_to_none=True)
-            t_loss.backward()
-            nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-            teacher_opt.step()
+            t_loss = teacher_loss(image(teacher_out), target)
+            _step(teacher_opt, t_loss, teacher)
 
             student_out = student(lr_hsi, hr_msi, stats)
             s_loss = student_loss(
-                student_out.image / norm,
+                image(student_out),
                 target,
-                teacher_out.image.detach() / norm,
+                image(teacher_out).detach(),
                 distiller.adapter(student_out.fused),
                 teacher_out.fused.detach(),
             )
-            student_opt.zero_grad(set_to_none=True)
-            s_loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            student_opt.step()
+            _step(student_opt, s_loss, student)
+            step_losses = [t_loss.item(), s_loss.item()]
+            if run.control:
+                c_loss = teacher_loss(image(control(lr_hsi, hr_msi, stats)), target)
+                _step(control_opt, c_loss, control)
+                step_losses.append(c_loss.item())
 
             state["step"] += 1
             state["elapsed"] = time.time() - started
@@ -284,20 +324,27 @@ def co_train(
                     f"the time budget ({run.minutes:g} min) ran out before the first training step finished "
                     f"({state['elapsed']:.0f} s); give at least {max(1, math.ceil(state['elapsed'] * 20 / 60))} minutes"
                 )
-            epoch_losses.append((t_loss.item(), s_loss.item()))
+            epoch_losses.append(step_losses)
             if progress is not None:
                 progress(min(1.0, state["elapsed"] / budget))
             if state["step"] % run.log_every == 0:
-                t_mean, s_mean = np.mean(epoch_losses[-run.log_every :], axis=0)
+                means = np.mean(epoch_losses[-run.log_every :], axis=0)
                 log(
-                    f"step {state['step']:6d}  {state['elapsed'] / 60:6.1f}/{run.minutes:g} min  "
-                    f"lr {lr:.2e}  teacher loss {t_mean:.4f}  student loss {s_mean:.4f}"
+                    f"step {state['step']:6d}  {state['elapsed'] / 60:6.1f}/{run.minutes:g} min  lr {lr:.2e}  "
+                    + "  ".join(f"{role} loss {value:.4f}" for role, value in zip(models, means))
                 )
             if state["elapsed"] >= budget:
                 break
         if epoch_losses:
             validate_and_checkpoint(epoch_losses)
     return state
+
+
+def _step(optimiser, loss: torch.Tensor, model: nn.Module) -> None:
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimiser.step()
 
 
 def train(args) -> Path:
@@ -307,7 +354,7 @@ def train(args) -> Path:
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     print(f"loading real cubes from {args.data or 'the shared data folder'}", flush=True)
-    cubes = training_cubes(args.data)
+    cubes = training_cubes(args.data) + (corpus_cubes(args.data) if args.corpus else [])
     sensors = training_sensors()
     cases = validation_cases(args.data, scales=args.validation_scales)
     print(f"training cubes: {', '.join(f'{c.name} {c.data.shape}' for c in cubes)}", flush=True)
@@ -331,13 +378,18 @@ def train(args) -> Path:
         seed=args.seed,
         fresh=args.fresh,
         baselines=baselines,
+        control=not args.no_control,
     )
     state = co_train(run, log=lambda message: print(message, flush=True))
     training_info = {
         "cubes": [f"{c.name} {list(c.data.shape)}" for c in cubes],
         "sensors": "all SRFs in ../shared/data/srf plus Sentinel-2 10 m and RGB subsets",
         "scales": list(TRAINING_SCALES),
-        "augmentation": "random crops, 90° rotations, flips; noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches",
+        "augmentation": "random crops, 90° rotations, flips; one random PSF per batch (Gaussian, box or both, "
+        "datasets.training_psf); noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches; band-group MSIs "
+        "for cubes without band centres; laboratory scenes drawn at a quarter weight",
+        "loss": "band-averaged PSNR loss + 0.1 spectral angle (losses.py), crop borders of "
+        f"{LOSS_MARGIN} LR pixels left out; student: + 0.5 distance to the teacher + 0.1 feature BCE",
         "batch_size": args.batch_size,
         "crop": args.crop,
         "seed": args.seed,
@@ -345,6 +397,8 @@ def train(args) -> Path:
     }
     output = Path(args.output)
     paths = {role: output / f"csakd_{role}.json" for role in ("teacher", "student")}
+    if run.control:
+        paths["control"] = output / CONTROL_BUNDLE
     return write_bundles(paths, state, baselines, training_info, run)
 
 
@@ -358,6 +412,14 @@ DATA_SOURCES = [
     "(Potsdam), as distributed with the EnMAP-Box test data (training: blocks A and B; validation: block C)",
     "AVIRIS Moffett Field and Jasper Ridge (NASA/JPL) and the Samson scene, public research copies of "
     "hyperspectral unmixing benchmark cubes (training: Moffett Field, Samson; validation: Jasper Ridge)",
+    "Training corpus (the shared data's corpus/ folder; its README records every file's origin): AVIRIS-C San "
+    "Diego airport A and B, Cuprite and Salton Sea subsets (NASA/JPL, U.S. Government data, research copies from "
+    "the OT-AD, LREN, NMF-QMV and zhouyuanzxcv/Hyperspectral repositories); twelve AVIRIS-C scenes of the ABU "
+    "anomaly-detection benchmark (X. Kang et al., IEEE TGRS 55(10):5600-5611, 2017; research use, with citation); "
+    "HYDICE Urban (U.S. Army ERDC/TEC, freely released); ROSIS-03 Pavia (University of Pavia / DLR, research use); "
+    "CAVE multispectral image database scenes cloth, feathers, oil painting, thread spools (F. Yasuma, T. Mitsunaga, "
+    "D. Iso, S. K. Nayar, IEEE TIP 19(9), 2010; for the research community). None carries an explicit open licence: "
+    "research use with citation; the images are not redistributed, only weights trained on them",
     "Spectral response functions of Sentinel-2A/B MSI and Landsat 8/9 OLI from the EnMAP-Box (GPL-3.0), of "
     "WorldView-2/3, QuickBird, Pléiades 1A, RapidEye and SPOT 6 from EnMAP-Box test migration data, of IKONOS "
     "from HySure (GPL-3.0): used to simulate multispectral images",
@@ -395,7 +457,7 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         "history": state["history"],
     }
     baseline_summary = {name: summarise(rows) for name, rows in baselines.items()}
-    configs = {"teacher": run.teacher, "student": run.student}
+    configs = {"teacher": run.teacher, "student": run.student, "control": run.student}
     bundles = {}
     for role, path in paths.items():
         model = SubspaceFusionModel(configs[role])
@@ -441,6 +503,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--no-corpus", dest="corpus", action="store_false",
+                        help="train on the five training cubes only, without the shared corpus")
+    parser.add_argument("--no-control", action="store_true",
+                        help="do not train the student without the teacher beside the distilled one")
     args = parser.parse_args(argv)
     train(args)
     return 0

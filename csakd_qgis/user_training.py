@@ -314,7 +314,7 @@ def adapt_to_scene(
     minutes: float,
     crop: int = 64,
     batch_size: int = 4,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 3e-4,
     seed: int = 0,
     log: Callable[[str], None] = print,
     cancelled: Callable[[], bool] = lambda: False,
@@ -342,7 +342,7 @@ def adapt_to_scene(
     from .api import fit_scene
     from .losses import teacher_loss
     from .metrics import psnr
-    from .train import prepare_batch
+    from .train import crop_interior, prepare_batch
 
     # The scene's own Wald pair is the LR-HSI degraded once more by the same PSF (in HSI pixels,
     # so the same relative blur at the next scale), aligned by construction.
@@ -392,8 +392,9 @@ def adapt_to_scene(
         lr_hsi, hr_msi, reference = lr_hsi.to(device), hr_msi.to(device), reference.to(device)
         stats = {name: value.to(device) if hasattr(value, "to") else value for name, value in stats.items()}
         norm = stats["scale"].view(-1, 1, 1, 1)
-        # The student alone, with the reconstruction, angle and band-wise terms of the joint loss.
-        loss = teacher_loss(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm)
+        # The student alone, with the reference terms of the joint loss.
+        fused, target = crop_interior(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm, lr_size=lr_hsi.shape[-1])
+        loss = teacher_loss(fused, target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from csakd_qgis.losses import (
-    SMOOTH_L1_BETA,
-    bandwise_loss,
+    PSNR_LOSS_FLOOR,
+    band_psnr_loss,
     feature_distillation_loss,
-    reconstruction_loss,
     spectral_angle_loss,
     student_loss,
     teacher_loss,
@@ -40,20 +39,39 @@ def test_spectral_angle_loss_at_sixty_degrees():
     assert two.item() == pytest.approx(0.25, abs=1e-12)
 
 
-def test_bandwise_loss_by_hand():
-    # Two bands, two pixels.
-    # band 0: target (1, 3), prediction (2, 3): mean |error| 0.5, mean |target| 2 → 0.25
-    # band 1: target (−4, 4), prediction (−4, 0): mean |error| 2, mean |target| 4 → 0.5
-    # mean over bands: 0.375
+def test_band_psnr_loss_by_hand():
+    # Two bands, two pixels. band 0: target (1, 3), prediction (2, 3): MSE 0.5, peak 3;
+    # band 1: target (−4, 4), prediction (−4, 0): MSE 8, peak 4. Mean of ln(MSE + (ε·peak)²).
     target = torch.tensor([[[[1.0, 3.0]], [[-4.0, 4.0]]]], dtype=torch.float64)
     prediction = torch.tensor([[[[2.0, 3.0]], [[-4.0, 0.0]]]], dtype=torch.float64)
-    assert bandwise_loss(prediction, target).item() == pytest.approx(0.375, abs=1e-6)
+    eps = PSNR_LOSS_FLOOR
+    expected = (math.log(0.5 + (3 * eps) ** 2) + math.log(8 + (4 * eps) ** 2)) / 2
+    assert band_psnr_loss(prediction, target).item() == pytest.approx(expected, rel=1e-9)
 
 
-def test_bandwise_loss_weighs_dark_and_bright_bands_alike():
-    # The same 10 % error in a band 1000 times brighter gives the same loss.
-    target = torch.tensor([[[[1.0]], [[1000.0]]]], dtype=torch.float64)
-    assert bandwise_loss(target * 1.1, target).item() == pytest.approx(0.1, abs=1e-6)
+def test_band_psnr_loss_is_the_metric_up_to_a_constant():
+    from csakd_qgis.metrics import psnr
+
+    g = torch.Generator().manual_seed(4)
+    brightness = torch.tensor([1.0, 10, 100, 0.1, 3], dtype=torch.float64).view(1, 5, 1, 1)
+    target = torch.rand(1, 5, 8, 8, generator=g, dtype=torch.float64) * brightness
+    noise = torch.randn(2, 5, 8, 8, generator=g, dtype=torch.float64) * brightness
+    better, worse = target + 0.01 * noise[:1], target + 0.02 * noise[1:]
+    # The loss falls exactly as the band-averaged PSNR rises (−10/ln 10 dB per unit), whatever
+    # the bands' brightness; at these errors (~40 dB) the 60 dB floor moves it by about 1 %.
+    gain_db = psnr(target[0].numpy(), better[0].numpy()) - psnr(target[0].numpy(), worse[0].numpy())
+    drop = band_psnr_loss(worse, target) - band_psnr_loss(better, target)
+    assert drop.item() * 10 / math.log(10) == pytest.approx(gain_db, rel=0.02)
+
+
+def test_band_psnr_loss_weighs_dark_and_bright_bands_alike():
+    # The same 10 % error in a band 1000 times brighter costs the same.
+    dark = torch.tensor([[[[1.0, 2.0]], [[1000.0, 2000.0]]]], dtype=torch.float64)
+    one = dark.clone()
+    one[0, 0] *= 1.1
+    other = dark.clone()
+    other[0, 1] *= 1.1
+    assert band_psnr_loss(one, dark).item() == pytest.approx(band_psnr_loss(other, dark).item(), rel=1e-6)
 
 
 def test_feature_loss_of_zero_logits_is_ln2():
@@ -71,20 +89,6 @@ def test_feature_loss_is_lowest_where_student_matches_teacher():
     assert at_teacher < feature_distillation_loss(t - 0.3, t)
 
 
-def test_smooth_l1_quadratic_and_linear_regimes():
-    beta = SMOOTH_L1_BETA
-    zero = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
-    # |d| < β: 0.5·d²/β; d = β/4 gives 0.5·β²/16/β = β/32.
-    small = torch.full_like(zero, beta / 4)
-    assert reconstruction_loss(small, zero).item() == pytest.approx(beta / 32, rel=1e-9)
-    # |d| ≥ β: |d| − 0.5·β; d = −50·β gives 49.5·β.
-    large = torch.full_like(zero, -50 * beta)
-    assert reconstruction_loss(large, zero).item() == pytest.approx(49.5 * beta, rel=1e-9)
-    # Mean over elements: (β/32 + 49.5·β) / 2.
-    both = torch.cat([small, large], dim=1)
-    assert reconstruction_loss(both, torch.zeros_like(both)).item() == pytest.approx((beta / 32 + 49.5 * beta) / 2, rel=1e-9)
-
-
 def _batch(seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(2, 6, 4, 5, generator=g, dtype=torch.float64) + 0.1 for _ in range(3)] + [
@@ -94,32 +98,25 @@ def _batch(seed):
 
 def test_teacher_loss_is_the_weighted_sum_of_its_terms():
     teacher, target, *_ = _batch(1)
-    # method.md: SmoothL1(T, X) + 0.1·SAM + 0.1·band-wise.
-    expected = (
-        reconstruction_loss(teacher, target)
-        + 0.1 * spectral_angle_loss(teacher, target)
-        + 0.1 * bandwise_loss(teacher, target)
-    )
+    # The band-PSNR reconstruction term + 0.1·SAM (losses.py's docstring says why not SmoothL1).
+    expected = band_psnr_loss(teacher, target) + 0.1 * spectral_angle_loss(teacher, target)
     torch.testing.assert_close(teacher_loss(teacher, target), expected, rtol=1e-12, atol=0)
 
 
 def test_student_loss_is_the_weighted_sum_of_its_terms():
     student, target, teacher, student_feature, teacher_feature = _batch(2)
-    # method.md: SmoothL1(S, X) + 0.1·SmoothL1(S, T) + 0.1·BCE(features) + 0.1·band-wise + 0.1·SAM.
+    # The reference term + 0.5·band-PSNR distance to the teacher + 0.1·BCE(features).
     expected = (
-        reconstruction_loss(student, target)
-        + 0.1 * reconstruction_loss(student, teacher)
+        teacher_loss(student, target)
+        + 0.5 * band_psnr_loss(student, teacher)
         + 0.1 * feature_distillation_loss(student_feature, teacher_feature)
-        + 0.1 * bandwise_loss(student, target)
-        + 0.1 * spectral_angle_loss(student, target)
     )
     result = student_loss(student, target, teacher, student_feature, teacher_feature)
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=0)
     # Every term contributes: a loss missing one of them would differ by at least this much.
     smallest_term = min(
-        0.1 * reconstruction_loss(student, teacher),
+        abs(0.5 * band_psnr_loss(student, teacher)),
         0.1 * feature_distillation_loss(student_feature, teacher_feature),
-        0.1 * bandwise_loss(student, target),
         0.1 * spectral_angle_loss(student, target),
     )
     assert smallest_term > 1e-4

@@ -38,7 +38,11 @@ def _check_card(card, role, steps):
     assert training["steps"] == steps
     assert training["batch_size"] == 2 and training["crop"] == 32
     assert training["best_epoch"] >= 0 and training["minutes"] >= 0
-    assert len(training["cubes"]) == 5
+    # The five training cubes and the whole corpus (the ones without band centres included).
+    corpus = sorted(p.stem for p in (datasets.default_data_dir() / "corpus").glob("*.tif"))
+    assert len(corpus) >= 20
+    assert len(training["cubes"]) == 5 + len(corpus)
+    assert all(any(entry.startswith(name) for entry in training["cubes"]) for name in corpus)
 
 
 def test_train_writes_bundles_and_resumes(tmp_path, shared_data_dir, monkeypatch, capsys):
@@ -57,8 +61,13 @@ def test_train_writes_bundles_and_resumes(tmp_path, shared_data_dir, monkeypatch
     teacher, teacher_card = load_bundle(tmp_path / "csakd_teacher.json")
     assert student.config == train.student_config()
     assert teacher.config == train.teacher_config()
+    control, control_card = load_bundle(tmp_path / train.CONTROL_BUNDLE)
     _check_card(student_card, "student", state["step"])
     _check_card(teacher_card, "teacher", state["step"])
+    _check_card(control_card, "control", state["step"])
+    # The control is the student's architecture, trained from the same start without the teacher.
+    assert control.config == student.config
+    assert [h["control"]["psnr"] for h in state["history"]][0] == pytest.approx(state["history"][0]["student"]["psnr"], abs=1e-9)
     assert student_card["parameters"] == count_parameters(student)
     assert teacher_card["parameters"] == count_parameters(teacher)
     assert teacher_card["parameters"] > student_card["parameters"]
@@ -130,3 +139,51 @@ def test_scene_adaptation_trains_under_the_scenes_estimated_psf(potsdam_c):
     assert report.steps >= 1, report
     assert np.isfinite(report.psnr_before) and np.isfinite(report.psnr_after), report
     assert adapted is not None
+
+
+def test_corpus_cubes_are_read_with_their_scale_and_band_centres(shared_data_dir):
+    import rasterio
+
+    cubes = {c.name: c for c in datasets.corpus_cubes(shared_data_dir)}
+    assert len(cubes) >= 20
+    # Reflectance stored as integers: the files' GDAL scale factor is applied.
+    cuprite = cubes["aviris_cuprite_50x90"]
+    assert 0.5 < cuprite.data.max() < 1.5 and cuprite.wavelengths_nm is not None
+    assert 380 < cuprite.wavelengths_nm.min() < cuprite.wavelengths_nm.max() < 2500
+    # The Salton Sea cube's 20 NaN bands are dropped, not trained on.
+    with rasterio.open(shared_data_dir / "corpus" / "aviris_salton_sea_roi_51x56.tif") as dataset:
+        assert dataset.count == 224
+    assert cubes["aviris_salton_sea_roi_51x56"].data.shape[0] == 204
+    assert all(np.isfinite(c.data).all() for c in cubes.values())
+    # Cubes without band centres are kept for band-group MSIs; laboratory scenes weigh less.
+    assert cubes["hydice_urban_80x100"].wavelengths_nm is None
+    assert cubes["cave_cloth_512x512"].weight == datasets.LABORATORY_WEIGHT < 1
+    assert cubes["aviris_abu_beach1_150x150"].weight == 1.0
+    assert not any(c.wavelengths_nm is None for c in datasets.corpus_cubes(shared_data_dir, unknown_wavelengths=False))
+
+
+def test_cubes_without_band_centres_train_with_band_group_msis(shared_data_dir):
+    response, label = datasets.band_group_response(162, np.random.default_rng(3))
+    assert 3 <= response.shape[0] <= 8 and response.shape[1] == 162
+    np.testing.assert_allclose(response.sum(1), 1.0)
+    assert label == f"{response.shape[0]} band groups"
+    # Each MSI band is a group of neighbouring bands: its weight is concentrated around one band.
+    assert (response.max(1) > 5 * response.mean(1)).all()
+    hydice = next(c for c in datasets.corpus_cubes(shared_data_dir) if c.name == "hydice_urban_80x100")
+    statistics = datasets.WholeSceneStatistics(8)
+    batch = datasets.training_batch([hydice], datasets.training_sensors(), np.random.default_rng(0), 2, 32,
+                                    statistics=statistics)
+    assert batch[0].sensor.endswith("band groups")
+    assert batch[0].hr_msi.shape[0] == int(batch[0].sensor.split()[0])
+    assert batch[0].statistics is not None
+
+
+def test_crop_interior_leaves_the_crop_borders_out():
+    image = torch.arange(2 * 1 * 24 * 24, dtype=torch.float32).reshape(2, 1, 24, 24)
+    (inner,) = train.crop_interior(image, lr_size=8, margin=3)  # scale 3: 8 LR pixels, 3 cut per side
+    torch.testing.assert_close(inner, image[..., 9:15, 9:15])
+    # A crop of 5 LR pixels keeps at least 2: the margin shrinks to 1.
+    small = torch.zeros(1, 1, 20, 20)
+    assert train.crop_interior(small, lr_size=5, margin=3)[0].shape[-2:] == (12, 12)
+    # Two LR pixels or fewer: nothing is cut.
+    assert train.crop_interior(small[..., :8, :8], lr_size=2)[0].shape[-1] == 8
