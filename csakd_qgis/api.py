@@ -225,11 +225,15 @@ def fill_gaps(image: np.ndarray, valid: np.ndarray, fallback: np.ndarray) -> np.
     return image
 
 
-def fit_scene(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, subspace_dim: int):
+def fit_scene(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, subspace_dim: int, regression: bool = True):
+    """model.SceneStatistics of an LR-HSI (B, h, w) and the MSI on its grid (M, h, w), NaN for
+    no data, on at most SUBSPACE_FIT_PIXELS pixels (see SceneStatistics.estimate)."""
     from .model import SceneStatistics
 
     valid = np.isfinite(lr_hsi).all(0) & np.isfinite(msi_at_lr).all(0)
-    return SceneStatistics.estimate(lr_hsi, msi_at_lr, subspace_dim, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
+    return SceneStatistics.estimate(
+        lr_hsi, msi_at_lr, subspace_dim, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS, regression=regression
+    )
 
 
 def array_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int):

@@ -77,6 +77,7 @@ class SceneStatistics:
         ridge: float = 1e-3,
         seed: int = 0,
         detail_ridge: Optional[float] = DETAIL_RIDGE,
+        regression: bool = True,
     ) -> "SceneStatistics":
         """Fit the scene's statistics on the LR grid.
 
@@ -84,7 +85,9 @@ class SceneStatistics:
         valid (h, w): pixels where both inputs have data. At most ``max_pixels`` random
         pixels are used, which keeps a very large scene's fit fast and its memory bounded.
         The regression's weights are then refitted on the images' detail (see
-        :meth:`detail_weights`), unless ``detail_ridge`` is None.
+        :meth:`detail_weights`), unless ``detail_ridge`` is None. ``regression`` False leaves
+        the regression at zero (the MSI's means and deviations are set) for a later
+        :meth:`fit_regression`, when the MSI's degradation is still to be estimated.
         """
         bands, rows, cols = lr_hsi.shape
         msi_bands = msi_at_lr.shape[0]
@@ -108,7 +111,10 @@ class SceneStatistics:
         if k < subspace_dim:
             basis = np.concatenate([basis, np.zeros((bands, subspace_dim - k))], axis=1)
         statistics = cls(band_mean, scale, basis, np.zeros(msi_bands), np.ones(msi_bands), np.zeros((subspace_dim, msi_bands + 1)))
-        statistics.fit_regression(lr_hsi, msi_at_lr, valid, max_pixels, ridge, seed, detail_ridge)
+        if regression:
+            statistics.fit_regression(lr_hsi, msi_at_lr, valid, max_pixels, ridge, seed, detail_ridge)
+        else:
+            statistics.msi_mean, statistics.msi_std = _mean_and_deviation(msi_at_lr.reshape(msi_bands, -1)[:, index])
         return statistics
 
     def fit_regression(
@@ -129,9 +135,7 @@ class SceneStatistics:
         keep, index = _fit_pixels(lr_hsi, msi_at_lr, valid, max_pixels, seed)
         coefficients = self.basis.T @ ((y[:, index].astype(np.float64) - self.band_mean[:, None]) / self.scale)
         z = z[:, index].astype(np.float64)
-        msi_mean = z.mean(1)
-        msi_std = z.std(1)
-        msi_std[msi_std == 0] = 1.0
+        msi_mean, msi_std = _mean_and_deviation(z)
         design = np.concatenate([(z - msi_mean[:, None]) / msi_std[:, None], np.ones((1, z.shape[1]))])
         gram = design @ design.T / design.shape[1] + ridge * np.eye(msi_bands + 1)
         self.msi_mean, self.msi_std = msi_mean, msi_std
@@ -200,6 +204,15 @@ def _fit_pixels(lr_hsi, msi_at_lr, valid, max_pixels: int, seed: int):
     if index.size > max_pixels:
         index = np.sort(np.random.default_rng(seed).choice(index, max_pixels, replace=False))
     return keep, index
+
+
+def _mean_and_deviation(samples: np.ndarray):
+    """Per-band mean and standard deviation of (M, n) samples in double precision; a constant
+    band's deviation is 1 so that standardising it gives zeros, not NaN."""
+    samples = samples.astype(np.float64)
+    mean, deviation = samples.mean(1), samples.std(1)
+    deviation[deviation == 0] = 1.0
+    return mean, deviation
 
 
 def _high_pass(image: np.ndarray) -> np.ndarray:

@@ -130,7 +130,9 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     windows = fit_windows(pair.lr_shape)
     lr = mosaic([pair.read_lr(w) for w in windows])
     start = psf if psf is not None else wald(s)
-    statistics = fit_scene(lr, mosaic([pair.msi_at_lr(w, start) for w in windows]), subspace_dim)
+    msi_start = mosaic([pair.msi_at_lr(w, start) for w in windows])
+    # The basis only: the regression is fitted once, with the MSI degraded as estimated below.
+    statistics = fit_scene(lr, msi_start, subspace_dim, regression=False)
 
     pairs = []
     for window in measuring_windows(pair.lr_shape, measuring_size(s)):
@@ -161,10 +163,9 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
         estimate = DegradationEstimate(start, (0.0, 0.0), 1.0, False)
         log(f"the PSF could not be estimated either; assuming {start.describe()} (set PSF to the sensor's if known)")
     degradation = estimate.degradation
-    if degradation != wald(s) or psf is not None:
-        msi = mosaic([pair.msi_at_lr(w, degradation) for w in windows])
-        valid = np.isfinite(lr).all(0) & np.isfinite(msi).all(0)
-        statistics.fit_regression(lr, msi, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
+    msi = msi_start if degradation == start else mosaic([pair.msi_at_lr(w, degradation) for w in windows])
+    valid = np.isfinite(lr).all(0) & np.isfinite(msi).all(0)
+    statistics.fit_regression(lr, msi, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
     statistics.degradation = degradation
     assert isinstance(statistics, SceneStatistics)
     return statistics, estimate
