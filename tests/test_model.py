@@ -303,3 +303,30 @@ def test_the_statistics_carry_the_scenes_degradation_to_the_model():
     # Statistics fitted for another scale are refused, not silently rescaled.
     with pytest.raises(ValueError, match="scale 3"):
         model(torch.from_numpy(lr[:, :3, :3])[None], hr_t, statistics.to_tensors())
+
+
+def test_an_untrained_correction_is_not_computed_and_the_output_is_unchanged():
+    # With its output convolution at zero the network's correction is exactly zero; inference
+    # skips the network (no fused feature comes back) and gives bit for bit the same image.
+    model = tiny_model()
+    _zero_head(model)
+    lr, hr = scene_inputs(9, 6, 5, 4)
+    stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, 4), 4).to_tensors()
+    inputs = (torch.from_numpy(lr)[None], torch.from_numpy(hr)[None], stats)
+    assert model.correction_is_zero()
+    with torch.no_grad():
+        skipped = model(*inputs)
+        model.skip_zero_correction = False
+        computed = model(*inputs)
+    assert skipped.fused is None and computed.fused is not None
+    assert torch.equal(skipped.image, computed.image)
+    # Training needs the features for the zeroed convolution's gradient: it always runs them.
+    model.skip_zero_correction = True
+    trained = model(*inputs)
+    assert trained.fused is not None
+    trained.image.sum().backward()
+    assert model.network.head_refine.weight.grad.abs().sum() > 0
+    # A trained (non-zero) head is always run.
+    assert not tiny_model().correction_is_zero()
+    with torch.no_grad():
+        assert tiny_model()(*inputs).fused is not None
