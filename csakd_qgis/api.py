@@ -392,8 +392,8 @@ def fuse_files(
 
     from .files import atomic_output
     from .georaster import (
-        BandSubset, FusionInputError, fill_partial_gaps, hr_reader, msi_on_square_ground_pixels, output_profile,
-        padded_window, plan_grid, read_as_float,
+        BandSubset, FusionInputError, band_means, fill_partial_gaps, hr_reader, msi_on_square_ground_pixels,
+        output_profile, padded_window, plan_grid, read_as_float,
     )
     from .inputs import (
         band_gaps_at_hr, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
@@ -460,7 +460,7 @@ def fuse_files(
 
             # A value missing in one band at a pixel where the others have data is filled for the
             # network (and written as nodata in that band only, see write below).
-            lr_fallback, msi_fallback = np.nanmean(lr_fit, axis=(1, 2)), np.nanmean(msi_sample, axis=(1, 2))
+            lr_fallback, msi_fallback = band_means(lr_fit)[usable], band_means(msi_sample)
 
             def read_lr(w):
                 window = padded_window(lr_cube.read, lr_cube.bands, lr_cube.rows, lr_cube.cols, *w)

@@ -417,6 +417,15 @@ def partial_gaps(image: np.ndarray) -> np.ndarray:
     return ~finite & finite.any(0)
 
 
+def band_means(image: np.ndarray) -> np.ndarray:
+    """(B,) mean of each band's finite values in (B, rows, cols); 0 for a band without any (such
+    a band is set aside before fusion: the value only keeps the arithmetic finite, and silent)."""
+    finite = np.isfinite(image)
+    counts = finite.sum(axis=(1, 2))
+    totals = np.where(finite, image, 0).sum(axis=(1, 2), dtype=np.float64)
+    return (totals / np.maximum(counts, 1)).astype(np.float32)
+
+
 def fill_partial_gaps(image: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """(B, rows, cols) float32 with each value missing in one band at a pixel where other
     bands have data filled from that band's valid neighbours (``fill_gaps``; ``fallback``
