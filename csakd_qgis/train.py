@@ -447,6 +447,9 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         steps=state["step"],
         best_epoch=best["epoch"],
         minutes=round(state["elapsed"] / 60, 1),
+        budget_minutes=run.minutes,
+        # What training bought over the untrained base (epoch 0), mean validation PSNR.
+        gain_over_base_db=round(best["student"]["psnr"] - state["history"][0]["student"]["psnr"], 4),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
     )
     common = {

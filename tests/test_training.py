@@ -38,6 +38,11 @@ def _check_card(card, role, steps):
     assert training["steps"] == steps
     assert training["batch_size"] == 2 and training["crop"] == 32
     assert training["best_epoch"] >= 0 and training["minutes"] >= 0
+    # The budget and what training bought over the untrained base (epoch 0) are on record.
+    assert training["budget_minutes"] > 0
+    history = card["history"]
+    best = max(h["student"]["psnr"] for h in history if h["epoch"] == training["best_epoch"])
+    assert training["gain_over_base_db"] == pytest.approx(best - history[0]["student"]["psnr"], abs=1e-4)
     # The five training cubes and the whole corpus (the ones without band centres included).
     corpus = sorted(p.stem for p in (datasets.default_data_dir() / "corpus").glob("*.tif"))
     assert len(corpus) >= 20
