@@ -23,7 +23,7 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 pytest_args=${PYTEST_ARGS:-}
 tests=${TESTS:-tests}
 packages="make qgis python3-qgis qgis-providers python3-gdal gdal-bin python3-rasterio python3-pyproj
-python3-scipy python3-venv python3-pip python3-torch xauth ca-certificates git"
+python3-scipy python3-venv python3-pip python3-torch python3-distributed python3-tqdm xauth ca-certificates git"
 
 declare -a summary=()
 status=0
