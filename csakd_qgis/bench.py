@@ -314,21 +314,21 @@ def network_gain(data_dir=None, oracle_baselines: bool = True) -> Dict:
             models[role], _ = load_model(path, "cpu")
     models["base"] = SubspaceFusionModel(models["student"].config).eval()
     cases = validation_cases(data_dir)
-    sensor = validation_sensors()["Sentinel-2 10 m"]
-    for cube in validation_cubes(data_dir):
+    sensors = validation_sensors()
+    sensor = sensors["Sentinel-2 10 m"]
+    cubes = {cube.name: cube for cube in validation_cubes(data_dir)}
+    for cube in cubes.values():
         for scale in PSF_VARIANT_SCALES:
             for label, psf in validation_psfs(scale).items():
                 case = make_wald_case(cube, sensor, scale, psf=psf.with_offset((0.0, 0.0)), shift=psf.offset)
                 case.sensor = f"Sentinel-2 10 m, {label}"
                 cases.append(case)
-    sensors = validation_sensors()
     rows = []
     for case in cases:
         row = {role: _metrics(case, fuse_arrays(case.lr_hsi, case.hr_msi, model=model)) for role, model in models.items()}
         if oracle_baselines and case.scale == ORACLE_SCALE:
-            cube = next(c for c in validation_cubes(data_dir) if c.name == case.cube)
             label = case.sensor.split(",")[0]
-            response, _ = spectral_response_matrix(sensors[label], cube.wavelengths_nm)
+            response, _ = spectral_response_matrix(sensors[label], cubes[case.cube].wavelengths_nm)
             row.update(oracles(case, response))
         rows.append(row)
         print(f"  {case.cube} ×{case.scale} {case.sensor}: "

@@ -310,14 +310,15 @@ def co_train(
                 return crop_interior(output.image / norm, lr_size=lr_size)[0]
 
             teacher_out = teacher(lr_hsi, hr_msi, stats)
-            t_loss = teacher_loss(image(teacher_out), target)
+            teacher_image = image(teacher_out)
+            t_loss = teacher_loss(teacher_image, target)
             _step(teacher_opt, t_loss, teacher)
 
             student_out = student(lr_hsi, hr_msi, stats)
             s_loss = student_loss(
                 image(student_out),
                 target,
-                image(teacher_out).detach(),
+                teacher_image.detach(),
                 distiller.adapter(student_out.fused),
                 teacher_out.fused.detach(),
             )
