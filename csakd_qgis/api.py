@@ -396,7 +396,7 @@ def fuse_files(
         output_profile, padded_window, plan_grid, read_as_float,
     )
     from .inputs import (
-        band_gaps_at_hr, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
+        blank_band_gaps, check_band_counts, input_encoding, log_input_properties, north_up_view, set_aside_mostly_missing,
         set_aside_mostly_missing_msi,
     )
     from .outputs import (
@@ -497,7 +497,7 @@ def fuse_files(
                         else:
                             block = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
                             block[position] = spectra[:, :rows, :cols]
-                        block[band_gaps_at_hr(lr_cube, grid.scale, row0, col0, rows, cols)] = np.nan
+                        blank_band_gaps(block, lr_cube, grid.scale, row0, col0)
                         write_block(dst, encoding.encode(block), Window(col0, row0, cols, rows), output_path)
 
                     try:

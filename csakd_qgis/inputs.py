@@ -100,21 +100,22 @@ def set_aside_mostly_missing(lr_fit, indexes, meta, log) -> np.ndarray:
     return missing
 
 
-def band_gaps_at_hr(lr_cube, scale: int, row0: int, col0: int, rows: int, cols: int) -> np.ndarray:
-    """(bands, rows, cols) True where a band of the working-grid LR-HSI has no data while other
-    bands have, on the output window at (row0, col0): that band is nodata there."""
+def blank_band_gaps(block: np.ndarray, lr_cube, scale: int, row0: int, col0: int) -> None:
+    """Set to NaN, in place, each band of the output ``block`` (bands, rows, cols) at (row0, col0)
+    where that band of the working-grid LR-HSI has no data while other bands have: that band is
+    nodata there. Only the bands with such a gap are upsampled (all 224 bands' masks cost
+    0.17 s of a 512² scene)."""
     from .georaster import partial_gaps
 
+    rows, cols = block.shape[1:]
     lr_r0, lr_c0 = row0 // scale, col0 // scale
     lr_r1 = min(lr_cube.rows, -(-(row0 + rows) // scale))
     lr_c1 = min(lr_cube.cols, -(-(col0 + cols) // scale))
     gaps = partial_gaps(lr_cube.read(lr_r0, lr_c0, lr_r1 - lr_r0, lr_c1 - lr_c0))
-    gaps = gaps.repeat(scale, 1).repeat(scale, 2)
     r, c = row0 - lr_r0 * scale, col0 - lr_c0 * scale
-    out = np.zeros((gaps.shape[0], rows, cols), dtype=bool)
-    part = gaps[:, r : r + rows, c : c + cols]
-    out[:, : part.shape[1], : part.shape[2]] = part
-    return out
+    for band in np.flatnonzero(gaps.any(axis=(1, 2))):
+        mask = gaps[band].repeat(scale, 0).repeat(scale, 1)[r : r + rows, c : c + cols]
+        block[band, : mask.shape[0], : mask.shape[1]][mask] = np.nan
 
 
 def set_aside_mostly_missing_msi(msi_sample, log) -> np.ndarray:

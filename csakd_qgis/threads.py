@@ -9,8 +9,10 @@ and waits for a preempted partner: on 2 cores the Berlin pair took 70–86 s wit
   the variable when it is loaded, i.e. when torch is first imported, so it is called before that
   (the plugin does it before it imports torch; an explicit setting by the user is kept).
 - ``configure_torch_threads()`` sets torch's thread count to the cores that are really free: the
-  cores this process may run on minus the cores busy right now (measured over a quarter second
-  from /proc/stat; the 1-minute load average where there is none), at least one. An explicit
+  cores this process may run on minus the cores busy right now (measured over a tenth of a second
+  from /proc/stat, whose 100 ticks a second still resolve a twentieth of a core on 2 cores; a
+  quarter second was 4 % of a 512² fusion; the 1-minute load average where there is none), at
+  least one. An explicit
   ``OMP_NUM_THREADS`` wins. (The 1-minute average lags: after a minute of work by QGIS itself,
   or by the previous step of a benchmark, it still counts that work and halved the threads of an
   idle machine, making a 2048² fusion 28 % slower.)
@@ -49,7 +51,7 @@ def _cpu_times():
     return sum(fields[:8]), idle
 
 
-def system_load(interval: float = 0.25) -> Optional[float]:
+def system_load(interval: float = 0.1) -> Optional[float]:
     """Cores busy now: the share of CPU time not idle over ``interval`` seconds (/proc/stat,
     Linux) times the cores; else the 1-minute load average; None where the OS has neither."""
     import time
