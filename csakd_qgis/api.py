@@ -175,14 +175,14 @@ class SpectrumComposer:
         lr_c1 = min(self.lr_cols, -(-(col0 + cols) // s) + margin)
         lr = self.read_lr((lr_r0, lr_c0, lr_r1 - lr_r0, lr_c1 - lr_c0))
         lr = fill_gaps(lr, np.isfinite(lr).all(0), self.stats.band_mean)
-        # Detail rows and columns of this block sit at these offsets inside the window's HR grid.
-        r_off, c_off = row0 - lr_r0 * s, col0 - lr_c0 * s
-        padded = np.zeros((detail.shape[0], (lr_r1 - lr_r0) * s, (lr_c1 - lr_c0) * s), np.float32)
-        padded[:, r_off : r_off + rows, c_off : c_off + cols] = np.nan_to_num(detail)
+        # Detail rows and columns of this block sit at this offset inside the window's HR grid;
+        # only the block's own spectra are computed.
+        window = (row0 - lr_r0 * s, col0 - lr_c0 * s)
         with torch.inference_mode():
             spectra = compose_spectrum(
-                torch.from_numpy(lr)[None].to(self.device), torch.from_numpy(padded)[None].to(self.device), self.stat_tensors
-            )[0, :, r_off : r_off + rows, c_off : c_off + cols]
+                torch.from_numpy(lr)[None].to(self.device), torch.from_numpy(np.nan_to_num(detail))[None].to(self.device),
+                self.stat_tensors, window, s,
+            )[0]
         spectra = spectra.float().cpu().numpy()
         if self.nonnegative:
             np.maximum(spectra, 0.0, out=spectra)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -123,9 +123,17 @@ def interpolation_matrix(n_lr: int, degradation: SpatialDegradation, axis: int, 
     return matrix
 
 
-def upsample_lr(x: torch.Tensor, degradation: SpatialDegradation, kind: str = "bicubic") -> torch.Tensor:
+def upsample_lr(
+    x: torch.Tensor, degradation: SpatialDegradation, kind: str = "bicubic", window: Optional[Tuple[int, int, int, int]] = None
+) -> torch.Tensor:
     """(…, h, w) → (…, s·h, s·w), with the scale and LR pixel offset of ``degradation`` (and,
-    for ``kind="consistent"``, its PSF)."""
-    rows = torch.as_tensor(interpolation_matrix(x.shape[-2], degradation, 0, kind), dtype=x.dtype, device=x.device)
-    cols = torch.as_tensor(interpolation_matrix(x.shape[-1], degradation, 1, kind), dtype=x.dtype, device=x.device)
+    for ``kind="consistent"``, its PSF). ``window`` = (row, col, rows, cols) of the HR grid
+    computes only that part: (…, rows, cols), the same values as cropping the whole result."""
+    rows = interpolation_matrix(x.shape[-2], degradation, 0, kind)
+    cols = interpolation_matrix(x.shape[-1], degradation, 1, kind)
+    if window is not None:
+        row, col, height, width = window
+        rows, cols = rows[row : row + height], cols[col : col + width]
+    rows = torch.as_tensor(rows, dtype=x.dtype, device=x.device)
+    cols = torch.as_tensor(cols, dtype=x.dtype, device=x.device)
     return torch.matmul(torch.matmul(rows, x), cols.T)

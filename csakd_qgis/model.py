@@ -374,18 +374,33 @@ class SubspaceFusionModel(nn.Module):
         return base + invisible(predicted + correction[..., :hr_rows, :hr_cols]), out.fused
 
 
-def compose_spectrum(lr_hsi: torch.Tensor, detail: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+def compose_spectrum(
+    lr_hsi: torch.Tensor, detail: torch.Tensor, stats: Dict[str, torch.Tensor], window: Optional[Tuple[int, int]] = None,
+    scale: Optional[int] = None,
+) -> torch.Tensor:
     """bicubic(LR-HSI) + ρ·U·detail: (N,B,h,w) and (N,K,s·h,s·w) → (N,B,s·h,s·w).
 
-    Everything of the LR-HSI outside the subspace is kept as bicubic upsampling. Bicubic
-    interpolation at an integer scale reaches 2 LR pixels (3 with an offset), so a window of
-    the LR-HSI with that much margin gives exactly the whole image's values inside it.
+    ``window`` = (row, col): the detail (N,K,rows,cols) covers only that part of the HR grid
+    (``scale`` s then required), and only that part of the spectra is computed. Everything of
+    the LR-HSI outside the subspace is kept as bicubic upsampling. Bicubic interpolation at an
+    integer scale reaches 2 LR pixels (3 with an offset), so a window of the LR-HSI with that
+    much margin gives exactly the whole image's values inside it.
     """
-    scale = detail.shape[-2] // lr_hsi.shape[-2]
-    basis = stats["basis"][..., : detail.shape[1]]
-    return upsample_lr(lr_hsi, scene_degradation(stats, scale), "bicubic") + stats["scale"].view(-1, 1, 1, 1) * torch.einsum(
-        "nbk,nkhw->nbhw", basis, detail
-    )
+    if window is None:
+        scale = detail.shape[-2] // lr_hsi.shape[-2]
+        hr_window = None
+    else:
+        if scale is None:
+            raise ValueError("compose_spectrum needs the scale when the detail covers a window")
+        hr_window = (window[0], window[1]) + tuple(detail.shape[-2:])
+    n, k = detail.shape[:2]
+    spectra = upsample_lr(lr_hsi, scene_degradation(stats, scale), "bicubic", hr_window)
+    # Added in place, as one batched product: the spectra of a 224-band 256² block are 59 MB,
+    # and every temporary of that size costs its page faults again (a 512² scene spent 2.3 s
+    # of system time, most of it there).
+    weighted = stats["basis"][..., :k] * stats["scale"].view(-1, 1, 1)
+    spectra.view(n, spectra.shape[1], -1).baddbmm_(weighted, detail.reshape(n, k, -1))
+    return spectra
 
 
 def _lr_padding(lr_size: int, scale: int, multiple: int) -> int:

@@ -45,6 +45,16 @@ def test_bicubic_with_offset_samples_the_moved_centres(scale):
     assert (moved - unmoved).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("kind", ["bicubic", "consistent"])
+def test_a_window_is_the_crop_of_the_whole_upsampling(kind):
+    degradation = SpatialDegradation(3, "gaussian", (0.6, 0.5), (0.5, -1.0))
+    lr = smooth_lr(10, 11)
+    whole = upsample_lr(lr, degradation, kind)
+    for row, col, rows, cols in ((0, 0, 30, 33), (4, 7, 11, 5), (29, 32, 1, 1)):
+        window = upsample_lr(lr, degradation, kind, (row, col, rows, cols))
+        torch.testing.assert_close(window, whole[..., row : row + rows, col : col + cols], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("scale,offset", [(2, (0.0, 0.0)), (4, (0.0, 0.0)), (8, (0.0, 0.0)), (3, (1.0, -0.5))])
 def test_unregularised_it_is_a_right_inverse_of_the_wald_degradation(unregularised, scale, offset):
     lr = smooth_lr(30, 30)

@@ -17,6 +17,7 @@ from csakd_qgis.georaster import (
     plan_grid,
     read_as_float,
     read_padded,
+    same_grid_offset,
 )
 from csakd_qgis.model import SubspaceFusionModel
 from csakd_qgis.psf import SpatialDegradation, wald
@@ -66,12 +67,14 @@ def test_scratch_cube_holds_what_the_warping_vrt_gives(pair, shared_data_dir, po
             cols = np.linspace(0, cube.cols - 1, 4).round().astype(int)
             assert_same_cube(sample, expected[:, rows][:, :, cols], 1e-5, rounding)
     if pair == "potsdam":
-        # The pair's nodata holes come back as NaN, and the grid is the LR-HSI's own.
+        # The pair's nodata holes come back as NaN, and the grid is the LR-HSI's own (read, not warped).
         assert lr_resampling(lr, grid) == Resampling.nearest
+        assert same_grid_offset(lr, grid) is not None
         for row, col in potsdam_wald_pair.lr_holes:
             assert np.isnan(expected[:, row, col]).all()
     else:
         assert lr_resampling(lr, grid) == Resampling.cubic
+        assert same_grid_offset(lr, grid) is None
 
 
 def test_resampling_rule_depends_on_the_working_pixel(potsdam_wald_pair, tmp_path):
