@@ -301,16 +301,32 @@ def same_grid_offset(lr_dataset, grid: FusionGrid) -> Optional[Tuple[int, int]]:
 
 def read_same_grid(lr_dataset, indexes, row: int, col: int, rows: int, cols: int) -> np.ndarray:
     """(len(indexes), rows, cols) float32 raw values of a window of the LR-HSI in its own pixels,
-    NaN where a band has no data (its own no-data value or mask) and outside the raster; no
-    scale or offset applied (see :func:`scaled`)."""
+    NaN where a band has no data (its own no-data value, or the raster's mask or alpha band) and
+    outside the raster; no scale or offset applied (see :func:`scaled`).
+
+    All bands are read in one call and the no-data values compared here: a masked read asks
+    GDAL for every band's mask in turn, which, for a pixel-interleaved raster larger than the
+    block cache, decompresses every tile once per band (a 2048² output took 183 s instead of
+    55 s)."""
+    from rasterio.enums import MaskFlags
     from rasterio.windows import Window
 
     out = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
     r0, c0 = max(row, 0), max(col, 0)
     r1, c1 = min(row + rows, lr_dataset.height), min(col + cols, lr_dataset.width)
-    if r1 > r0 and c1 > c0:
-        data = lr_dataset.read(list(indexes), window=Window(c0, r0, c1 - c0, r1 - r0), masked=True)
-        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = data.astype(np.float32).filled(np.nan)
+    if r1 <= r0 or c1 <= c0:
+        return out
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    raw = lr_dataset.read(list(indexes), window=window)
+    part = raw.astype(np.float32)
+    for position, index in enumerate(indexes):
+        nodata = lr_dataset.nodatavals[index - 1]
+        if nodata is not None and not np.isnan(nodata):
+            part[position][raw[position] == nodata] = np.nan
+    flags = {flag for index in indexes for flag in lr_dataset.mask_flag_enums[index - 1]}
+    if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+        part[:, lr_dataset.dataset_mask(window=window) == 0] = np.nan
+    out[:, r0 - row : r1 - row, c0 - col : c1 - col] = part
     return out
 
 
