@@ -275,26 +275,33 @@ def lr_resampling(lr_dataset, grid: FusionGrid):
     lr_pixel_in_grid = grid.ratio / grid.scale
     if lr_pixel_in_grid < 0.95:
         return Resampling.average
-    if lr_dataset.crs == grid.crs:
-        relative = compose(~lr_dataset.transform, grid.lr_transform)
+    relative = _working_grid_in_lr_pixels(lr_dataset, grid)
+    if relative is not None:
         # A flipped or quarter-turned LR-HSI on the same grid maps pixel centres onto pixel
         # centres too: its pixels, permuted.
         terms = (relative.a, relative.b, relative.d, relative.e)
-        if all(abs(v - round(v)) < 1e-6 for v in terms + (relative.c, relative.f)) and \
-                sorted(abs(round(v)) for v in terms) == [0, 0, 1, 1] and round(relative.a * relative.e - relative.b * relative.d) != 0:
+        if sorted(abs(round(v)) for v in terms) == [0, 0, 1, 1] and round(relative.a * relative.e - relative.b * relative.d) != 0:
             return Resampling.nearest
     return Resampling.cubic
+
+
+def _working_grid_in_lr_pixels(lr_dataset, grid: FusionGrid):
+    """The working grid's pixel → LR-HSI pixel transform (an Affine) when it maps pixel corners
+    onto pixel corners (same CRS, whole-number terms); None otherwise."""
+    if lr_dataset.crs != grid.crs:
+        return None
+    relative = compose(~lr_dataset.transform, grid.lr_transform)
+    if any(abs(v - round(v)) >= 1e-6 for v in (relative.a, relative.b, relative.c, relative.d, relative.e, relative.f)):
+        return None
+    return relative
 
 
 def same_grid_offset(lr_dataset, grid: FusionGrid) -> Optional[Tuple[int, int]]:
     """(row, col) of the working grid's first pixel in the LR-HSI's own pixels when the working
     grid is the LR-HSI's own grid moved by whole pixels (same CRS, pixel size and orientation):
     then resampling is a plain read. None otherwise."""
-    if lr_dataset.crs != grid.crs:
-        return None
-    relative = compose(~lr_dataset.transform, grid.lr_transform)
-    terms = (relative.a - 1.0, relative.b, relative.d, relative.e - 1.0)
-    if max(abs(v) for v in terms) > 1e-6 or any(abs(v - round(v)) > 1e-6 for v in (relative.c, relative.f)):
+    relative = _working_grid_in_lr_pixels(lr_dataset, grid)
+    if relative is None or (round(relative.a), round(relative.b), round(relative.d), round(relative.e)) != (1, 0, 0, 1):
         return None
     return int(round(relative.f)), int(round(relative.c))
 
@@ -311,23 +318,20 @@ def read_same_grid(lr_dataset, indexes, row: int, col: int, rows: int, cols: int
     from rasterio.enums import MaskFlags
     from rasterio.windows import Window
 
-    out = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
-    r0, c0 = max(row, 0), max(col, 0)
-    r1, c1 = min(row + rows, lr_dataset.height), min(col + cols, lr_dataset.width)
-    if r1 <= r0 or c1 <= c0:
-        return out
-    window = Window(c0, r0, c1 - c0, r1 - r0)
-    raw = lr_dataset.read(list(indexes), window=window)
-    part = raw.astype(np.float32)
-    for position, index in enumerate(indexes):
-        nodata = lr_dataset.nodatavals[index - 1]
-        if nodata is not None and not np.isnan(nodata):
-            part[position][raw[position] == nodata] = np.nan
-    flags = {flag for index in indexes for flag in lr_dataset.mask_flag_enums[index - 1]}
-    if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
-        part[:, lr_dataset.dataset_mask(window=window) == 0] = np.nan
-    out[:, r0 - row : r1 - row, c0 - col : c1 - col] = part
-    return out
+    def read(r0, c0, height, width):
+        window = Window(c0, r0, width, height)
+        raw = lr_dataset.read(list(indexes), window=window)
+        values = raw.astype(np.float32)
+        for position, index in enumerate(indexes):
+            nodata = lr_dataset.nodatavals[index - 1]
+            if nodata is not None and not np.isnan(nodata):
+                values[position][raw[position] == nodata] = np.nan
+        flags = {flag for index in indexes for flag in lr_dataset.mask_flag_enums[index - 1]}
+        if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+            values[:, lr_dataset.dataset_mask(window=window) == 0] = np.nan
+        return values
+
+    return padded_window(read, len(indexes), lr_dataset.height, lr_dataset.width, row, col, rows, cols)
 
 
 def lr_on_working_grid(lr_dataset, grid: FusionGrid):

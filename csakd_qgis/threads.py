@@ -12,8 +12,7 @@ and waits for a preempted partner: on 2 cores the Berlin pair took 70–86 s wit
   cores this process may run on minus the cores busy right now (measured over a tenth of a second
   from /proc/stat, whose 100 ticks a second still resolve a twentieth of a core on 2 cores; a
   quarter second was 4 % of a 512² fusion; the 1-minute load average where there is none), at
-  least one. An explicit
-  ``OMP_NUM_THREADS`` wins. (The 1-minute average lags: after a minute of work by QGIS itself,
+  least one. An explicit ``OMP_NUM_THREADS`` wins. (The 1-minute average lags: after a minute of work by QGIS itself,
   or by the previous step of a benchmark, it still counts that work and halved the threads of an
   idle machine, making a 2048² fusion 28 % slower.)
 """
