@@ -464,8 +464,9 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         },
         "normalisation": (
             "per scene: LR-HSI band means removed, projected onto its first K principal components, divided by one "
-            "scalar (RMS of the centred LR-HSI); MSI bands standardised and mapped to the subspace by a linear "
-            "regression fitted at low resolution"
+            "scalar (RMS of the centred LR-HSI); MSI bands standardised and mapped to the subspace by linear "
+            "regressions fitted at low resolution (one per spectral class, taken by soft membership); the result "
+            "made consistent with the MSI by a linear model of it in the subspace"
         ),
         "training": training,
         "data_sources": DATA_SOURCES,
