@@ -475,7 +475,8 @@ class SubspaceFusionModel(nn.Module):
 
         measured = consistent(coefficients)
         base = measured - upsample_lr(coefficients, degradation, "bicubic")
-        by_class = class_conditional_prediction(normalised_msi(hr_msi, stats), measured + invisible(predicted), stats)
+        msi = normalised_msi(hr_msi, stats)
+        by_class = class_conditional_prediction(msi, measured + invisible(predicted), stats)
         if by_class is not None:
             predicted = by_class
 
@@ -485,7 +486,7 @@ class SubspaceFusionModel(nn.Module):
             step = spectral_consistency_gain(stats, coefficients.shape[1], degradation)
             if step is not None:
                 to_msi, gain = step
-                residual = normalised_msi(hr_msi, stats) - torch.einsum("nmk,nkhw->nmhw", to_msi, measured + added)
+                residual = msi - torch.einsum("nmk,nkhw->nmhw", to_msi, measured + added)
                 added = added + invisible(torch.einsum("nkm,nmhw->nkhw", gain, residual))
             return base + added
 
