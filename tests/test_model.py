@@ -332,6 +332,10 @@ def test_an_untrained_correction_is_not_computed_and_the_output_is_unchanged():
         assert tiny_model()(*inputs).fused is not None
 
 
+def _without(stats, fields):
+    return {name: value for name, value in stats.items() if name not in fields}
+
+
 def test_the_spectral_consistency_step_moves_the_fusion_towards_the_msi_and_the_truth(potsdam_c):
     # EnMAP Potsdam C (a validation cube) with a simulated WorldView-2 MSI at scale 4. The step
     # adds G·(m − A·x) through (I − P·D): the fused image's MSI residual shrinks, the LR-HSI sees
@@ -345,7 +349,7 @@ def test_the_spectral_consistency_step_moves_the_fusion_towards_the_msi_and_the_
     case = make_wald_case(potsdam_c, validation_sensors()["WorldView-2"], 4)
     statistics = case_statistics(case, 12)
     with_step = statistics.to_tensors()
-    without_step = {name: value for name, value in with_step.items() if name not in SPECTRAL_MODEL_FIELDS}
+    without_step = _without(with_step, SPECTRAL_MODEL_FIELDS)
     model = SubspaceFusionModel(student_config()).eval()
     lr_t, hr_t = torch.from_numpy(case.lr_hsi)[None], torch.from_numpy(case.hr_msi)[None]
     with torch.no_grad():
@@ -372,10 +376,6 @@ def test_the_spectral_consistency_step_moves_the_fusion_towards_the_msi_and_the_
     assert msi_residual(detail_on) < 0.99 * msi_residual(detail_off)  # measured 6.08 → 5.93
     assert spread > 1e-3 and seen < 0.05 * spread
     assert psnr(case.reference, fused_on) > psnr(case.reference, fused_off) + 0.05
-
-
-def _without(stats, fields):
-    return {name: value for name, value in stats.items() if name not in fields}
 
 
 @pytest.mark.parametrize("sensor,scale", [("RGB", 3), ("Sentinel-2 10 m", 4)])
