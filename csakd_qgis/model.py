@@ -25,6 +25,8 @@ the scene.
   the subspace, that model says at high resolution what the fused image still gets wrong in the
   MSI's bands, and a last, closed-form step (:func:`spectral_consistency_gain`) adds the part of
   the correction the LR-HSI cannot see, so that the result is consistent with both images.
+* Only components above the LR-HSI's noise are sharpened (:func:`signal_subspace_dimension`):
+  a noisy scene keeps fewer than K.
 * The full spectrum is bicubic(LR-HSI) + ρ·U·(detail): everything of the LR-HSI outside the
   subspace is kept as bicubic upsampling, so no band's information is thrown away.
 * The scene's spatial degradation (psf.SpatialDegradation: the PSF estimated from the pair or
@@ -74,11 +76,41 @@ CLASS_SHRINKAGE_PIXELS = 200.0
 CLASS_MIN_PIXELS = 50
 
 
+def signal_subspace_dimension(covariance: torch.Tensor, pixels: int, eigenvalues: np.ndarray, basis: np.ndarray) -> int:
+    """How many of the leading components carry more signal than noise (HySime's rule).
+
+    covariance (B, B): of the LR-HSI's centred pixels (float64), estimated on ``pixels`` pixels;
+    eigenvalues (K,) and basis (B, K): its leading eigenpairs, in order. Each band's noise
+    variance is what remains of it regressed on all the other bands, σ²_b = 1 / (C⁻¹)_bb,
+    enlarged by n / (n − B) for the B − 1 fitted regressors (Bioucas-Dias & Nascimento,
+    "Hyperspectral subspace identification", IEEE TGRS 46(8), 2008). Component k is kept while
+    its power λ_k exceeds twice its noise power u_kᵀ·diag(σ²)·u_k, the condition under which
+    keeping it lowers the expected squared error. Returns K when there are too few pixels
+    (n ≤ 2·B) to estimate the noise.
+
+    Why: a component the noise dominates is passed on by the consistent interpolator, which
+    undoes the PSF's smoothing, and it carries no detail the MSI could predict. Measured at
+    scale 4 with a Sentinel-2 MSI and 30 dB noise on the LR-HSI, the three validation cubes'
+    PSNR / SAM with 16 components: 32.67 dB / 7.45°, 31.46 / 5.83, 32.45 / 7.25 without the
+    rule, 33.07 / 7.08, 31.92 / 5.22, 32.80 / 6.44 with it (8–11 components kept; GSA's SAM
+    7.39°, 7.33°, 7.66°); without noise the rule keeps 40–69 components, so nothing changes.
+    """
+    bands = covariance.shape[0]
+    k = basis.shape[1]
+    if pixels <= 2 * bands:
+        return k
+    regularised = covariance + 1e-9 * covariance.diagonal().mean() * torch.eye(bands, dtype=covariance.dtype)
+    noise = (pixels / (pixels - bands)) / torch.linalg.inv(regularised).diagonal().numpy()
+    noise_power = np.einsum("bk,b,bk->k", basis, noise, basis)
+    above = eigenvalues > 2 * noise_power
+    return k if above.all() else int(np.argmin(above))
+
+
 @dataclass
 class SceneStatistics:
     band_mean: np.ndarray  # (B,)
     scale: float  # ρ: one number, so that the subspace keeps the bands' relative weight
-    basis: np.ndarray  # (B, K), orthonormal columns
+    basis: np.ndarray  # (B, K), orthonormal columns, zero beyond signal_components
     msi_mean: np.ndarray  # (M,)
     msi_std: np.ndarray  # (M,)
     regression: np.ndarray  # (K, M + 1): coefficients ≈ regression @ [normalised MSI; 1]
@@ -96,6 +128,9 @@ class SceneStatistics:
     class_centres: Optional[np.ndarray] = None  # (J, D) in coefficient units
     class_spread: Optional[float] = None
     class_weights: Optional[np.ndarray] = None  # (J, K, M)
+    # Leading components above the LR-HSI's noise (signal_subspace_dimension); the basis's
+    # columns beyond them are zero. None: not estimated (all K kept).
+    signal_components: Optional[int] = None
 
     @property
     def offset(self) -> Tuple[float, float]:
@@ -140,14 +175,20 @@ class SceneStatistics:
         scale = float(torch.sqrt(centred.square().mean())) or 1.0
         centred /= scale
         k = min(subspace_dim, bands)
-        eigenvalues, eigenvectors = torch.linalg.eigh(centred @ centred.T / centred.shape[1])
+        covariance = centred @ centred.T / centred.shape[1]
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues, eigenvectors, band_mean = eigenvalues.numpy(), eigenvectors.numpy(), band_mean.numpy()
         basis = eigenvectors[:, ::-1][:, :k]
         # A sign convention makes the basis reproducible across platforms and runs.
         basis = basis * np.where(basis.sum(0) < 0, -1.0, 1.0)
+        # Components beyond the signal subspace are left to the bicubic part of every spectrum
+        # (a zero column adds nothing), so a teacher's larger fit still serves a student exactly.
+        signal = signal_subspace_dimension(covariance, centred.shape[1], eigenvalues[::-1][:k].copy(), basis)
+        basis[:, signal:] = 0.0
         if k < subspace_dim:
             basis = np.concatenate([basis, np.zeros((bands, subspace_dim - k))], axis=1)
         statistics = cls(band_mean, scale, basis, np.zeros(msi_bands), np.ones(msi_bands), np.zeros((subspace_dim, msi_bands + 1)))
+        statistics.signal_components = signal
         if regression:
             statistics.fit_regression(lr_hsi, msi_at_lr, valid, max_pixels, ridge, seed, detail_ridge)
         else:
@@ -511,9 +552,8 @@ class SubspaceFusionModel(nn.Module):
         pad_cols = _lr_padding(lr_cols, scale, self.pad_multiple)
         padded_coefficients = F.pad(coefficients, (0, pad_cols, 0, pad_rows), mode="replicate")
         padded_predicted = F.pad(predicted, (0, pad_cols * scale, 0, pad_rows * scale), mode="replicate")
-        out = self.network(padded_coefficients, padded_predicted)
-        correction = out.image - upsample(padded_coefficients, tuple(padded_predicted.shape[-2:]), mode="bicubic")
-        return completed(invisible(predicted + correction[..., :hr_rows, :hr_cols])), out.fused
+        correction, fused = self.network.residual(padded_coefficients, padded_predicted)
+        return completed(invisible(predicted + correction[..., :hr_rows, :hr_cols])), fused
 
 
 def normalised_msi(hr_msi: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:

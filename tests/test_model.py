@@ -46,11 +46,49 @@ def regression_prediction(stats, msi):
 
 def test_basis_is_orthonormal():
     rng = np.random.default_rng(1)
-    hsi = rng.random((15, 10, 12))
+    # Six spectral signatures mixed at random, and noise 40 dB below them.
+    hsi = np.einsum("bj,jhw->bhw", rng.random((15, 6)), rng.random((6, 10, 12)))
+    hsi += 0.01 * hsi.std() * rng.standard_normal(hsi.shape)
     msi = rng.random((3, 10, 12))
     stats = SceneStatistics.estimate(hsi, msi, subspace_dim=6)
     assert stats.basis.shape == (15, 6)
+    assert stats.signal_components == 6
     np.testing.assert_allclose(stats.basis.T @ stats.basis, np.eye(6), atol=1e-12)
+
+
+def test_components_below_the_noise_are_left_out_of_the_subspace(monkeypatch):
+    """HySime's rule (model.signal_subspace_dimension) on a real cube: without added noise the
+    16 components all carry signal; with 30 dB noise on the LR-HSI only the leading ones do,
+    the log says so, and those sharpened alone fuse better than all 16; pure noise keeps none."""
+    from csakd_qgis import datasets, metrics
+    from csakd_qgis import model as model_module
+    from csakd_qgis.api import fuse_arrays
+    from csakd_qgis.train import student_config
+
+    cube = datasets.validation_cubes()[0]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    model = SubspaceFusionModel(student_config(16)).eval()
+    kept, quality, logs = {}, {}, {}
+    for snr in (None, 30.0):
+        case = datasets.make_wald_case(cube, sensor, 4, rng=np.random.default_rng(0), hsi_snr_db=snr)
+        stats = datasets.case_statistics(case, 16)
+        kept[snr] = stats.signal_components
+        assert not stats.basis[:, kept[snr]:].any() and stats.basis[:, kept[snr] - 1].any()
+        logs[snr] = []
+        with_rule = fuse_arrays(case.lr_hsi, case.hr_msi, model=model, log=logs[snr].append)
+        with monkeypatch.context() as patched:
+            patched.setattr(model_module, "signal_subspace_dimension", lambda covariance, n, eigenvalues, basis: basis.shape[1])
+            all_components = fuse_arrays(case.lr_hsi, case.hr_msi, model=model)
+        quality[snr] = [(metrics.psnr(case.reference, f), metrics.sam(case.reference, f)) for f in (with_rule, all_components)]
+    print(f"{cube.name} ×4: components kept {kept}; PSNR / SAM with the rule and with all 16: {quality}")
+    assert kept[None] == 16 and 4 <= kept[30.0] < 16
+    assert quality[None][0] == quality[None][1]
+    assert not any("spectral components to sharpen" in line for line in logs[None])
+    assert any(f"leaves {kept[30.0]} of the model's 16 spectral components" in line for line in logs[30.0])
+    (psnr_rule, sam_rule), (psnr_all, sam_all) = quality[30.0]
+    assert psnr_rule > psnr_all + 0.2 and sam_rule < sam_all - 0.1
+    rng = np.random.default_rng(2)
+    assert SceneStatistics.estimate(rng.random((20, 30, 30)), rng.random((3, 30, 30)), 8).signal_components == 0
 
 
 def test_regression_recovers_an_exactly_linear_relation():
@@ -157,8 +195,10 @@ def tiny_model(seed=0):
 
 
 def scene_inputs(bands, lr_rows, lr_cols, scale, msi_bands=3, seed=0):
+    """A random LR-HSI of three spectral signatures (uniform noise alone would be all below the
+    noise, model.signal_subspace_dimension) and an unrelated random MSI."""
     rng = np.random.default_rng(seed)
-    lr = rng.random((bands, lr_rows, lr_cols)).astype(np.float32)
+    lr = np.einsum("bj,jhw->bhw", rng.random((bands, 3)), rng.random((3, lr_rows, lr_cols))).astype(np.float32)
     hr = rng.random((msi_bands, lr_rows * scale, lr_cols * scale)).astype(np.float32)
     return lr, hr
 
@@ -263,7 +303,7 @@ def test_statistics_of_a_larger_subspace_serve_a_smaller_model_exactly():
     # Teacher (larger K) and student train on one fit: the student reads its first K components,
     # which must be what a fit at its own K gives, and so fuse to the same image.
     rng = np.random.default_rng(7)
-    lr = rng.random((20, 12, 12)).astype(np.float32)
+    lr = np.einsum("bj,jhw->bhw", rng.random((20, 12)), rng.random((12, 12, 12))).astype(np.float32)
     hr = rng.random((4, 36, 36)).astype(np.float32)
     msi_at_lr = blur_and_decimate(hr, 3)
     own = SceneStatistics.estimate(lr, msi_at_lr, subspace_dim=4)
@@ -407,17 +447,18 @@ def test_detail_classes_add_what_one_scene_wide_regression_averages_away(potsdam
 
 
 def test_a_larger_fit_serves_a_smaller_model_exactly_with_classes_and_the_msi_model(potsdam_c):
-    # The teacher's fit (K = 32) serves the student (K = 12): the classes are found on the first
+    # The teacher's fit (K = 32) serves the student (K = 16): the classes are found on the first
     # components, every component's class weights are fitted on their own, and the MSI model is
     # read for the first K components; so the student fuses as with a fit of its own.
     from csakd_qgis.datasets import case_statistics, make_wald_case, validation_sensors
     from csakd_qgis.train import student_config
 
+    k = student_config().subspace_dim
     case = make_wald_case(potsdam_c, validation_sensors()["WorldView-2"], 3)
-    own, larger = case_statistics(case, 12), case_statistics(case, 32)
+    own, larger = case_statistics(case, k), case_statistics(case, 32)
     assert own.class_weights is not None and own.msi_coefficient_cov is not None
     np.testing.assert_allclose(larger.class_centres, own.class_centres, atol=1e-6)
-    np.testing.assert_allclose(larger.class_weights[:, :12], own.class_weights, atol=1e-6)
+    np.testing.assert_allclose(larger.class_weights[:, :k], own.class_weights, atol=1e-6)
     model = SubspaceFusionModel(student_config()).eval()
     lr_t, hr_t = torch.from_numpy(case.lr_hsi)[None], torch.from_numpy(case.hr_msi)[None]
     with torch.no_grad():
