@@ -469,7 +469,7 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
             "note": "any sensor pair: the network works in the scene's own spectral subspace",
         },
         "normalisation": (
-            "per scene: LR-HSI band means removed, projected onto its first K principal components, divided by one "
+            "per scene: LR-HSI band means removed, projected onto its first K principal components (those above its noise, HySime's rule), divided by one "
             "scalar (RMS of the centred LR-HSI); MSI bands standardised and mapped to the subspace by linear "
             "regressions fitted at low resolution (one per spectral class, taken by soft membership); the result "
             "made consistent with the MSI by a linear model of it in the subspace"
