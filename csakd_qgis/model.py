@@ -76,6 +76,14 @@ CLASS_SHRINKAGE_PIXELS = 200.0
 CLASS_MIN_PIXELS = 50
 
 
+# Below this many bands the noise estimate of signal_subspace_dimension is not used: it counts
+# what a band does not share with the others as noise, which holds for a hyperspectral cube's
+# hundreds of narrow, strongly correlated bands but not for a few broad ones (six or eight
+# independent smooth bands were all taken for noise). The sensors this plugin serves have 50
+# (CAVE-like laboratory cubes have 31) to several hundred bands.
+MIN_BANDS_FOR_NOISE_ESTIMATE = 50
+
+
 def signal_subspace_dimension(covariance: torch.Tensor, pixels: int, eigenvalues: np.ndarray, basis: np.ndarray) -> int:
     """How many of the leading components carry more signal than noise (HySime's rule).
 
@@ -86,7 +94,8 @@ def signal_subspace_dimension(covariance: torch.Tensor, pixels: int, eigenvalues
     "Hyperspectral subspace identification", IEEE TGRS 46(8), 2008). Component k is kept while
     its power λ_k exceeds twice its noise power u_kᵀ·diag(σ²)·u_k, the condition under which
     keeping it lowers the expected squared error. Returns K when there are too few pixels
-    (n ≤ 2·B) to estimate the noise.
+    (n ≤ 2·B) or too few bands (B < MIN_BANDS_FOR_NOISE_ESTIMATE) to estimate the noise, or
+    the image is constant.
 
     Why: a component the noise dominates is passed on by the consistent interpolator, which
     undoes the PSF's smoothing, and it carries no detail the MSI could predict. Measured at
@@ -97,10 +106,13 @@ def signal_subspace_dimension(covariance: torch.Tensor, pixels: int, eigenvalues
     """
     bands = covariance.shape[0]
     k = basis.shape[1]
-    if pixels <= 2 * bands:
+    power = float(covariance.diagonal().mean())
+    if pixels <= 2 * bands or bands < MIN_BANDS_FOR_NOISE_ESTIMATE or not power > 0:
         return k
-    regularised = covariance + 1e-9 * covariance.diagonal().mean() * torch.eye(bands, dtype=covariance.dtype)
+    regularised = covariance + 1e-9 * power * torch.eye(bands, dtype=covariance.dtype)
     noise = (pixels / (pixels - bands)) / torch.linalg.inv(regularised).diagonal().numpy()
+    if not np.isfinite(noise).all():
+        return k
     noise_power = np.einsum("bk,b,bk->k", basis, noise, basis)
     above = eigenvalues > 2 * noise_power
     return k if above.all() else int(np.argmin(above))
@@ -308,7 +320,9 @@ class SceneStatistics:
         self.class_centres = self.class_spread = self.class_weights = None
         k, n = features.shape
         m = inputs.shape[0]
-        if k < CLASS_COMPONENTS or n < DETAIL_CLASSES * CLASS_MIN_PIXELS:
+        if min(k, self.signal_components if self.signal_components is not None else k) < CLASS_COMPONENTS:
+            return  # (classes on components that are all or partly noise would be noise too)
+        if n < DETAIL_CLASSES * CLASS_MIN_PIXELS:
             return
         points = torch.from_numpy(np.ascontiguousarray(features[:CLASS_COMPONENTS].T, dtype=np.float64))
         centres, labels = _kmeans(points, DETAIL_CLASSES)

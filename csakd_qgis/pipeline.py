@@ -133,8 +133,9 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     msi_start = mosaic([pair.msi_at_lr(w, start) for w in windows])
     # The basis only: the regression is fitted once, with the MSI degraded as estimated below.
     statistics = fit_scene(lr, msi_start, subspace_dim, regression=False)
-    if statistics.signal_components is not None and statistics.signal_components < subspace_dim:
-        log(f"the hyperspectral image's noise leaves {statistics.signal_components} of the model's {subspace_dim} "
+    available = min(subspace_dim, lr.shape[0])
+    if statistics.signal_components is not None and statistics.signal_components < available:
+        log(f"the hyperspectral image's noise leaves {statistics.signal_components} of the model's {available} "
             "spectral components to sharpen; the others are upsampled bicubically")
 
     pairs = []

@@ -240,9 +240,10 @@ def degrade(image: np.ndarray, degradation: SpatialDegradation) -> np.ndarray:
 
 
 def degrade_torch(x, degradation: SpatialDegradation):
-    """(N, C, H, W) → (N, C, H//s, W//s) in torch: the same operator as :func:`degrade`, one
-    product with :func:`decimation_matrix` per axis (half-sample symmetric borders at H and W;
-    rows and columns beyond a multiple of s are read only as the borders' mirror).
+    """(N, C, H, W) → (N, C, H//s, W//s) in torch: one product with :func:`decimation_matrix`
+    per axis, so the PSF, sampling and half-sample symmetric borders of :func:`degrade`. Where H
+    or W is not a multiple of s the two differ at the far border: this one mirrors at H and W
+    (and reads the rows beyond the last multiple), :func:`degrade` crops to the multiple first.
 
     Why matrices: a 256² tile's 16 subspace channels went through separable strided
     single-channel convolutions on a mirrored copy in 12 ms per call (three calls per tile);

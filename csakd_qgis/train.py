@@ -57,8 +57,9 @@ from .network import NetworkConfig, count_macs, count_parameters
 # of the two was +0.93 dB at K = 12, +1.03 at 16, +1.12 at 20 and +1.13 at 24. The noise that
 # once made extra components cost SAM (30 dB on EnMAP Potsdam ×4: 7.25° at 12, 7.45° at 16,
 # GSA 7.39°) is now left out per scene (model.signal_subspace_dimension: 7.08° at either). 16
-# rather than 20: the per-tile time (0.18 s with the student's grouped convolutions, 20 costs
-# another 0.01–0.02 s against the 0.2 s budget).
+# rather than 20: the per-tile time (measured side by side with the grouped convolutions below,
+# before the base's degradation became matrix products: 0.18 s at 16, 20 another 0.01–0.02 s,
+# against the 0.2 s budget; make bench now reads 0.14 s at 16).
 SUBSPACE_DIM = 16
 TEACHER_SUBSPACE_DIM = 32
 DEFAULT_CHECKPOINT = Path("build") / "train" / "checkpoint.pt"
@@ -75,8 +76,9 @@ CONTROL_BUNDLE = "csakd_student_without_distillation.json"
 def student_config(subspace_dim: int = SUBSPACE_DIM) -> FusionModelConfig:
     """The bundled student: sized for a laptop CPU (see README, 'The bundled model')."""
     return FusionModelConfig(
-        # Grouped CLRA convolutions (groups=2, as the method allows): half their cost, which
-        # keeps the 16-component student at 0.18 s per 256² tile (0.20 s ungrouped; the budget is 0.2 s).
+        # Grouped CLRA convolutions (groups=2, as the method allows): half their cost; measured
+        # side by side, 0.18 s per 256² tile for the 16-component student against 0.20 s
+        # ungrouped (the budget is 0.2 s).
         NetworkConfig(subspace_dim, subspace_dim, width=32, growth=16, blocks=(1, 2, 2, 1), groups=2, attention_dim=32, heads=4, unshuffle=4),
         subspace_dim,
     )

@@ -140,7 +140,7 @@ def filled_pair(hsi: np.ndarray, msi: np.ndarray, too_sparse: str) -> tuple:
     return hsi, msi
 
 
-def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000, subspace_dim: int = 12, log=None) -> TrainingScene:
+def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000, subspace_dim: Optional[int] = None, log=None) -> TrainingScene:
     """A real co-registered pair on the LR-HSI's working grid (see georaster), with the MSI
     degraded onto it under the PSF and offset estimated from the pair (pipeline.py), so that
     the scene's Wald pairs are made with the sensor's own relative blur."""
@@ -150,6 +150,7 @@ def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000, subspace_d
     from .georaster import hr_reader, lr_on_working_grid, plan_grid, read_as_float
     from .pipeline import ScenePair, fit_scene_statistics
     from .raster_io import read_spectral_metadata
+    from .train import SUBSPACE_DIM
 
     with rasterio.open(lr_path) as lr_ds, rasterio.open(hr_path) as hr_ds:
         grid = plan_grid(lr_ds, hr_ds)
@@ -168,7 +169,7 @@ def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000, subspace_d
         hsi[:, ~np.isfinite(hsi).all(0)] = np.nan
         read_lr = array_pair(hsi, hsi, 1).read_lr
         pair = ScenePair(hsi.shape[1:], (grid.height, grid.width), grid.scale, read_lr, hr_reader(hr_ds, grid))
-        statistics, _ = fit_scene_statistics(pair, subspace_dim, log=log)
+        statistics, _ = fit_scene_statistics(pair, subspace_dim or SUBSPACE_DIM, log=log)
         msi = pair.msi_at_lr((0, 0) + hsi.shape[1:], statistics.degradation)
     hsi, msi = filled_pair(hsi, msi, f"less than half of the pair {Path(lr_path).name} has data in both images")
     wavelengths = meta.wavelengths_nm[keep] if meta.wavelengths_nm is not None else None

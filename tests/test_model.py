@@ -88,7 +88,11 @@ def test_components_below_the_noise_are_left_out_of_the_subspace(monkeypatch):
     (psnr_rule, sam_rule), (psnr_all, sam_all) = quality[30.0]
     assert psnr_rule > psnr_all + 0.2 and sam_rule < sam_all - 0.1
     rng = np.random.default_rng(2)
-    assert SceneStatistics.estimate(rng.random((20, 30, 30)), rng.random((3, 30, 30)), 8).signal_components == 0
+    assert SceneStatistics.estimate(rng.random((60, 30, 30)), rng.random((3, 30, 30)), 8).signal_components == 0
+    # Too few bands to tell noise from what a band does not share with the others: all kept.
+    assert SceneStatistics.estimate(rng.random((20, 30, 30)), rng.random((3, 30, 30)), 8).signal_components == 8
+    # A constant image has nothing to estimate (and must not fail).
+    assert SceneStatistics.estimate(np.ones((60, 30, 30)), rng.random((3, 30, 30)), 8).signal_components == 8
 
 
 def test_regression_recovers_an_exactly_linear_relation():
@@ -195,10 +199,11 @@ def tiny_model(seed=0):
 
 
 def scene_inputs(bands, lr_rows, lr_cols, scale, msi_bands=3, seed=0):
-    """A random LR-HSI of three spectral signatures (uniform noise alone would be all below the
-    noise, model.signal_subspace_dimension) and an unrelated random MSI."""
+    """A random LR-HSI of six spectral signatures (more than the tests' subspaces hold; uniform
+    noise alone would be all below the noise, model.signal_subspace_dimension) and an unrelated
+    random MSI."""
     rng = np.random.default_rng(seed)
-    lr = np.einsum("bj,jhw->bhw", rng.random((bands, 3)), rng.random((3, lr_rows, lr_cols))).astype(np.float32)
+    lr = np.einsum("bj,jhw->bhw", rng.random((bands, 6)), rng.random((6, lr_rows, lr_cols))).astype(np.float32)
     hr = rng.random((msi_bands, lr_rows * scale, lr_cols * scale)).astype(np.float32)
     return lr, hr
 
@@ -380,14 +385,15 @@ def test_the_spectral_consistency_step_moves_the_fusion_towards_the_msi_and_the_
     # EnMAP Potsdam C (a validation cube) with a simulated WorldView-2 MSI at scale 4. The step
     # adds G·(m − A·x) through (I − P·D): the fused image's MSI residual shrinks, the LR-HSI sees
     # nothing of what was added, and the result is nearer the truth (measured +0.11 dB PSNR). Most
-    # of the MSI residual is detail outside the 12 components, which the step leaves alone.
+    # of the MSI residual is detail outside the student's components, which the step leaves alone.
     from csakd_qgis.datasets import case_statistics, make_wald_case, validation_sensors
     from csakd_qgis.metrics import psnr
     from csakd_qgis.model import SPECTRAL_MODEL_FIELDS, normalised_msi, spectral_consistency_gain
     from csakd_qgis.train import student_config
 
+    k = student_config().subspace_dim
     case = make_wald_case(potsdam_c, validation_sensors()["WorldView-2"], 4)
-    statistics = case_statistics(case, 12)
+    statistics = case_statistics(case, k)
     with_step = statistics.to_tensors()
     without_step = _without(with_step, SPECTRAL_MODEL_FIELDS)
     model = SubspaceFusionModel(student_config()).eval()
@@ -396,8 +402,8 @@ def test_the_spectral_consistency_step_moves_the_fusion_towards_the_msi_and_the_
         detail_on, _ = model.subspace_detail(lr_t, hr_t, with_step)
         detail_off, _ = model.subspace_detail(lr_t, hr_t, without_step)
         bicubic_coefficients = upsample_lr(model.encode(lr_t, hr_t, with_step)[0], case.degradation, "bicubic")
-        to_msi, gain = spectral_consistency_gain(with_step, 12, case.degradation)
-        assert gain.shape == (1, 12, case.hr_msi.shape[0]) and to_msi.shape == (1, case.hr_msi.shape[0], 12)
+        to_msi, gain = spectral_consistency_gain(with_step, k, case.degradation)
+        assert gain.shape == (1, k, case.hr_msi.shape[0]) and to_msi.shape == (1, case.hr_msi.shape[0], k)
 
         def msi_residual(detail):
             # The part the step can change: what the LR grid does not see.
@@ -428,10 +434,11 @@ def test_detail_classes_add_what_one_scene_wide_regression_averages_away(potsdam
     from csakd_qgis.model import CLASS_FIELDS, DETAIL_CLASSES
     from csakd_qgis.train import student_config
 
+    k = student_config().subspace_dim
     case = make_wald_case(potsdam_c, validation_sensors()[sensor], scale)
-    statistics = case_statistics(case, 12)
-    assert statistics.class_weights.shape == (DETAIL_CLASSES, 12, case.hr_msi.shape[0])
-    again = case_statistics(case, 12)
+    statistics = case_statistics(case, k)
+    assert statistics.class_weights.shape == (DETAIL_CLASSES, k, case.hr_msi.shape[0])
+    again = case_statistics(case, k)
     np.testing.assert_array_equal(again.class_centres, statistics.class_centres)  # seeded: reproducible
     stats = statistics.to_tensors()
     model = SubspaceFusionModel(student_config()).eval()
