@@ -59,7 +59,7 @@ from .network import NetworkConfig, count_macs, count_parameters
 # GSA 7.39°) is now left out per scene (model.signal_subspace_dimension: 7.08° at either). 16
 # rather than 20: the per-tile time (measured side by side with the grouped convolutions below,
 # before the base's degradation became matrix products: 0.18 s at 16, 20 another 0.01–0.02 s,
-# against the 0.2 s budget; make bench now reads 0.14 s at 16).
+# against the 0.2 s budget; make bench now reads 0.11 s at 16).
 SUBSPACE_DIM = 16
 TEACHER_SUBSPACE_DIM = 32
 DEFAULT_CHECKPOINT = Path("build") / "train" / "checkpoint.pt"
