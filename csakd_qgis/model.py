@@ -199,8 +199,8 @@ class SceneStatistics:
         basis[:, signal:] = 0.0
         if k < subspace_dim:
             basis = np.concatenate([basis, np.zeros((bands, subspace_dim - k))], axis=1)
-        statistics = cls(band_mean, scale, basis, np.zeros(msi_bands), np.ones(msi_bands), np.zeros((subspace_dim, msi_bands + 1)))
-        statistics.signal_components = signal
+        statistics = cls(band_mean, scale, basis, np.zeros(msi_bands), np.ones(msi_bands), np.zeros((subspace_dim, msi_bands + 1)),
+                         signal_components=signal)
         if regression:
             statistics.fit_regression(lr_hsi, msi_at_lr, valid, max_pixels, ridge, seed, detail_ridge)
         else:
@@ -320,9 +320,9 @@ class SceneStatistics:
         self.class_centres = self.class_spread = self.class_weights = None
         k, n = features.shape
         m = inputs.shape[0]
-        if min(k, self.signal_components if self.signal_components is not None else k) < CLASS_COMPONENTS:
-            return  # (classes on components that are all or partly noise would be noise too)
-        if n < DETAIL_CLASSES * CLASS_MIN_PIXELS:
+        # Classes on components that are partly noise would be noise too.
+        kept = k if self.signal_components is None else min(k, self.signal_components)
+        if kept < CLASS_COMPONENTS or n < DETAIL_CLASSES * CLASS_MIN_PIXELS:
             return
         points = torch.from_numpy(np.ascontiguousarray(features[:CLASS_COMPONENTS].T, dtype=np.float64))
         centres, labels = _kmeans(points, DETAIL_CLASSES)

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import randomise_head
+from tests.helpers import randomise_head, signature_mixture
 import torch
 
 from csakd_qgis import bundle as bundle_module
@@ -31,9 +31,7 @@ def saved(tmp_path):
 
 def _run(model, seed=0):
     rng = np.random.default_rng(seed)
-    # Spectra of four signatures: uniform noise alone would have no component above the noise
-    # (model.signal_subspace_dimension), and every model would give the same bicubic image.
-    lr = np.einsum("bj,jhw->bhw", rng.random((7, 4)), rng.random((4, 6, 6))).astype(np.float32)
+    lr = signature_mixture(rng, 7, 4, 6, 6).astype(np.float32)
     hr = rng.random((3, 24, 24)).astype(np.float32)
     stats = SceneStatistics.estimate(lr, blur_and_decimate(hr, 4), 4).to_tensors()
     with torch.no_grad():

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.helpers import randomise_head
+from tests.helpers import randomise_head, signature_mixture
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +47,7 @@ def regression_prediction(stats, msi):
 def test_basis_is_orthonormal():
     rng = np.random.default_rng(1)
     # Six spectral signatures mixed at random, and noise 40 dB below them.
-    hsi = np.einsum("bj,jhw->bhw", rng.random((15, 6)), rng.random((6, 10, 12)))
+    hsi = signature_mixture(rng, 15, 6, 10, 12)
     hsi += 0.01 * hsi.std() * rng.standard_normal(hsi.shape)
     msi = rng.random((3, 10, 12))
     stats = SceneStatistics.estimate(hsi, msi, subspace_dim=6)
@@ -199,11 +199,10 @@ def tiny_model(seed=0):
 
 
 def scene_inputs(bands, lr_rows, lr_cols, scale, msi_bands=3, seed=0):
-    """A random LR-HSI of six spectral signatures (more than the tests' subspaces hold; uniform
-    noise alone would be all below the noise, model.signal_subspace_dimension) and an unrelated
-    random MSI."""
+    """A random LR-HSI of six spectral signatures (more than the tests' subspaces hold) and an
+    unrelated random MSI."""
     rng = np.random.default_rng(seed)
-    lr = np.einsum("bj,jhw->bhw", rng.random((bands, 6)), rng.random((6, lr_rows, lr_cols))).astype(np.float32)
+    lr = signature_mixture(rng, bands, 6, lr_rows, lr_cols).astype(np.float32)
     hr = rng.random((msi_bands, lr_rows * scale, lr_cols * scale)).astype(np.float32)
     return lr, hr
 
@@ -308,7 +307,7 @@ def test_statistics_of_a_larger_subspace_serve_a_smaller_model_exactly():
     # Teacher (larger K) and student train on one fit: the student reads its first K components,
     # which must be what a fit at its own K gives, and so fuse to the same image.
     rng = np.random.default_rng(7)
-    lr = np.einsum("bj,jhw->bhw", rng.random((20, 12)), rng.random((12, 12, 12))).astype(np.float32)
+    lr = signature_mixture(rng, 20, 12, 12, 12).astype(np.float32)
     hr = rng.random((4, 36, 36)).astype(np.float32)
     msi_at_lr = blur_and_decimate(hr, 3)
     own = SceneStatistics.estimate(lr, msi_at_lr, subspace_dim=4)
