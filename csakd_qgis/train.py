@@ -320,7 +320,7 @@ def co_train(
             teacher_out = teacher(lr_hsi, hr_msi, stats)
             teacher_image = image(teacher_out)
             t_loss = teacher_loss(teacher_image, target)
-            _step(teacher_opt, t_loss, teacher)
+            optimiser_step(teacher_opt, t_loss, teacher)
 
             student_out = student(lr_hsi, hr_msi, stats)
             s_loss = student_loss(
@@ -330,11 +330,11 @@ def co_train(
                 distiller.adapter(student_out.fused),
                 teacher_out.fused.detach(),
             )
-            _step(student_opt, s_loss, student)
+            optimiser_step(student_opt, s_loss, student)
             step_losses = [t_loss.item(), s_loss.item()]
             if run.control:
                 c_loss = teacher_loss(image(control(lr_hsi, hr_msi, stats)), target)
-                _step(control_opt, c_loss, control)
+                optimiser_step(control_opt, c_loss, control)
                 step_losses.append(c_loss.item())
 
             state["step"] += 1
@@ -360,7 +360,9 @@ def co_train(
     return state
 
 
-def _step(optimiser, loss: torch.Tensor, model: nn.Module) -> None:
+def optimiser_step(optimiser, loss: torch.Tensor, model: nn.Module) -> None:
+    """One update of ``model`` from ``loss``: gradients cleared, back-propagated, their global
+    norm clipped to 1 (a log-MSE loss near a perfect crop has steep gradients), applied."""
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -192,3 +192,22 @@ def test_crop_interior_leaves_the_crop_borders_out():
     assert train.crop_interior(small, lr_size=5, margin=3)[0].shape[-2:] == (12, 12)
     # Two LR pixels or fewer: nothing is cut.
     assert train.crop_interior(small[..., :8, :8], lr_size=2)[0].shape[-1] == 8
+
+
+def test_the_student_fits_batches_it_sees_again_from_its_zero_correction(shared_data_dir):
+    """The memorisation control of the learnability probe: from the untrained base (a correction
+    of exactly zero), the training path must lower the loss of fixed batches it sees again, so
+    that a held-out gain of zero (README, 'Where it stands') means that what is learnt does not
+    carry, not that gradients never reach the correction."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    result = learnability.probe(
+        train_cubes, held_out, sensor, scale=4, steps=0, memorise_batches=2, memorise_steps=60,
+        held_out_batches=2, batch_size=3, crop=48, log=lambda message: None,
+    )
+    assert result.held_out_gain_db == []
+    assert result.memorised_gain_db > 0.2, result
+    assert math.isfinite(result.memorised_held_out_gain_db)

@@ -1,0 +1,193 @@
+"""Is any of the base's remaining error learnable? A held-out probe of the student's correction.
+
+The student starts as its untrained base (its output convolution is zero, so its correction is
+exactly zero, model.py) and is trained with the reference term of every model here
+(losses.teacher_loss) in two ways, each measured against that base in dB of band-averaged PSNR
+(the loss is a mean of ln MSE per band, so a change Δ of it is −10/ln 10 · Δ dB):
+
+* **generalisation**: on a fresh Wald batch at every step, cut from the training cubes, and
+  measured on fixed batches cut from the held-out cubes (same sensor, same scale, one PSF per
+  batch drawn as in training). A gain here is what training can ship.
+* **memorisation** (the control): from the same start, on a few fixed batches seen again and
+  again, measured on those batches and on the held-out ones. A gain on its own batches shows
+  that the training path works (gradients reach the correction, the step size is right), so that
+  a zero held-out gain means the correction found does not carry, not that nothing was trained.
+
+The default pair is the most favourable case for generalisation the shared data offers: blocks
+A and B of the EnMAP Potsdam scene for training, its block C for the held-out crops, one MSI
+(Sentinel-2's 10 m bands) and one scale (4), so the scene, sensor, basis and statistics barely
+change between training and test.
+
+    python -m csakd_qgis.learnability --steps 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .datasets import (
+    HyperspectralCube,
+    WholeSceneStatistics,
+    training_batch,
+    training_cubes,
+    validation_cubes,
+    validation_sensors,
+)
+from .losses import teacher_loss
+from .model import SubspaceFusionModel
+from .srf import SensorResponse
+from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
+
+DB_PER_LOG_MSE = 10.0 / math.log(10.0)
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`probe` measured, every gain in dB of band-averaged PSNR over the base.
+
+    ``held_out_gain_db``: (step, gain on the held-out batches) of the generalisation run, one
+    per ``evaluate_every`` steps; ``memorised_gain_db`` and ``memorised_held_out_gain_db``: the
+    control run's gain on its own fixed batches and on the held-out ones after its last step.
+    """
+
+    steps: int
+    held_out_gain_db: List[Tuple[int, float]] = field(default_factory=list)
+    memorised_gain_db: float = float("nan")
+    memorised_held_out_gain_db: float = float("nan")
+
+
+def reference_loss(model: SubspaceFusionModel, batch) -> torch.Tensor:
+    """The reference term (losses.teacher_loss) of ``model`` on one prepared batch
+    (train.prepare_batch), spectra divided by each scene's scale, crop borders left out as in
+    training (train.crop_interior). Returns a scalar tensor (with gradients when enabled)."""
+    lr_hsi, hr_msi, stats, reference = batch
+    norm = stats["scale"].view(-1, 1, 1, 1)
+    lr_size = lr_hsi.shape[-1]
+    (target,) = crop_interior(reference / norm, lr_size=lr_size)
+    (image,) = crop_interior(model(lr_hsi, hr_msi, stats).image / norm, lr_size=lr_size)
+    return teacher_loss(image, target)
+
+
+def mean_loss(model: SubspaceFusionModel, batches: Sequence) -> float:
+    """Mean :func:`reference_loss` over prepared batches, without gradients. The network is run
+    even while its correction is zero (the skip of inference is switched off here), so that the
+    base and a trained model are measured on the same path."""
+    skip = model.skip_zero_correction
+    model.skip_zero_correction = False
+    try:
+        with torch.no_grad():
+            return float(np.mean([reference_loss(model, b).item() for b in batches]))
+    finally:
+        model.skip_zero_correction = skip
+
+
+def probe(
+    train_cubes: Sequence[HyperspectralCube],
+    held_out_cubes: Sequence[HyperspectralCube],
+    sensor: SensorResponse,
+    scale: int = 4,
+    steps: int = 1000,
+    memorise_batches: int = 8,
+    memorise_steps: int = 300,
+    held_out_batches: int = 12,
+    batch_size: int = 6,
+    crop: int = 48,
+    lr: float = 1e-3,
+    evaluate_every: int = 100,
+    seed: int = 1,
+    log: Callable[[str], None] = print,
+) -> ProbeResult:
+    """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
+    (see the module docstring), both paired with ``sensor``'s MSI at ``scale``.
+
+    Crops are ``crop`` HR pixels (cut to a multiple of ``scale``), ``batch_size`` to a batch, each
+    crop with its whole cube's scene statistics (datasets.WholeSceneStatistics), as in
+    ``make train``. ``steps`` or ``memorise_steps`` 0 leaves that run out. Raises ValueError
+    when a cube is too small for ``scale`` or ``sensor`` does not cover its bands.
+    """
+    torch.set_flush_denormal(True)
+    rng = np.random.default_rng(seed)
+    statistics = WholeSceneStatistics(SUBSPACE_DIM)
+
+    def batch_of(cubes):
+        cases = training_batch(list(cubes), [sensor], rng, batch_size, crop, scales=(scale,), statistics=statistics)
+        return prepare_batch(cases, SUBSPACE_DIM)
+
+    held_out = [batch_of(held_out_cubes) for _ in range(held_out_batches)]
+    result = ProbeResult(steps=steps)
+
+    def fresh_student() -> Tuple[SubspaceFusionModel, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = SubspaceFusionModel(student_config())
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+
+    model, optimiser = fresh_student()
+    base_held_out = mean_loss(model, held_out)
+
+    def gain(loss: float, base: float) -> float:
+        return -(loss - base) * DB_PER_LOG_MSE
+
+    started = time.time()
+    for step in range(1, steps + 1):
+        optimiser_step(optimiser, reference_loss(model, batch_of(train_cubes)), model)
+        if step % evaluate_every == 0 or step == steps:
+            result.held_out_gain_db.append((step, gain(mean_loss(model, held_out), base_held_out)))
+            log(f"step {step:5d}  {time.time() - started:6.0f} s  held-out gain {result.held_out_gain_db[-1][1]:+.3f} dB")
+
+    if memorise_steps:
+        model, optimiser = fresh_student()
+        fixed = [batch_of(train_cubes) for _ in range(memorise_batches)]
+        base_fixed = mean_loss(model, fixed)
+        for step in range(memorise_steps):
+            optimiser_step(optimiser, reference_loss(model, fixed[step % len(fixed)]), model)
+        result.memorised_gain_db = gain(mean_loss(model, fixed), base_fixed)
+        result.memorised_held_out_gain_db = gain(mean_loss(model, held_out), base_held_out)
+        log(
+            f"memorisation control: {memorise_steps} steps on {len(fixed)} fixed batches: "
+            f"{result.memorised_gain_db:+.3f} dB on them, {result.memorised_held_out_gain_db:+.3f} dB held out"
+        )
+    return result
+
+
+def _cubes_named(cubes: Sequence[HyperspectralCube], words: Sequence[str]) -> List[HyperspectralCube]:
+    chosen = [c for c in cubes if any(w.lower() in c.name.lower() for w in words)]
+    if not chosen:
+        raise SystemExit(f"no cube matches {list(words)}; cubes: {', '.join(c.name for c in cubes)}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", nargs="+", default=["Potsdam block A", "Potsdam block B"],
+                        help="words of the training cubes' names (the shared training cubes)")
+    parser.add_argument("--held-out", nargs="+", default=["Potsdam block C"],
+                        help="words of the held-out cubes' names (the shared validation cubes)")
+    parser.add_argument("--sensor", default="Sentinel-2 10 m", choices=sorted(validation_sensors()))
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--memorise-steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train = _cubes_named(training_cubes(args.data), args.train)
+    held_out = _cubes_named(validation_cubes(args.data), args.held_out)
+    print(f"training crops from {', '.join(c.name for c in train)}; held out: {', '.join(c.name for c in held_out)}; "
+          f"{args.sensor}, scale {args.scale}", flush=True)
+    probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
+          lr=args.lr, log=lambda message: print(message, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
