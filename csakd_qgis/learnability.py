@@ -2,8 +2,10 @@
 
 The student starts as its untrained base (its output convolution is zero, so its correction is
 exactly zero, model.py) and is trained with the reference term of every model here
-(losses.teacher_loss) in two ways, each measured against that base in dB of band-averaged PSNR
-(the loss is a mean of ln MSE per band, so a change Δ of it is −10/ln 10 · Δ dB):
+(losses.teacher_loss) in two ways, each measured against that base as a change of that loss in
+dB: −10/ln 10 per unit. The loss is mainly a mean over crops and bands of ln MSE, whose change
+in those units is the change of band-averaged PSNR per crop; its small spectral-angle term and
+its error floor (losses.py) make the figure an approximation of the PSNR change:
 
 * **generalisation**: on a fresh Wald batch at every step, cut from the training cubes, and
   measured on fixed batches cut from the held-out cubes (same sensor, same scale, one PSF per
@@ -18,7 +20,11 @@ A and B of the EnMAP Potsdam scene for training, its block C for the held-out cr
 (Sentinel-2's 10 m bands) and one scale (4), so the scene, sensor, basis and statistics barely
 change between training and test.
 
+``--within`` instead trains on the top three quarters of one cube and measures on its bottom
+quarter (e.g. a 512×512 CAVE laboratory scene: more pixels of one kind than any EO cube here).
+
     python -m csakd_qgis.learnability --steps 1000
+    python -m csakd_qgis.learnability --within cave_feathers --sensor RGB --crop 64
 """
 
 from __future__ import annotations
@@ -140,7 +146,7 @@ def probe(
         optimiser_step(optimiser, reference_loss(model, batch_of(train_cubes)), model)
         if step % evaluate_every == 0 or step == steps:
             result.held_out_gain_db.append((step, gain(mean_loss(model, held_out), base_held_out)))
-            log(f"step {step:5d}  {time.time() - started:6.0f} s  held-out gain {result.held_out_gain_db[-1][1]:+.3f} dB")
+            log(f"step {step:5d}  {time.time() - started:6.0f} s  held-out gain {_db(result.held_out_gain_db[-1][1])} dB")
 
     if memorise_steps:
         model, optimiser = fresh_student()
@@ -152,7 +158,7 @@ def probe(
         result.memorised_held_out_gain_db = gain(mean_loss(model, held_out), base_held_out)
         log(
             f"memorisation control: {memorise_steps} steps on {len(fixed)} fixed batches: "
-            f"{result.memorised_gain_db:+.3f} dB on them, {result.memorised_held_out_gain_db:+.3f} dB held out"
+            f"{_db(result.memorised_gain_db)} dB on them, {_db(result.memorised_held_out_gain_db)} dB held out"
         )
     return result
 
@@ -164,28 +170,61 @@ def _cubes_named(cubes: Sequence[HyperspectralCube], words: Sequence[str]) -> Li
     return chosen
 
 
+def split_rows(cube: HyperspectralCube, fraction: float = 0.75) -> Tuple[HyperspectralCube, HyperspectralCube]:
+    """(top, bottom) parts of ``cube`` (B, rows, cols) cut at ``fraction`` of its rows: training
+    and held-out ground of one scene that share no pixel (a crop's PSF reaches only its own part,
+    since crops are degraded on their own)."""
+    cut = int(round(cube.data.shape[1] * fraction))
+    return (
+        HyperspectralCube(f"{cube.name} (top {cut} rows)", cube.data[:, :cut], cube.wavelengths_nm, cube.weight),
+        HyperspectralCube(f"{cube.name} (rows {cut}+)", cube.data[:, cut:], cube.wavelengths_nm, cube.weight),
+    )
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _db(value: float) -> str:
+    # Round first, so that a loss change of −0.0001 dB prints as +0.000 and not −0.000.
+    return f"{round(value, 3) + 0.0:+.3f}"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--train", nargs="+", default=["Potsdam block A", "Potsdam block B"],
-                        help="words of the training cubes' names (the shared training cubes)")
+                        help="words of the training cubes' names (any of the shared training cubes)")
     parser.add_argument("--held-out", nargs="+", default=["Potsdam block C"],
-                        help="words of the held-out cubes' names (the shared validation cubes)")
-    parser.add_argument("--sensor", default="Sentinel-2 10 m", choices=sorted(validation_sensors()))
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--memorise-steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
+                        help="words of the held-out cubes' names (any of the shared validation cubes)")
+    parser.add_argument("--within", default=None, metavar="WORDS",
+                        help="instead of --train/--held-out: one cube (training, validation or corpus) whose top "
+                        "three quarters train and whose bottom quarter is held out")
+    parser.add_argument("--sensor", default="Sentinel-2 10 m", choices=sorted(validation_sensors()),
+                        help="the MSI simulated from every cube (its SRF)")
+    parser.add_argument("--scale", type=int, default=4, help="resolution ratio of the Wald pairs")
+    parser.add_argument("--steps", type=int, default=1000, help="steps of the generalisation run (0: none)")
+    parser.add_argument("--memorise-steps", type=int, default=300,
+                        help="steps of the memorisation control on 8 fixed batches (0: none)")
+    parser.add_argument("--batch-size", type=int, default=6, help="crops per batch")
+    parser.add_argument("--crop", type=int, default=48, help="crop size in HR pixels")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = _cubes_named(training_cubes(args.data), args.train)
-    held_out = _cubes_named(validation_cubes(args.data), args.held_out)
+    if args.within:
+        from .datasets import corpus_cubes
+
+        every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)
+        train, held_out = (list(part) for part in zip(*(split_rows(c) for c in _cubes_named(every, [args.within]))))
+    else:
+        train = _cubes_named(training_cubes(args.data), args.train)
+        held_out = _cubes_named(validation_cubes(args.data), args.held_out)
     print(f"training crops from {', '.join(c.name for c in train)}; held out: {', '.join(c.name for c in held_out)}; "
           f"{args.sensor}, scale {args.scale}", flush=True)
     probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
-          lr=args.lr, log=lambda message: print(message, flush=True))
+          batch_size=args.batch_size, crop=args.crop, lr=args.lr, log=lambda message: print(message, flush=True))
     return 0
 
 
