@@ -206,7 +206,7 @@ def test_the_student_fits_batches_it_sees_again_from_its_zero_correction(shared_
     sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
     result = learnability.probe(
         train_cubes, held_out, sensor, scale=4, steps=0, memorise_batches=2, memorise_steps=60,
-        held_out_batches=2, batch_size=3, crop=48, log=lambda message: None,
+        held_out_batches=2, batch_size=3, crop=48, lr=1e-3, log=lambda message: None,
     )
     assert result.held_out_gain_db == []
     assert result.memorised_gain_db > 0.2, result
