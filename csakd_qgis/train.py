@@ -459,6 +459,10 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         best_epoch=best["epoch"],
         minutes=round(state["elapsed"] / 60, 1),
         budget_minutes=run.minutes,
+        # The step size decides whether anything is learnt (1e-3: nothing carries to unseen
+        # crops; 1e-4: it does within a large scene; see learnability.py), so it is on record.
+        learning_rate=run.lr,
+        schedule="AdamW, cosine decay to 5 % of the learning rate over the budget (co_train)",
         # What training bought over the untrained base (epoch 0), mean validation PSNR.
         gain_over_base_db=round(best["student"]["psnr"] - state["history"][0]["student"]["psnr"], 4),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
