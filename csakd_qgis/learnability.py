@@ -15,14 +15,15 @@ its error floor (losses.py) make the figure an approximation of the PSNR change:
   that the training path works (gradients reach the correction, the step size is right), so that
   a zero held-out gain means the correction found does not carry, not that nothing was trained.
 
-The default pair is the most favourable case for generalisation the shared data offers: blocks
+The default pair is the closest pair of Earth-observation cubes the shared data offers: blocks
 A and B of the EnMAP Potsdam scene for training, its block C for the held-out crops, one MSI
 (Sentinel-2's 10 m bands) and one scale (4), so the scene, sensor, basis and statistics barely
 change between training and test.
 
-The step size decides whether anything carries: at a learning rate of 1e-3 the held-out gain
+The step size decides whether anything is learnt: at a learning rate of 1e-3 the held-out gain
 stays 0.000 dB on every pair tried (Adam's steps on ever new crops cancel, and the correction
-stays near zero), at 1e-4 it moves (README, 'Where it stands'); 1e-4 is the default.
+stays near zero); at 1e-4, the default, it moves: up within a large scene, down on the default
+pair, whose training blocks have too few pixels (README, 'Where it stands').
 
 ``--within`` instead trains on the top three quarters of one cube and measures on its bottom
 quarter (e.g. a 512×512 CAVE laboratory scene: more pixels of one kind than any EO cube here).
@@ -51,17 +52,17 @@ from .datasets import (
     validation_cubes,
     validation_sensors,
 )
-from .losses import teacher_loss
 from .model import SubspaceFusionModel
 from .srf import SensorResponse
-from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
+from .train import SUBSPACE_DIM, optimiser_step, prepare_batch, reference_loss, student_config
 
 DB_PER_LOG_MSE = 10.0 / math.log(10.0)
 
 
 @dataclass
 class ProbeResult:
-    """What :func:`probe` measured, every gain in dB of band-averaged PSNR over the base.
+    """What :func:`probe` measured, every gain over the base as the loss's change in dB (close to
+    the change of band-averaged PSNR, see the module docstring).
 
     ``held_out_gain_db``: (step, gain on the held-out batches) of the generalisation run, one
     per ``evaluate_every`` steps; ``memorised_gain_db`` and ``memorised_held_out_gain_db``: the
@@ -72,18 +73,6 @@ class ProbeResult:
     held_out_gain_db: List[Tuple[int, float]] = field(default_factory=list)
     memorised_gain_db: float = float("nan")
     memorised_held_out_gain_db: float = float("nan")
-
-
-def reference_loss(model: SubspaceFusionModel, batch) -> torch.Tensor:
-    """The reference term (losses.teacher_loss) of ``model`` on one prepared batch
-    (train.prepare_batch), spectra divided by each scene's scale, crop borders left out as in
-    training (train.crop_interior). Returns a scalar tensor (with gradients when enabled)."""
-    lr_hsi, hr_msi, stats, reference = batch
-    norm = stats["scale"].view(-1, 1, 1, 1)
-    lr_size = lr_hsi.shape[-1]
-    (target,) = crop_interior(reference / norm, lr_size=lr_size)
-    (image,) = crop_interior(model(lr_hsi, hr_msi, stats).image / norm, lr_size=lr_size)
-    return teacher_loss(image, target)
 
 
 def mean_loss(model: SubspaceFusionModel, batches: Sequence) -> float:
@@ -120,9 +109,28 @@ def probe(
 
     Crops are ``crop`` HR pixels (cut to a multiple of ``scale``), ``batch_size`` to a batch, each
     crop with its whole cube's scene statistics (datasets.WholeSceneStatistics), as in
-    ``make train``. ``steps`` or ``memorise_steps`` 0 leaves that run out. Raises ValueError
-    when a cube is too small for ``scale`` or ``sensor`` does not cover its bands.
+    ``make train``. A cube without band centres is paired with MSIs of band groups instead of
+    ``sensor`` (as in training). ``steps`` or ``memorise_steps`` 0 leaves that run out. One
+    generator (``seed``) draws every batch in turn, the held-out ones first and the control's
+    last, so the control's batches depend on ``steps``; torch's global seed is set to ``seed``
+    before each run. Raises ValueError when ``sensor`` does not cover a cube's bands or a cube
+    is too small for ``scale``.
     """
+    from .srf import spectral_response_matrix
+
+    for cube in list(train_cubes) + list(held_out_cubes):
+        if min(cube.data.shape[1:]) // scale < 6:  # as training_batch: 6 LR pixels at least
+            raise ValueError(
+                f"{cube.name} ({cube.data.shape[1]}×{cube.data.shape[2]} pixels) is too small for scale {scale}: "
+                f"it needs at least {6 * scale} pixels on each side"
+            )
+        if cube.wavelengths_nm is None:
+            log(f"{cube.name} has no band centres: paired with band-group MSIs instead of {sensor.name}")
+            continue
+        try:
+            spectral_response_matrix(sensor, cube.wavelengths_nm)
+        except ValueError as error:
+            raise ValueError(f"{sensor.name} cannot be simulated from {cube.name}: {error}") from error
     torch.set_flush_denormal(True)
     rng = np.random.default_rng(seed)
     statistics = WholeSceneStatistics(SUBSPACE_DIM)
@@ -195,6 +203,7 @@ def _db(value: float) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line (see the module docstring and ``--help``); prints the probe's log."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--train", nargs="+", default=["Potsdam block A", "Potsdam block B"],
                         help="words of the training cubes' names (any of the shared training cubes)")

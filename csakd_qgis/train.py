@@ -120,6 +120,18 @@ def crop_interior(*images: torch.Tensor, lr_size: int, margin: int = LOSS_MARGIN
     return tuple(image[..., cut:-cut, cut:-cut] for image in images)
 
 
+def reference_loss(model: SubspaceFusionModel, batch) -> torch.Tensor:
+    """The reference term (teacher_loss) of ``model`` on one prepared batch
+    (:func:`prepare_batch`), spectra divided by each scene's scale, crop borders left out as in
+    training (:func:`crop_interior`). Returns a scalar tensor (with gradients when enabled)."""
+    lr_hsi, hr_msi, stats, reference = batch
+    norm = stats["scale"].view(-1, 1, 1, 1)
+    lr_size = lr_hsi.shape[-1]
+    (target,) = crop_interior(reference / norm, lr_size=lr_size)
+    (image,) = crop_interior(model(lr_hsi, hr_msi, stats).image / norm, lr_size=lr_size)
+    return teacher_loss(image, target)
+
+
 class Distiller(nn.Module):
     """Teacher, student and the 1×1 adapter that maps the student's fused feature onto the
     teacher's width when they differ (the feature term needs matching channels)."""
@@ -184,7 +196,9 @@ class TrainingRun:
     student: FusionModelConfig
     minutes: float
     checkpoint: Path
-    lr: float = 1e-3
+    # 1e-4: with 1e-3, Adam's steps on ever new crops cancel and nothing carries to crops not
+    # trained on; with 1e-4 the student learns within a large scene (learnability.py, README).
+    lr: float = 1e-4
     steps_per_epoch: int = 400
     log_every: int = 25
     seed: int = 2024

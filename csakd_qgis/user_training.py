@@ -341,9 +341,8 @@ def adapt_to_scene(
     import torch
 
     from .api import fit_scene
-    from .losses import teacher_loss
     from .metrics import psnr
-    from .train import crop_interior, prepare_batch
+    from .train import optimiser_step, prepare_batch, reference_loss
 
     # The scene's own Wald pair is the LR-HSI degraded once more by the same PSF (in HSI pixels,
     # so the same relative blur at the next scale), aligned by construction.
@@ -392,14 +391,8 @@ def adapt_to_scene(
         )
         lr_hsi, hr_msi, reference = lr_hsi.to(device), hr_msi.to(device), reference.to(device)
         stats = {name: value.to(device) if hasattr(value, "to") else value for name, value in stats.items()}
-        norm = stats["scale"].view(-1, 1, 1, 1)
         # The student alone, with the reference terms of the joint loss.
-        fused, target = crop_interior(adapted(lr_hsi, hr_msi, stats).image / norm, reference / norm, lr_size=lr_hsi.shape[-1])
-        loss = teacher_loss(fused, target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)
-        optimiser.step()
+        optimiser_step(optimiser, reference_loss(adapted, (lr_hsi, hr_msi, stats, reference)), adapted)
         steps += 1
         if selection is not None and time.time() - last_check >= check_every:
             keep_if_better()
