@@ -99,6 +99,7 @@ def network_costs(repeats: int) -> List[Dict]:
     from .bundle import default_model_path
     from .model import SceneStatistics
     from .network import CSAKDNet, count_macs, count_parameters, paper_student_config, paper_teacher_config
+    from .synthetic import signature_mixture
 
     torch.set_flush_denormal(True)
     rows = []
@@ -113,7 +114,7 @@ def network_costs(repeats: int) -> List[Dict]:
     rng = np.random.default_rng(0)
     # Spectra of 40 random signatures (uniform noise would have no component above its noise,
     # model.signal_subspace_dimension, and the timed subspace would be all zeros).
-    lr_np = np.einsum("bj,jhw->bhw", rng.random((172, 40)), rng.random((40, 64, 64))).astype(np.float32)
+    lr_np = signature_mixture(rng, 172, 40, 64, 64).astype(np.float32)
     hr_np = rng.random((4, 256, 256), dtype=np.float32)
     for role in ("teacher", "student"):
         path = default_model_path().with_name(f"csakd_{role}.json")

@@ -20,6 +20,14 @@ MSI_CENTRES_NM = (490.0, 560.0, 665.0, 842.0)  # Sentinel-2 B2, B3, B4, B8
 MSI_FWHM_NM = (66.0, 36.0, 31.0, 106.0)
 
 
+def signature_mixture(rng: np.random.Generator, bands: int, signatures: int, rows: int, cols: int) -> np.ndarray:
+    """(bands, rows, cols) float64 spectra of ``signatures`` random spectral signatures mixed at
+    random (draws: the signatures first, then the abundances), for timing and tests. Unlike
+    uniform noise, whose components all lie below its own noise (model.signal_subspace_dimension),
+    such a scene keeps ``signatures`` components to sharpen."""
+    return np.einsum("bj,jhw->bhw", rng.random((bands, signatures)), rng.random((signatures, rows, cols)))
+
+
 def _spectra(wavelengths: np.ndarray) -> np.ndarray:
     w = wavelengths / 1000.0
 

@@ -4,16 +4,6 @@ import os
 import subprocess
 
 
-def signature_mixture(rng, bands, signatures, rows, cols):
-    """(bands, rows, cols) spectra of ``signatures`` random spectral signatures mixed at random,
-    in float64 (draws: the signatures first, then the abundances). Test scenes are made of these
-    rather than of uniform noise, whose components are all below its own noise
-    (model.signal_subspace_dimension), so every model would return the bicubic image."""
-    import numpy as np
-
-    return np.einsum("bj,jhw->bhw", rng.random((bands, signatures)), rng.random((signatures, rows, cols)))
-
-
 def randomise_head(model, seed=0):
     """A new SubspaceFusionModel starts as the classical base (zero output convolution);
     tests of the network path give it a random one, as a trained model has."""

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import randomise_head, signature_mixture
+from csakd_qgis.synthetic import signature_mixture
+from tests.helpers import randomise_head
 import torch
 
 from csakd_qgis import bundle as bundle_module

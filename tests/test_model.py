@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from tests.helpers import randomise_head, signature_mixture
+from csakd_qgis.synthetic import signature_mixture
+from tests.helpers import randomise_head
 import torch
 import torch.nn.functional as F
 
