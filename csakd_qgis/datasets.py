@@ -312,21 +312,35 @@ def training_batch(
     MSI noise on a quarter. (Noise on most batches taught the network mainly to denoise, which
     clean inputs do not need.) No misregistration: fusion measures and compensates it
     (registration.py), so a network taught to hedge against it would only blur aligned pairs.
+    Raises ValueError when none of ``sensors`` can be simulated from the drawn cube's bands, or
+    the cube has fewer than 6 LR pixels per side at every one of ``scales``.
     """
     weights = np.array([c.weight * (c.data.shape[1] * c.data.shape[2]) ** 0.5 for c in cubes_])
     cube = cubes_[rng.choice(len(cubes_), p=weights / weights.sum())]
     if cube.wavelengths_nm is None:
         response, sensor = band_group_response(cube.data.shape[0], rng)
     else:
+        uncovered = set()
         while True:
-            sensor = sensors[rng.integers(len(sensors))]
+            index = int(rng.integers(len(sensors)))
+            sensor = sensors[index]
             try:
                 response, _ = spectral_response_matrix(sensor, cube.wavelengths_nm)
                 break
             except ValueError:
-                continue
+                uncovered.add(index)
+                if len(uncovered) == len(sensors):
+                    raise ValueError(
+                        f"none of the sensors ({', '.join(s.name for s in sensors)}) can be simulated from {cube.name}'s "
+                        f"bands ({cube.wavelengths_nm.min():.0f}–{cube.wavelengths_nm.max():.0f} nm)"
+                    ) from None
     _, rows, cols = cube.data.shape
     usable = [s for s in scales if min(rows, cols) // s >= 6]
+    if not usable:
+        raise ValueError(
+            f"{cube.name} ({rows}×{cols} pixels) is too small for scales {list(scales)}: a Wald pair needs at least "
+            f"6 low-resolution pixels on each side ({6 * min(scales)} pixels at scale {min(scales)})"
+        )
     scale = int(rng.choice(usable))
     size = min(crop, rows, cols) // scale * scale
     hsi_snr = float(rng.uniform(30, 45)) if rng.random() < 1 / 3 else None

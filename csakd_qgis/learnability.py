@@ -47,6 +47,7 @@ import torch
 from .datasets import (
     HyperspectralCube,
     WholeSceneStatistics,
+    corpus_cubes,
     training_batch,
     training_cubes,
     validation_cubes,
@@ -113,24 +114,12 @@ def probe(
     ``sensor`` (as in training). ``steps`` or ``memorise_steps`` 0 leaves that run out. One
     generator (``seed``) draws every batch in turn, the held-out ones first and the control's
     last, so the control's batches depend on ``steps``; torch's global seed is set to ``seed``
-    before each run. Raises ValueError when ``sensor`` does not cover a cube's bands or a cube
-    is too small for ``scale``.
+    before each run. Raises ValueError (from datasets.training_batch) when ``sensor`` does not
+    cover a cube's bands or a cube is too small for ``scale``.
     """
-    from .srf import spectral_response_matrix
-
     for cube in list(train_cubes) + list(held_out_cubes):
-        if min(cube.data.shape[1:]) // scale < 6:  # as training_batch: 6 LR pixels at least
-            raise ValueError(
-                f"{cube.name} ({cube.data.shape[1]}×{cube.data.shape[2]} pixels) is too small for scale {scale}: "
-                f"it needs at least {6 * scale} pixels on each side"
-            )
         if cube.wavelengths_nm is None:
             log(f"{cube.name} has no band centres: paired with band-group MSIs instead of {sensor.name}")
-            continue
-        try:
-            spectral_response_matrix(sensor, cube.wavelengths_nm)
-        except ValueError as error:
-            raise ValueError(f"{sensor.name} cannot be simulated from {cube.name}: {error}") from error
     torch.set_flush_denormal(True)
     rng = np.random.default_rng(seed)
     statistics = WholeSceneStatistics(SUBSPACE_DIM)
@@ -227,8 +216,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.within:
-        from .datasets import corpus_cubes
-
         every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)
         train, held_out = (list(part) for part in zip(*(split_rows(c) for c in _cubes_named(every, [args.within]))))
     else:

@@ -212,3 +212,16 @@ def test_the_student_fits_batches_it_sees_again_from_its_zero_correction(shared_
     assert result.held_out_gain_db == []
     assert result.memorised_gain_db > 0.2, result
     assert math.isfinite(result.memorised_held_out_gain_db)
+
+
+def test_training_batches_refuse_cubes_no_sensor_or_scale_fits():
+    """A cube that no sensor covers, or too small for every scale, is refused with a message
+    instead of drawing sensors forever or failing inside numpy."""
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    rng = np.random.default_rng(0)
+    swir = datasets.HyperspectralCube("SWIR only", np.ones((20, 40, 40), np.float32), np.linspace(2000, 2400, 20))
+    with pytest.raises(ValueError, match="none of the sensors .* SWIR only's bands .2000–2400 nm"):
+        datasets.training_batch([swir], [sensor], rng, 2, 32)
+    tiny = datasets.HyperspectralCube("tiny", np.ones((20, 10, 10), np.float32), np.linspace(400, 1000, 20))
+    with pytest.raises(ValueError, match=r"tiny \(10×10 pixels\) is too small for scales \[4, 8\]"):
+        datasets.training_batch([tiny], [sensor], rng, 2, 32, scales=(4, 8))
