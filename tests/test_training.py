@@ -214,6 +214,18 @@ def test_the_student_fits_batches_it_sees_again_from_its_zero_correction(shared_
     assert math.isfinite(result.memorised_held_out_gain_db)
 
 
+def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
+    """--train and --held-out take any shared cube (training, validation or corpus); one named by
+    both would measure memorisation as generalisation, so the probe refuses it before training."""
+    from csakd_qgis import learnability
+
+    with pytest.raises(SystemExit, match="both trained on and held out: cave_feathers_512x512; use --within"):
+        learnability.main(["--train", "cave_feathers", "Potsdam block A", "--held-out", "feathers",
+                           "--steps", "0", "--memorise-steps", "0", "--data", str(shared_data_dir)])
+    with pytest.raises(SystemExit, match="no cube matches \\['no such scene'\\]"):
+        learnability.main(["--train", "no such scene", "--data", str(shared_data_dir)])
+
+
 def test_training_batches_refuse_cubes_no_sensor_or_scale_fits():
     """A cube that no sensor covers, or too small for every scale, is refused with a message
     instead of drawing sensors forever or failing inside numpy."""
