@@ -37,7 +37,7 @@ def _check_card(card, role, steps):
     training = card["training"]
     assert training["steps"] == steps
     assert training["batch_size"] == 2 and training["crop"] == 32
-    assert training["learning_rate"] == pytest.approx(3e-4) and "cosine" in training["schedule"]
+    assert training["learning_rate"] == pytest.approx(5e-5) and "cosine" in training["schedule"]
     assert training["best_epoch"] >= 0 and training["minutes"] >= 0
     # The budget and what training bought over the untrained base (epoch 0) are on record.
     assert training["budget_minutes"] > 0
