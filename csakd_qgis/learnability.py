@@ -23,7 +23,7 @@ change between training and test.
 The step size decides whether anything is learnt, and what carries needs a smaller step than
 what fits: at a learning rate of 1e-3 the held-out gain stays 0.000 dB on every pair tried
 (Adam's steps on ever new crops cancel, and the correction stays near zero); at 1e-4 it learns
-within a large scene but swings between 0 and +0.08 dB from ten Earth-observation cubes to
+within a large scene but swings between −0.02 and +0.08 dB from ten Earth-observation cubes to
 AVIRIS Jasper Ridge; at 3e-5, the default, that pair rises steadily to +0.16 dB after 9000
 steps (README, 'Where it stands'). ``--ema`` also measures the weights' moving average, which
 smooths the swings.
@@ -74,13 +74,13 @@ class ProbeResult:
 
     ``held_out_gain_db``: (step, gain on the held-out batches) of the generalisation run, one
     per ``evaluate_every`` steps; ``memorised_gain_db`` and ``memorised_held_out_gain_db``: the
-    control run's gain on its own fixed batches and on the held-out ones after its last step.
+    control run's gain on its own fixed batches and on the held-out ones after its last step;
+    ``held_out_gain_ema_db``: (step, gain) of the generalisation run's exponential moving average
+    of the weights at the same steps, empty unless ``ema_decay`` was given.
     """
 
     steps: int
     held_out_gain_db: List[Tuple[int, float]] = field(default_factory=list)
-    # The same run's weights averaged with an exponential moving average (ema_decay); empty when
-    # not asked for.
     held_out_gain_ema_db: List[Tuple[int, float]] = field(default_factory=list)
     memorised_gain_db: float = float("nan")
     memorised_held_out_gain_db: float = float("nan")
@@ -125,9 +125,14 @@ def probe(
     ``sensor`` (as in training). ``steps`` or ``memorise_steps`` 0 leaves that run out. One
     generator (``seed``) draws every batch in turn, the held-out ones first and the control's
     last, so the control's batches depend on ``steps``; torch's global seed is set to ``seed``
-    before each run. Raises ValueError (from datasets.training_batch) when ``sensor`` does not
-    cover a cube's bands or a cube is too small for ``scale``.
+    before each run. ``ema_decay`` in (0, 1) also measures the generalisation run's weights
+    averaged with that decay (torch.optim.swa_utils.AveragedModel, starting from the first step's
+    weights), which smooths the swings of single steps. Raises ValueError when ``ema_decay`` is
+    outside [0, 1), and (from datasets.training_batch) when ``sensor`` does not cover a cube's
+    bands or a cube is too small for ``scale``.
     """
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
     for cube in list(train_cubes) + list(held_out_cubes):
         if cube.wavelengths_nm is None:
             log(f"{cube.name} has no band centres: paired with band-group MSIs instead of {sensor.name}")
@@ -236,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.ema < 1.0:
+        parser.error(f"--ema must be at least 0 and below 1 (0.999 averages about the last 1000 steps), got {args.ema}")
     if args.threads:
         torch.set_num_threads(args.threads)
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)

@@ -222,6 +222,10 @@ def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
     with pytest.raises(SystemExit, match="both trained on and held out: cave_feathers_512x512; use --within"):
         learnability.main(["--train", "cave_feathers", "Potsdam block A", "--held-out", "feathers",
                            "--steps", "0", "--memorise-steps", "0", "--data", str(shared_data_dir)])
+    with pytest.raises(SystemExit):  # argparse's error: the moving average's decay must be below 1
+        learnability.main(["--ema", "1", "--steps", "0", "--memorise-steps", "0", "--data", str(shared_data_dir)])
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        learnability.probe([], [], datasets.validation_sensors()["RGB"], ema_decay=-0.5, log=lambda message: None)
     with pytest.raises(SystemExit, match="no cube matches \\['no such scene'\\]"):
         learnability.main(["--train", "no such scene", "--data", str(shared_data_dir)])
 
