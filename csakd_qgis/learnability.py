@@ -25,7 +25,8 @@ what fits: at a learning rate of 1e-3 the held-out gain stays 0.000 dB on every 
 (Adam's steps on ever new crops cancel, and the correction stays near zero); at 1e-4 it learns
 within a large scene but swings between −0.02 and +0.08 dB from ten Earth-observation cubes to
 AVIRIS Jasper Ridge; at 3e-5, the default, that pair rises steadily to +0.16 dB after 9000
-steps (README, 'Where it stands'). ``--ema`` also measures the weights' moving average, which
+steps, though from the same cubes to HyMap02 Berlin it falls to −0.05 dB at 3000 (README,
+'Where it stands'). ``--ema`` also measures the weights' moving average, which
 smooths the swings.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or

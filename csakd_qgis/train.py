@@ -474,7 +474,7 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         minutes=round(state["elapsed"] / 60, 1),
         budget_minutes=run.minutes,
         # The step size decides whether anything is learnt (1e-3: nothing carries to unseen
-        # crops; 1e-4: it does within a large scene; 3e-5: between Earth-observation scenes; see
+        # crops; 1e-4: it does within a large scene; 3e-5: between some Earth-observation scenes; see
         # learnability.py), so it is on record.
         learning_rate=run.lr,
         schedule="AdamW, cosine decay to 5 % of the learning rate over the budget (co_train)",
