@@ -242,8 +242,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.ema < 1.0:
-        parser.error(f"--ema must be at least 0 and below 1 (0.999 averages about the last 1000 steps), got {args.ema}")
     if args.threads:
         torch.set_num_threads(args.threads)
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)
@@ -257,8 +255,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"cubes both trained on and held out: {', '.join(sorted(shared))}; use --within to split one cube")
     print(f"training crops from {', '.join(c.name for c in train)}; held out: {', '.join(c.name for c in held_out)}; "
           f"{args.sensor}, scale {args.scale}", flush=True)
-    probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
-          batch_size=args.batch_size, crop=args.crop, lr=args.lr, ema_decay=args.ema, log=lambda message: print(message, flush=True))
+    try:
+        probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
+              batch_size=args.batch_size, crop=args.crop, lr=args.lr, ema_decay=args.ema,
+              log=lambda message: print(message, flush=True))
+    except ValueError as error:
+        # The probe's own checks of its inputs (the moving average's decay, a sensor that does not
+        # cover a cube, a cube too small for the scale) raise before any training step.
+        parser.error(str(error))
     return 0
 
 
