@@ -541,7 +541,9 @@ def main(argv=None) -> int:
     # steadily (the control +0.012 dB, the distilled student +0.006 dB), where 3e-4 moved
     # nothing and 1e-4 swung (README, 'Where it stands'; the probe, learnability.py, finds 3e-5
     # best between Earth-observation scenes, 1e-5 slower).
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=5e-5,
+                        help="peak AdamW learning rate of the cosine decay; with a larger --batch-size, "
+                        "a proportionally larger one (the probe learns as fast per crop: learnability.py)")
     parser.add_argument("--subspace-dim", type=int, default=SUBSPACE_DIM, help="the student's spectral subspace")
     parser.add_argument("--teacher-subspace-dim", type=int, default=TEACHER_SUBSPACE_DIM)
     parser.add_argument("--seed", type=int, default=2024)

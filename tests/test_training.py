@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -212,6 +213,25 @@ def test_the_student_fits_batches_it_sees_again_from_its_zero_correction(shared_
     assert result.held_out_gain_db == []
     assert result.memorised_gain_db > 0.2, result
     assert math.isfinite(result.memorised_held_out_gain_db)
+
+
+def test_the_probe_logs_its_held_out_gain_by_steps_and_crops_seen(shared_data_dir):
+    """The generalisation run measures the held-out gain every ``evaluate_every`` steps and logs
+    the crops seen beside the steps: runs of different batch sizes are compared per crop
+    (learnability's docstring)."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    lines = []
+    result = learnability.probe(
+        train_cubes, held_out, datasets.validation_sensors()["Sentinel-2 10 m"], scale=4, steps=2, memorise_steps=0,
+        held_out_batches=1, batch_size=3, crop=48, evaluate_every=1, log=lines.append,
+    )
+    assert [step for step, _ in result.held_out_gain_db] == [1, 2]
+    assert all(math.isfinite(gain) for _, gain in result.held_out_gain_db)
+    logged = [re.match(r"step +(\d+) \((\d+) crops\) .* held-out gain [+-]\d\.\d{3} dB$", line) for line in lines]
+    assert [m and m.groups() for m in logged] == [("1", "3"), ("2", "6")], lines
 
 
 def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
