@@ -32,10 +32,11 @@ smooths the swings.
 What counts is the crops seen, not the steps: with four times the batch (24 crops) about three
 times the step (1e-4) learns about as fast per crop (+0.15 dB on Jasper Ridge at 36,000 crops,
 +0.09 at 38,400, where 6 crops at 3e-5 read +0.12 at 24,000 and +0.13 at 39,000), so a run on
-faster hardware grows the batch and the step together. Less gradient noise does not change what carries: at 24 crops and
-1e-4 HyMap02 Berlin still falls (−0.06 dB at 1500 steps). More scenes do: with the thirteen
-cubes without band centres added to the ten (``--train ... abu hydice``), Berlin reads −0.006 dB
-at 3000 steps instead of −0.049, and Jasper Ridge +0.083 instead of +0.099.
+faster hardware grows the batch and the step together. Less gradient noise does not change what
+carries: at 24 crops and 1e-4 HyMap02 Berlin still falls (−0.06 dB at 1500 steps). More scenes
+do: with the thirteen cubes without band centres added to the ten (``--train ... abu hydice``),
+Berlin reads −0.006 dB at 3000 steps instead of −0.049, and Jasper Ridge +0.083 instead of
++0.099.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
