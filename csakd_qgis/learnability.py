@@ -36,7 +36,7 @@ faster hardware grows the batch and the step together. Less gradient noise does 
 carries: at 24 crops and 1e-4 HyMap02 Berlin still falls (−0.06 dB at 1500 steps). More scenes
 do: with the thirteen cubes without band centres added to the ten (``--train ... abu hydice``),
 Berlin reads −0.006 dB at 3000 steps instead of −0.049, and Jasper Ridge +0.083 instead of
-+0.099.
++0.099; twice the crops (24 per step at 1e-4) do not raise either.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
