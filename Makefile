@@ -35,7 +35,7 @@ TESTS ?= tests
 # Headless Qt everywhere: CI and build machines have no display.
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup system-packages test test-qgis demo train bench package install clean distclean
+.PHONY: setup system-packages test test-qgis demo train pack bench package install clean distclean
 
 setup: $(STAMP)
 
@@ -72,6 +72,10 @@ demo: setup
 
 train: setup
 	$(PYTHON) -m csakd_qgis.train $(TRAIN_ARGS)
+
+# The training set in one file (30.8 MiB) for a run on another machine: TRAIN_ARGS="--pack …".
+pack: setup
+	$(PYTHON) -m csakd_qgis.training_set build/train/training_set.npz
 
 bench: setup
 	$(PYTHON) -m csakd_qgis.bench

@@ -276,11 +276,19 @@ def training_psf(scale: int, rng: np.random.Generator):
     return SpatialDegradation(scale, "box-gaussian", (sigma() / 2, sigma() / 2))
 
 
-def validation_cases(data_dir=None, scales: Sequence[int] = VALIDATION_SCALES) -> List[WaldCase]:
+def validation_cases(
+    data_dir=None,
+    scales: Sequence[int] = VALIDATION_SCALES,
+    cubes_: Optional[Sequence[HyperspectralCube]] = None,
+    sensors: Optional[Dict[str, SensorResponse]] = None,
+) -> List[WaldCase]:
+    """The Wald cases of the validation suite: every cube × scale × sensor, Wald's Gaussian PSF.
+    ``cubes_`` and ``sensors`` (label → SRF) default to :func:`validation_cubes` (read from
+    ``data_dir``) and :func:`validation_sensors`; a training-set pack supplies its own."""
     cases = []
-    for cube in validation_cubes(data_dir):
+    for cube in cubes_ if cubes_ is not None else validation_cubes(data_dir):
         for scale in scales:
-            for label, sensor in validation_sensors().items():
+            for label, sensor in (sensors if sensors is not None else validation_sensors()).items():
                 case = make_wald_case(cube, sensor, scale)
                 case.sensor = label
                 cases.append(case)

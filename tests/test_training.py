@@ -12,10 +12,11 @@ from csakd_qgis.network import count_parameters
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def few_validation_cases(data_dir=None, scales=None):
+def few_validation_cases(data_dir=None, scales=None, cubes_=None, sensors=None):
     """One Wald case per validation cube (scale 8, Sentinel-2 10 m): the full 27 cases cost
     ~30 s per run on a busy 2-core machine, and every case goes through the same code."""
-    return [c for c in datasets.validation_cases(data_dir, scales=(8,)) if c.sensor == "Sentinel-2 10 m"]
+    cases = datasets.validation_cases(data_dir, scales=(8,), cubes_=cubes_, sensors=sensors)
+    return [c for c in cases if c.sensor == "Sentinel-2 10 m"]
 
 
 def _checkpoint_state(path):
