@@ -157,7 +157,7 @@ def test_step_batches_are_the_same_from_workers_and_after_a_resume(small_set):
 def test_make_train_runs_from_a_pack_with_worker_processes(pack, tmp_path, monkeypatch, capsys):
     path, _ = pack
     monkeypatch.setattr(train, "validation_cases", few_validation_cases)
-    args = ["--pack", str(path), "--workers", "2", "--minutes", "0.03", "--fresh", "--steps-per-epoch", "2",
+    args = ["--pack", str(path), "--workers", "2", "--minutes", "0.15", "--fresh", "--steps-per-epoch", "2",
             "--batch-size", "2", "--crop", "32", "--output", str(tmp_path), "--checkpoint", str(tmp_path / "ck.pt"),
             "--threads", "1", "--log-every", "1", "--no-control"]
     assert train.main(args) == 0
