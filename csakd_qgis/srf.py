@@ -218,3 +218,35 @@ def spectral_response_matrix(
             f"inside the cube's wavelength range {lo:.0f}-{hi:.0f} nm"
         )
     return np.vstack(rows), kept
+
+
+def linear_resampling_matrix(source_nm: np.ndarray, target_nm: np.ndarray, reach_nm: float = 25.0) -> np.ndarray:
+    """(T, S) matrix that resamples a spectrum sampled at ``source_nm`` (S,) onto ``target_nm``
+    (T,) by linear interpolation in wavelength: row t weighs the two source samples nearest
+    around target_nm[t]. The source need not be sorted: imaging spectrometers with two
+    detectors (EnMAP's VNIR and SWIR overlap between about 900 and 1000 nm) list their bands by
+    detector. Targets more than ``reach_nm`` beyond the source's range get a zero row (the
+    spectrum is not known there); targets within it but beyond the end take the end sample.
+    Raises ValueError for an empty or non-finite ``source_nm``.
+    """
+    source = np.asarray(source_nm, dtype=np.float64)
+    target = np.asarray(target_nm, dtype=np.float64)
+    if source.ndim != 1 or source.size == 0 or not np.isfinite(source).all():
+        raise ValueError("source wavelengths must be a non-empty sequence of finite numbers")
+    order = np.argsort(source, kind="stable")
+    ordered = source[order]
+    matrix = np.zeros((target.size, source.size))
+    covered = (target >= ordered[0] - reach_nm) & (target <= ordered[-1] + reach_nm)
+    for t in np.flatnonzero(covered):
+        x = target[t]
+        if x <= ordered[0]:
+            matrix[t, order[0]] = 1.0
+        elif x >= ordered[-1]:
+            matrix[t, order[-1]] = 1.0
+        else:
+            j = int(np.searchsorted(ordered, x, side="right"))
+            gap = ordered[j] - ordered[j - 1]
+            w = (x - ordered[j - 1]) / gap if gap > 0 else 0.5
+            matrix[t, order[j - 1]] += 1.0 - w
+            matrix[t, order[j]] += w
+    return matrix

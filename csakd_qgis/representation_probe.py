@@ -1,0 +1,249 @@
+"""Does a learnt correction carry between scenes? It depends on what its channels mean.
+
+The student corrects the base in the scene's own spectral subspace (model.py): channel k is the
+scene's k-th principal component, which means something else in every scene (a vegetation
+contrast in one, a roof material in another). What a network learns on such channels from some
+scenes is about other spectra than those of a new scene. On a fixed wavelength grid a channel
+means the same in every scene (reflectance near 1650 nm, say), so a relation such as how a
+SWIR edge follows a visible and near-infrared one can be learnt once and applied anywhere.
+
+This probe measures exactly that, all else equal: one plain convolutional network
+(:class:`CorrectionNet`) learns a correction of the base's fused spectrum from training cubes
+and is measured on held-out cubes, either
+
+* ``grid``: the base's spectrum resampled by linear interpolation onto
+  :data:`WAVELENGTH_GRID_NM` (400–2500 nm every 50 nm; points beyond a sensor's range are
+  masked), the correction resampled back onto the sensor's bands; or
+* ``subspace``: the base's spectrum in the scene's first :data:`train.SUBSPACE_DIM` principal
+  components, the correction mapped back through the same basis, as the student does.
+
+The gain per held-out cube is the change of the reference loss (losses.teacher_loss) in dB, as
+in learnability.py. Measured with the defaults (ten Earth-observation cubes with band centres →
+EnMAP Potsdam block C, HyMap02 Berlin and AVIRIS Jasper Ridge, Sentinel-2 10 m, ×4, width 64,
+1e-4, 6 crops of 48², the same crops for both; one core each, about 0.37 s per step), gains in
+dB on block C / Berlin / Jasper Ridge (their mean):
+
+=====  =====================================  =====================================
+step   grid                                   subspace
+=====  =====================================  =====================================
+500    −0.010 / −0.013 / −0.081 (−0.035)      −0.055 / −0.098 / −0.021 (−0.058)
+1000   +0.063 / −0.012 / +0.221 (+0.091)      −0.131 / −0.195 / −0.011 (−0.112)
+1500   +0.107 / −0.005 / +0.220 (+0.107)      −0.176 / −0.240 / −0.135 (−0.184)
+=====  =====================================  =====================================
+
+In the scene's subspace the network loses on all three scenes and ever more; on the grid it
+gains on two and holds HyMap02 Berlin level (between 1000 and 1500 steps the mean swung
+between +0.03 and +0.11 dB). An earlier prototype of the grid, other crops, read +0.15 dB on
+average after 3000 steps (Jasper Ridge +0.41).
+
+    python -m csakd_qgis.representation_probe --representation grid
+    python -m csakd_qgis.representation_probe --representation subspace
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .datasets import (
+    HyperspectralCube,
+    WholeSceneStatistics,
+    corpus_cubes,
+    training_batch,
+    training_cubes,
+    validation_cubes,
+    validation_sensors,
+)
+from .learnability import DB_PER_LOG_MSE, _cubes_named, _db
+from .losses import teacher_loss
+from .model import SubspaceFusionModel
+from .srf import SensorResponse, linear_resampling_matrix
+from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
+
+# 50 nm steps over the range Earth-observation imaging spectrometers cover: finer than the
+# SWIR's broad features and than any MSI band, coarse enough that the 43 channels cost the
+# network little.
+WAVELENGTH_GRID_NM = np.arange(400.0, 2501.0, 50.0)
+REPRESENTATIONS = ("grid", "subspace")
+# The Earth-observation cubes of the default run: the training cubes and the corpus's AVIRIS
+# and ROSIS cubes with band centres (not the laboratory scenes, not those without centres).
+DEFAULT_TRAIN = ["Potsdam block A", "Potsdam block B", "simulated Berlin", "Moffett", "Samson", "cuprite", "salton",
+                 "sandiego", "rosis"]
+DEFAULT_HELD_OUT = ["Jasper", "HyMap02", "Potsdam block C"]
+
+
+def representation_maps(representation: str, wavelengths_nm, basis: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(to (C, B), back (B, C), mask (C,)) float32: ``to`` takes a spectrum of B bands to the
+    representation's C channels, ``back`` a correction in those channels to the bands, ``mask``
+    is 1 on channels the sensor's range covers.
+
+    ``grid``: linear interpolation onto :data:`WAVELENGTH_GRID_NM` and back from its covered
+    points (srf.linear_resampling_matrix); needs ``wavelengths_nm`` (B,). ``subspace``: the
+    scene's basis (B, K) (model.SceneStatistics.basis), ``to`` its transpose.
+    Raises ValueError for another representation or a grid without band centres.
+    """
+    if representation == "subspace":
+        basis = np.asarray(basis, dtype=np.float32)
+        return torch.from_numpy(basis.T.copy()), torch.from_numpy(basis.copy()), torch.ones(basis.shape[1])
+    if representation != "grid":
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    if wavelengths_nm is None:
+        raise ValueError("the wavelength grid needs the cube's band centres")
+    wavelengths = np.asarray(wavelengths_nm, dtype=np.float64)
+    to = linear_resampling_matrix(wavelengths, WAVELENGTH_GRID_NM)
+    covered = to.sum(1) > 0
+    back = np.zeros((wavelengths.size, WAVELENGTH_GRID_NM.size))
+    back[:, covered] = linear_resampling_matrix(WAVELENGTH_GRID_NM[covered], wavelengths, reach_nm=np.inf)
+    return (torch.from_numpy(to.astype(np.float32)), torch.from_numpy(back.astype(np.float32)),
+            torch.from_numpy(covered.astype(np.float32)))
+
+
+class CorrectionNet(nn.Module):
+    """A plain residual CNN: from the base's spectrum in C channels (N, C, H, W), the channels'
+    mask (C,) and the MSI (N, M, H, W), all divided by the scene's scale, a correction
+    (N, C, H, W) in the same channels, zero on masked channels. ``depth`` residual 3×3
+    convolutions of ``width`` features; the last convolution starts at zero, so the untrained
+    net corrects nothing (as the student, model.py)."""
+
+    def __init__(self, channels: int, msi_channels: int, width: int = 64, depth: int = 6):
+        super().__init__()
+        self.head = nn.Conv2d(2 * channels + msi_channels, width, 3, padding=1)
+        self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
+        self.tail = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def forward(self, spectrum: torch.Tensor, mask: torch.Tensor, msi: torch.Tensor) -> torch.Tensor:
+        n, _, rows, cols = spectrum.shape
+        x = torch.cat([spectrum, mask.view(1, -1, 1, 1).expand(n, -1, rows, cols), msi], 1)
+        x = torch.relu(self.head(x))
+        for conv in self.body:
+            x = x + torch.relu(conv(x))
+        return self.tail(x) * mask.view(1, -1, 1, 1)
+
+
+def representation_probe(
+    train_cubes: Sequence[HyperspectralCube],
+    held_out_cubes: Sequence[HyperspectralCube],
+    sensor: SensorResponse,
+    representation: str = "grid",
+    scale: int = 4,
+    steps: int = 3000,
+    batch_size: int = 6,
+    crop: int = 48,
+    lr: float = 1e-4,
+    width: int = 64,
+    held_out_batches: int = 8,
+    evaluate_every: int = 250,
+    seed: int = 1,
+    log: Callable[[str], None] = print,
+) -> Dict[str, List[Tuple[int, float]]]:
+    """Train a :class:`CorrectionNet` in ``representation`` on the base's output for crops of
+    ``train_cubes`` and measure it on ``held_out_batches`` fixed batches of each held-out cube.
+
+    Crops, PSFs and whole-scene statistics are drawn as in the learnability probe (one
+    generator, ``seed``, held-out batches first, so both representations see the same crops);
+    the base is the untrained student (model.py), exactly the classical base. Returns, per
+    held-out cube name, [(step, gain in dB)] every ``evaluate_every`` steps and at the last.
+    Raises ValueError for an unknown representation or, with ``grid``, a cube without band
+    centres (before any step).
+    """
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    if representation == "grid":
+        missing = list(dict.fromkeys(c.name for c in list(train_cubes) + list(held_out_cubes) if c.wavelengths_nm is None))
+        if missing:
+            raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
+    torch.set_flush_denormal(True)
+    rng = np.random.default_rng(seed)
+    statistics = WholeSceneStatistics(SUBSPACE_DIM)
+    base_model = SubspaceFusionModel(student_config()).eval()
+    by_name = {c.name: c for c in list(train_cubes) + list(held_out_cubes)}
+
+    def batch_of(cubes):
+        cases = training_batch(list(cubes), [sensor], rng, batch_size, crop, scales=(scale,), statistics=statistics)
+        lr_hsi, hr_msi, stats, reference = prepare_batch(cases, SUBSPACE_DIM)
+        with torch.no_grad():
+            base = base_model(lr_hsi, hr_msi, stats).image
+        norm = stats["scale"].view(-1, 1, 1, 1)
+        to, back, mask = representation_maps(representation, by_name[cases[0].cube].wavelengths_nm,
+                                             stats["basis"][0, :, :SUBSPACE_DIM].numpy())
+        return {"base": base / norm, "reference": reference / norm, "msi": hr_msi / norm, "to": to, "back": back,
+                "mask": mask, "lr_size": lr_hsi.shape[-1]}
+
+    def corrected(net, batch):
+        spectrum = torch.einsum("cb,nbhw->nchw", batch["to"], batch["base"])
+        return batch["base"] + torch.einsum("bc,nchw->nbhw", batch["back"], net(spectrum, batch["mask"], batch["msi"]))
+
+    def loss(image, batch):
+        (image,) = crop_interior(image, lr_size=batch["lr_size"])
+        (target,) = crop_interior(batch["reference"], lr_size=batch["lr_size"])
+        return teacher_loss(image, target)
+
+    held_out = {c.name: [batch_of([c]) for _ in range(held_out_batches)] for c in held_out_cubes}
+    with torch.no_grad():
+        base_loss = {name: float(np.mean([loss(b["base"], b).item() for b in batches])) for name, batches in held_out.items()}
+    channels = WAVELENGTH_GRID_NM.size if representation == "grid" else SUBSPACE_DIM
+    torch.manual_seed(seed)
+    net = CorrectionNet(channels, sensor.responses.shape[1], width)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    gains: Dict[str, List[Tuple[int, float]]] = {name: [] for name in held_out}
+    started = time.time()
+    for step in range(1, steps + 1):
+        batch = batch_of(train_cubes)
+        optimiser_step(optimiser, loss(corrected(net, batch), batch), net)
+        if step % evaluate_every == 0 or step == steps:
+            with torch.no_grad():
+                for name, batches in held_out.items():
+                    value = float(np.mean([loss(corrected(net, b), b).item() for b in batches]))
+                    gains[name].append((step, -(value - base_loss[name]) * DB_PER_LOG_MSE))
+            mean = float(np.mean([g[-1][1] for g in gains.values()]))
+            log(f"step {step:5d}  {time.time() - started:6.0f} s  {representation}: "
+                + "  ".join(f"{name} {_db(g[-1][1])}" for name, g in gains.items()) + f"  mean {_db(mean)} dB")
+    return gains
+
+
+def main(argv=None) -> int:
+    """The command line (see the module docstring and ``--help``); prints the probe's log."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--representation", choices=REPRESENTATIONS, default="grid")
+    parser.add_argument("--train", nargs="+", default=DEFAULT_TRAIN, help="words of the training cubes' names")
+    parser.add_argument("--held-out", nargs="+", default=DEFAULT_HELD_OUT, help="words of the held-out cubes' names")
+    parser.add_argument("--sensor", default="Sentinel-2 10 m", choices=sorted(validation_sensors()))
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--crop", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--evaluate-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data, unknown_wavelengths=False)
+    every = [c for c in every if c.weight == 1.0]  # no laboratory scenes
+    train_cubes, held_out = _cubes_named(every, args.train), _cubes_named(every, args.held_out)
+    shared = {c.name for c in train_cubes} & {c.name for c in held_out}
+    if shared:
+        parser.error(f"cubes both trained on and held out: {', '.join(sorted(shared))}")
+    print(f"training crops from {', '.join(c.name for c in train_cubes)}; held out: "
+          f"{', '.join(c.name for c in held_out)}; {args.sensor}, scale {args.scale}", flush=True)
+    try:
+        representation_probe(train_cubes, held_out, validation_sensors()[args.sensor], args.representation, args.scale,
+                             args.steps, args.batch_size, args.crop, args.lr, args.width,
+                             evaluate_every=args.evaluate_every, seed=args.seed, log=lambda line: print(line, flush=True))
+    except ValueError as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
