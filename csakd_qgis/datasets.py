@@ -395,7 +395,8 @@ class WholeSceneStatistics:
                 # Random PSFs rarely repeat: keep memory bounded rather than every fit.
                 self.cache.pop(next(iter(self.cache)))
             whole = make_wald_case(cube, sensor, psf.scale, psf=psf, response=response)
-            self.cache[key] = case_statistics(whole, self.subspace_dim)
+            # The band centres, where known, give the grid representation its maps (model.py).
+            self.cache[key] = case_statistics(whole, self.subspace_dim).set_wavelengths(cube.wavelengths_nm)
         return self.cache[key]
 
 

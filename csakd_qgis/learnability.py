@@ -70,7 +70,7 @@ from .datasets import (
     validation_cubes,
     validation_sensors,
 )
-from .model import SubspaceFusionModel
+from .model import REPRESENTATIONS, SubspaceFusionModel
 from .srf import SensorResponse
 from .train import SUBSPACE_DIM, optimiser_step, prepare_batch, reference_loss, student_config
 
@@ -124,6 +124,7 @@ def probe(
     evaluate_every: int = 100,
     seed: int = 1,
     ema_decay: float = 0.0,
+    representation: str = "subspace",
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -137,12 +138,19 @@ def probe(
     last, so the control's batches depend on ``steps``; torch's global seed is set to ``seed``
     before each run. ``ema_decay`` in (0, 1) also measures the generalisation run's weights
     averaged with that decay (torch.optim.swa_utils.AveragedModel, starting from the first step's
-    weights), which smooths the swings of single steps. Raises ValueError when ``ema_decay`` is
-    outside [0, 1), and (from datasets.training_batch) when ``sensor`` does not cover a cube's
-    bands or a cube is too small for ``scale``.
+    weights), which smooths the swings of single steps. ``representation`` is the student's
+    (model.REPRESENTATIONS; "grid" needs every cube's band centres). Raises ValueError when
+    ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
+    and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
+    too small for ``scale``.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
+    config = student_config(representation=representation)
+    if representation == "grid":
+        missing = list(dict.fromkeys(c.name for c in list(train_cubes) + list(held_out_cubes) if c.wavelengths_nm is None))
+        if missing:
+            raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
     for cube in list(train_cubes) + list(held_out_cubes):
         if cube.wavelengths_nm is None:
             log(f"{cube.name} has no band centres: paired with band-group MSIs instead of {sensor.name}")
@@ -159,7 +167,7 @@ def probe(
 
     def fresh_student() -> Tuple[SubspaceFusionModel, torch.optim.Optimizer]:
         torch.manual_seed(seed)
-        model = SubspaceFusionModel(student_config())
+        model = SubspaceFusionModel(config)
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
     model, optimiser = fresh_student()
@@ -250,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                         help="also measure the weights' exponential moving average with this decay (0: not)")
+    parser.add_argument("--representation", choices=REPRESENTATIONS, default="subspace",
+                        help="the student's channels: the scene's principal components or a fixed wavelength grid")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -268,7 +278,7 @@ def main(argv=None) -> int:
           f"{args.sensor}, scale {args.scale}", flush=True)
     try:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
-              batch_size=args.batch_size, crop=args.crop, lr=args.lr, ema_decay=args.ema,
+              batch_size=args.batch_size, crop=args.crop, lr=args.lr, ema_decay=args.ema, representation=args.representation,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

@@ -29,6 +29,12 @@ the scene.
   a noisy scene keeps fewer than K.
 * The full spectrum is bicubic(LR-HSI) + ρ·U·(detail): everything of the LR-HSI outside the
   subspace is kept as bicubic upsampling, so no band's information is thrown away.
+* The network's channels are either those K components (``representation`` "subspace", the
+  shipped student), which mean something else in every scene, or the base's spectrum on a fixed
+  wavelength grid (``"grid"``, :data:`WAVELENGTH_GRID_NM`), whose channels mean the same in every
+  scene, so that what it learns from some scenes can carry to others (measured in
+  representation_probe.py); its correction is resampled onto the bands and projected onto the
+  subspace, where it goes through the same (I − P·D) and consistency step.
 * The scene's spatial degradation (psf.SpatialDegradation: the PSF estimated from the pair or
   given by the user, and a measured misregistration, registration.py) is part of the
   statistics: D and the interpolators then blur as the sensor did and sample the LR pixels
@@ -51,6 +57,7 @@ import torch.nn.functional as F
 from .interpolation import upsample_lr
 from .psf import SpatialDegradation, degrade_torch, wald
 from .network import CSAKDNet, NetworkConfig, NetworkOutput, upsample
+from .srf import linear_resampling_matrix
 
 # Ridge of the detail regression, relative to the MSI detail's mean variance: larger values
 # trade PSNR for SAM. Measured on the 27 validation cases with the consistent base (K = 8): 1e-3 →
@@ -118,6 +125,35 @@ def signal_subspace_dimension(covariance: torch.Tensor, pixels: int, eigenvalues
     return k if above.all() else int(np.argmin(above))
 
 
+# The fixed wavelength grid of the "grid" representation: 50 nm steps over the range that
+# Earth-observation imaging spectrometers cover, finer than the SWIR's broad features and than
+# any MSI band, coarse enough that its 43 channels cost the network little.
+WAVELENGTH_GRID_NM = np.arange(400.0, 2501.0, 50.0)
+REPRESENTATIONS = ("subspace", "grid")
+
+
+def wavelength_grid_maps(wavelengths_nm: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(to (G, B), back (B, G)) float64 for a sensor whose B band centres are ``wavelengths_nm``:
+    ``to`` resamples a spectrum onto :data:`WAVELENGTH_GRID_NM` by linear interpolation (zero rows
+    where the grid lies more than 25 nm beyond the bands), ``back`` a grid spectrum onto the bands
+    from the covered grid points alone (srf.linear_resampling_matrix). Raises ValueError for
+    non-finite centres."""
+    wavelengths = np.asarray(wavelengths_nm, dtype=np.float64)
+    to = linear_resampling_matrix(wavelengths, WAVELENGTH_GRID_NM)
+    covered = to.sum(1) > 0
+    back = np.zeros((wavelengths.size, WAVELENGTH_GRID_NM.size))
+    back[:, covered] = linear_resampling_matrix(WAVELENGTH_GRID_NM[covered], wavelengths, reach_nm=np.inf)
+    return to, back
+
+
+def representation_channels(representation: str, subspace_dim: int) -> int:
+    """The network's channels in ``representation``: the subspace's K, or the grid's 43 points.
+    Raises ValueError for another representation."""
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    return subspace_dim if representation == "subspace" else WAVELENGTH_GRID_NM.size
+
+
 @dataclass
 class SceneStatistics:
     band_mean: np.ndarray  # (B,)
@@ -143,6 +179,22 @@ class SceneStatistics:
     # Leading components above the LR-HSI's noise (signal_subspace_dimension); the basis's
     # columns beyond them are zero. None: not estimated (all K kept).
     signal_components: Optional[int] = None
+    # The "grid" representation's maps between the bands and WAVELENGTH_GRID_NM
+    # (wavelength_grid_maps, set by set_wavelengths); None: band centres unknown, and a grid
+    # model then adds nothing to the base.
+    grid_from_bands: Optional[np.ndarray] = None  # (G, B)
+    bands_from_grid: Optional[np.ndarray] = None  # (B, G)
+
+    def set_wavelengths(self, wavelengths_nm: Optional[np.ndarray]) -> "SceneStatistics":
+        """Record the LR-HSI's band centres (B,) in nm for the "grid" representation (None
+        forgets them); returns self. Raises ValueError when their count is not B."""
+        if wavelengths_nm is None:
+            self.grid_from_bands = self.bands_from_grid = None
+            return self
+        if len(wavelengths_nm) != self.band_mean.shape[0]:
+            raise ValueError(f"{len(wavelengths_nm)} band centres for {self.band_mean.shape[0]} bands")
+        self.grid_from_bands, self.bands_from_grid = wavelength_grid_maps(wavelengths_nm)
+        return self
 
     @property
     def offset(self) -> Tuple[float, float]:
@@ -405,6 +457,7 @@ def _high_pass(image: np.ndarray) -> np.ndarray:
 
 SPECTRAL_MODEL_FIELDS = ("msi_coefficient_cov", "coefficient_variance", "detail_covariance", "msi_detail_variance")
 CLASS_FIELDS = ("class_centres", "class_spread", "class_weights")
+GRID_FIELDS = ("grid_from_bands", "bands_from_grid")
 
 
 def stack_statistics(statistics, device="cpu", dtype=torch.float32) -> Dict[str, torch.Tensor]:
@@ -414,7 +467,7 @@ def stack_statistics(statistics, device="cpu", dtype=torch.float32) -> Dict[str,
         for name in ("band_mean", "basis", "msi_mean", "msi_std", "regression")
     }
     stacked["scale"] = torch.tensor([s.scale for s in statistics], dtype=dtype, device=device)
-    for fields in (SPECTRAL_MODEL_FIELDS, CLASS_FIELDS):
+    for fields in (SPECTRAL_MODEL_FIELDS, CLASS_FIELDS, GRID_FIELDS):
         if all(getattr(s, name) is not None for s in statistics for name in fields):
             for name in fields:
                 stacked[name] = torch.as_tensor(np.stack([np.asarray(getattr(s, name)) for s in statistics]), dtype=dtype, device=device)
@@ -438,15 +491,29 @@ def scene_degradation(stats: Dict, scale: int) -> SpatialDegradation:
 
 @dataclass(frozen=True)
 class FusionModelConfig:
+    """The network, the subspace's K, and what the network's channels are (REPRESENTATIONS:
+    the K components, or the G points of WAVELENGTH_GRID_NM)."""
+
     network: NetworkConfig
     subspace_dim: int
+    representation: str = "subspace"
+
+    def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
+
+    @property
+    def channels(self) -> int:
+        """The network's input and output channels (:func:`representation_channels`)."""
+        return representation_channels(self.representation, self.subspace_dim)
 
     def to_dict(self) -> Dict:
-        return {"network": self.network.to_dict(), "subspace_dim": self.subspace_dim}
+        return {"network": self.network.to_dict(), "subspace_dim": self.subspace_dim, "representation": self.representation}
 
     @classmethod
     def from_dict(cls, data: Dict) -> "FusionModelConfig":
-        return cls(NetworkConfig.from_dict(data["network"]), int(data["subspace_dim"]))
+        # Bundles from before the grid representation have no such field: the subspace.
+        return cls(NetworkConfig.from_dict(data["network"]), int(data["subspace_dim"]), data.get("representation", "subspace"))
 
 
 class SubspaceFusionModel(nn.Module):
@@ -454,8 +521,10 @@ class SubspaceFusionModel(nn.Module):
 
     def __init__(self, config: FusionModelConfig):
         super().__init__()
-        if config.network.hsi_channels != config.subspace_dim or config.network.msi_channels != config.subspace_dim:
-            raise ValueError("the network's input channels must both equal the subspace dimension")
+        if config.network.hsi_channels != config.channels or config.network.msi_channels != config.channels:
+            raise ValueError(
+                f"the network's input channels must both equal the {config.representation}'s {config.channels} channels"
+            )
         self.config = config
         self.network = CSAKDNet(config.network)
         # An untrained model is exactly the classical base; training only ever adds to it,
@@ -561,13 +630,36 @@ class SubspaceFusionModel(nn.Module):
             # 5.6 s). Training always runs it, since the zeroed convolution's gradient needs the
             # features.
             return completed(invisible(predicted)), None
+        grid = self.config.representation == "grid"
+        if grid and "grid_from_bands" not in stats:
+            # Without the bands' centres there is no grid to correct on: the base alone.
+            return completed(invisible(predicted)), None
 
+        lr_input, hr_input = coefficients, predicted
+        if grid:
+            # The base's spectrum (÷ scale) on the grid: the LR-HSI's, and the fused one with the
+            # MSI-predicted detail, from the same K components through small per-scene matrices.
+            k = coefficients.shape[1]
+            to_grid = torch.einsum("ngb,nbk->ngk", stats["grid_from_bands"], stats["basis"][..., :k])
+            offset = torch.einsum("ngb,nb->ng", stats["grid_from_bands"], stats["band_mean"]) / stats["scale"].view(-1, 1)
+
+            def on_grid(x):
+                return torch.einsum("ngk,nkhw->nghw", to_grid, x) + offset[..., None, None]
+
+            lr_input, hr_input = on_grid(coefficients), on_grid(measured + invisible(predicted))
         pad_rows = _lr_padding(lr_rows, scale, self.pad_multiple)
         pad_cols = _lr_padding(lr_cols, scale, self.pad_multiple)
-        padded_coefficients = F.pad(coefficients, (0, pad_cols, 0, pad_rows), mode="replicate")
-        padded_predicted = F.pad(predicted, (0, pad_cols * scale, 0, pad_rows * scale), mode="replicate")
-        correction, fused = self.network.residual(padded_coefficients, padded_predicted)
-        return completed(invisible(predicted + correction[..., :hr_rows, :hr_cols])), fused
+        padded_lr = F.pad(lr_input, (0, pad_cols, 0, pad_rows), mode="replicate")
+        padded_hr = F.pad(hr_input, (0, pad_cols * scale, 0, pad_rows * scale), mode="replicate")
+        correction, fused = self.network.residual(padded_lr, padded_hr)
+        correction = correction[..., :hr_rows, :hr_cols]
+        if grid:
+            # Back onto the bands, then onto the subspace (coefficients are Uᵀ·(x − mean)/ρ, and
+            # the grid already holds x/ρ).
+            k = coefficients.shape[1]
+            from_grid = torch.einsum("nbk,nbg->nkg", stats["basis"][..., :k], stats["bands_from_grid"])
+            correction = torch.einsum("nkg,nghw->nkhw", from_grid, correction)
+        return completed(invisible(predicted + correction)), fused
 
 
 def normalised_msi(hr_msi: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ This probe measures exactly that, all else equal: one plain convolutional networ
 and is measured on held-out cubes, either
 
 * ``grid``: the base's spectrum resampled by linear interpolation onto
-  :data:`WAVELENGTH_GRID_NM` (400–2500 nm every 50 nm; points beyond a sensor's range are
+  model.WAVELENGTH_GRID_NM (400–2500 nm every 50 nm; points beyond a sensor's range are
   masked), the correction resampled back onto the sensor's bands; or
 * ``subspace``: the base's spectrum in the scene's first :data:`train.SUBSPACE_DIM` principal
   components, the correction mapped back through the same basis, as the student does.
@@ -62,14 +62,10 @@ from .datasets import (
 )
 from .learnability import DB_PER_LOG_MSE, _cubes_named, _db
 from .losses import teacher_loss
-from .model import SubspaceFusionModel
-from .srf import SensorResponse, linear_resampling_matrix
+from .model import WAVELENGTH_GRID_NM, SubspaceFusionModel, wavelength_grid_maps
+from .srf import SensorResponse
 from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
 
-# 50 nm steps over the range Earth-observation imaging spectrometers cover: finer than the
-# SWIR's broad features and than any MSI band, coarse enough that the 43 channels cost the
-# network little.
-WAVELENGTH_GRID_NM = np.arange(400.0, 2501.0, 50.0)
 REPRESENTATIONS = ("grid", "subspace")
 # The Earth-observation cubes of the default run: the training cubes and the corpus's AVIRIS
 # and ROSIS cubes with band centres (not the laboratory scenes, not those without centres).
@@ -83,8 +79,8 @@ def representation_maps(representation: str, wavelengths_nm, basis: np.ndarray) 
     representation's C channels, ``back`` a correction in those channels to the bands, ``mask``
     is 1 on channels the sensor's range covers.
 
-    ``grid``: linear interpolation onto :data:`WAVELENGTH_GRID_NM` and back from its covered
-    points (srf.linear_resampling_matrix); needs ``wavelengths_nm`` (B,). ``subspace``: the
+    ``grid``: linear interpolation onto model.WAVELENGTH_GRID_NM and back from its covered
+    points (model.wavelength_grid_maps); needs ``wavelengths_nm`` (B,). ``subspace``: the
     scene's basis (B, K) (model.SceneStatistics.basis), ``to`` its transpose.
     Raises ValueError for another representation or a grid without band centres.
     """
@@ -95,13 +91,9 @@ def representation_maps(representation: str, wavelengths_nm, basis: np.ndarray) 
         raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
     if wavelengths_nm is None:
         raise ValueError("the wavelength grid needs the cube's band centres")
-    wavelengths = np.asarray(wavelengths_nm, dtype=np.float64)
-    to = linear_resampling_matrix(wavelengths, WAVELENGTH_GRID_NM)
-    covered = to.sum(1) > 0
-    back = np.zeros((wavelengths.size, WAVELENGTH_GRID_NM.size))
-    back[:, covered] = linear_resampling_matrix(WAVELENGTH_GRID_NM[covered], wavelengths, reach_nm=np.inf)
+    to, back = wavelength_grid_maps(wavelengths_nm)
     return (torch.from_numpy(to.astype(np.float32)), torch.from_numpy(back.astype(np.float32)),
-            torch.from_numpy(covered.astype(np.float32)))
+            torch.from_numpy((to.sum(1) > 0).astype(np.float32)))
 
 
 class CorrectionNet(nn.Module):

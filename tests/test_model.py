@@ -473,3 +473,59 @@ def test_a_larger_fit_serves_a_smaller_model_exactly_with_classes_and_the_msi_mo
         from_larger = model(lr_t, hr_t, larger.to_tensors()).image
     torch.testing.assert_close(from_larger, from_own, rtol=0, atol=1e-2)
     assert (from_own.abs().max()) > 100  # reflectance × 10⁴: the tolerance is relative to that
+
+
+def tiny_grid_model(seed=0):
+    from csakd_qgis.model import WAVELENGTH_GRID_NM
+
+    torch.manual_seed(seed)
+    g = WAVELENGTH_GRID_NM.size
+    network = NetworkConfig(g, g, width=8, growth=4, blocks=(1, 1, 1, 1), attention_dim=8, heads=2, unshuffle=4)
+    return randomise_head(SubspaceFusionModel(FusionModelConfig(network, subspace_dim=4, representation="grid")), seed).eval()
+
+
+def test_a_grid_model_corrects_through_the_bands_centres_and_only_where_the_lr_hsi_cannot_see():
+    """The grid representation (model.WAVELENGTH_GRID_NM): with the bands' centres the network
+    runs on the grid and its correction, resampled onto the bands and the subspace, goes through
+    the same (I − P·D) as the subspace's; without them the model is the base."""
+    from csakd_qgis.model import wavelength_grid_maps
+
+    scale = 4
+    model = tiny_grid_model(seed=3)
+    lr, hr = scene_inputs(9, 12, 12, scale, seed=5)
+    wavelengths = np.linspace(450.0, 2400.0, 9)
+    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4)
+    base_stats = statistics.to_tensors()
+    grid_stats = statistics.set_wavelengths(wavelengths).to_tensors()
+    to, back = wavelength_grid_maps(wavelengths)
+    np.testing.assert_allclose(grid_stats["grid_from_bands"][0].numpy(), to, rtol=1e-6)
+    np.testing.assert_allclose(grid_stats["bands_from_grid"][0].numpy(), back, rtol=1e-6)
+    lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
+    with torch.no_grad():
+        without_centres = model(lr_t, hr_t, base_stats)
+        corrected = model(lr_t, hr_t, grid_stats)
+        _zero_head(model)
+        base = model(lr_t, hr_t, grid_stats)
+    assert without_centres.fused is None and corrected.fused is not None
+    assert torch.equal(without_centres.image, base.image)
+    added = corrected.image - base.image
+    assert added.abs().max() > 1e-3
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
+    assert degrade_torch(added, wald(scale))[inner].norm() < 0.05 * added[inner].norm()
+    with pytest.raises(ValueError, match="3 band centres for 9 bands"):
+        statistics.set_wavelengths(wavelengths[:3])
+
+
+def test_the_representation_is_part_of_the_config_and_old_configs_are_the_subspace():
+    from csakd_qgis import train
+
+    grid = train.student_config(representation="grid")
+    assert grid.channels == 43 and grid.network.hsi_channels == 43
+    assert FusionModelConfig.from_dict(grid.to_dict()) == grid
+    old = train.student_config().to_dict()
+    del old["representation"]
+    assert FusionModelConfig.from_dict(old).representation == "subspace"
+    with pytest.raises(ValueError, match="representation must be one of"):
+        train.student_config(representation="pixels")
+    with pytest.raises(ValueError, match="must both equal the grid's 43 channels"):
+        SubspaceFusionModel(FusionModelConfig(train.student_config().network, 16, "grid"))

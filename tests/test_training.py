@@ -25,7 +25,7 @@ def _checkpoint_state(path):
 
 def _check_card(card, role, steps):
     assert card["role"] == role
-    assert set(card["config"]) == {"network", "subspace_dim"}
+    assert set(card["config"]) == {"network", "subspace_dim", "representation"}
     summary = card["validation"]["summary"]
     assert set(summary) == {role, "bicubic", "gsa"}
     for name in (role, "bicubic", "gsa"):
@@ -262,3 +262,22 @@ def test_training_batches_refuse_cubes_no_sensor_or_scale_fits():
     tiny = datasets.HyperspectralCube("tiny", np.ones((20, 10, 10), np.float32), np.linspace(400, 1000, 20))
     with pytest.raises(ValueError, match=r"tiny \(10×10 pixels\) is too small for scales \[4, 8\]"):
         datasets.training_batch([tiny], [sensor], rng, 2, 32, scales=(4, 8))
+
+
+def test_the_probe_trains_the_student_on_the_wavelength_grid(shared_data_dir):
+    """--representation grid: the student's network runs on the base's spectrum on the fixed
+    wavelength grid (model.py), which needs every cube's band centres."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    lines = []
+    result = learnability.probe(train_cubes, held_out, sensor, scale=4, steps=2, memorise_steps=0, held_out_batches=1,
+                                batch_size=2, crop=32, evaluate_every=1, lr=1e-3, representation="grid", log=lines.append)
+    gains = [gain for _, gain in result.held_out_gain_db]
+    assert len(gains) == 2 and all(math.isfinite(g) for g in gains)
+    assert gains[1] != 0.0  # the zero-initialised head moved: the grid network was trained
+    hydice = next(c for c in datasets.corpus_cubes(shared_data_dir) if c.name == "hydice_urban_80x100")
+    with pytest.raises(ValueError, match="needs band centres, which hydice_urban_80x100 lack"):
+        learnability.probe([hydice], held_out, sensor, steps=1, representation="grid", log=lines.append)
