@@ -38,6 +38,17 @@ do: with the thirteen cubes without band centres added to the ten (``--train ...
 Berlin reads −0.006 dB at 3000 steps instead of −0.049, and Jasper Ridge +0.083 instead of
 +0.099; twice the crops (24 per step at 1e-4) do not raise either.
 
+What the network's channels mean matters for a plain convolutional network, which carries on a
+fixed wavelength grid and not in the scene's subspace (representation_probe.py), but not yet
+for the student's: with ``--representation grid`` (ten cubes → Jasper Ridge, HyMap02 Berlin and
+EnMAP Potsdam block C, mixed held-out batches, Sentinel-2 10 m, ×4) it read −0.045 dB at 1000
+steps and −0.099 at 1500 at 1e-4, −0.046 and −0.064 at 3e-5, where the subspace student at
+1e-4 swung between +0.004 and −0.013 over 300–1200 steps; in the paper's layout (no
+space-to-depth, ``unshuffle`` 1) it fell to −0.18 dB at 500 steps. Its input on the grid is
+the base's spectrum less the scene's mean spectrum: with the mean the student could not even
+fit 4 fixed batches (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student
++0.26; with a global mean per grid point taken out instead, +0.05 without gradient clipping).
+
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
 ``--within`` instead trains on the top three quarters of one cube and measures on its bottom

@@ -34,7 +34,15 @@ step   grid                                   subspace
 In the scene's subspace the network loses on all three scenes and ever more; on the grid it
 gains on two and holds HyMap02 Berlin level (between 1000 and 1500 steps the mean swung
 between +0.03 and +0.11 dB). An earlier prototype of the grid, other crops, read +0.15 dB on
-average after 3000 steps (Jasper Ridge +0.41).
+average after 3000 steps (Jasper Ridge +0.41). Variants of the grid, one run each (same crops):
+
+* the scene's mean spectrum taken out of the input: mean +0.06 dB at 1000 steps, +0.05 at 1250,
+  but HyMap02 Berlin −0.07 to −0.19 throughout (with the mean it held level);
+* no MSI input (the base's spectrum alone): +0.02 at 500 and 750 steps, +0.05 at 1000: the
+  MSI's own bands add little beyond what the base already took from them.
+
+The student's own network on the grid (model.FusionModelConfig ``representation`` "grid",
+``python -m csakd_qgis.learnability --representation grid``) does not carry, see that module.
 
     python -m csakd_qgis.representation_probe --representation grid
     python -m csakd_qgis.representation_probe --representation subspace
