@@ -49,13 +49,14 @@ def test_grid_maps_cover_only_the_sensors_range_and_return_to_its_bands():
         rp.representation_maps("grid", None, basis)
 
 
-@pytest.mark.parametrize("representation", rp.REPRESENTATIONS)
-def test_the_representation_probe_measures_each_held_out_cube(shared_data_dir, representation):
+@pytest.mark.parametrize("representation,consistent", [("grid", False), ("subspace", False), ("grid", True)])
+def test_the_representation_probe_measures_each_held_out_cube(shared_data_dir, representation, consistent):
     train = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
     held_out = [c for c in datasets.validation_cubes(shared_data_dir) if c.name in ("EnMAP Potsdam block C", "HyMap02 Berlin")]
     lines = []
     gains = rp.representation_probe(train, held_out, datasets.validation_sensors()["Sentinel-2 10 m"], representation,
-                                    steps=2, batch_size=2, crop=32, held_out_batches=1, evaluate_every=1, log=lines.append)
+                                    steps=2, batch_size=2, crop=32, held_out_batches=1, evaluate_every=1,
+                                    consistent=consistent, log=lines.append)
     assert list(gains) == ["EnMAP Potsdam block C", "HyMap02 Berlin"]
     for series in gains.values():
         assert [step for step, _ in series] == [1, 2]
