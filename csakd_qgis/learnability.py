@@ -45,7 +45,9 @@ EnMAP Potsdam block C, mixed held-out batches, Sentinel-2 10 m, ×4) it read −
 steps and −0.099 at 1500 at 1e-4, −0.046 and −0.064 at 3e-5, where the subspace student at
 1e-4 swung between +0.004 and −0.013 over 300–1200 steps; in the paper's layout (no
 space-to-depth, ``unshuffle`` 1) it fell to −0.18 dB at 500 steps, and with the cross
-self-attention's product left out it read −0.092 at 1500 steps (1e-4). Its input on the grid is
+self-attention's product left out it read −0.092 at 1500 steps (1e-4); with the plain network of
+representation_probe.py in its place (the student's inputs and outputs) −0.08 to −0.34 dB over
+400–900 steps: what stops it is not the network but the student's plumbing around it (README). Its input on the grid is
 the base's spectrum less the scene's mean spectrum: with the mean the student could not even
 fit 4 fixed batches (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student
 +0.26; with a global mean per grid point taken out instead, +0.05 without gradient clipping).

@@ -16,7 +16,7 @@ processes (``--workers``) can prepare batches ahead of the step that needs them.
 On a machine with a GPU, from a training-set pack (training_set.py), preparing batches in
 14 processes, the batch and its learning rate grown together (learnability.py):
 
-    python -m csakd_qgis.train --pack build/train/training_set.npz --device cuda --workers 14 \
+    python -m csakd_qgis.train --pack build/train/training_set.npz --device cuda --workers 14 \\
         --batch-size 96 --lr 4e-4 --minutes 8
 """
 
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -492,7 +493,7 @@ def train(args) -> Path:
     state = co_train(run, log=lambda message: print(message, flush=True))
     training_info = {
         "cubes": [f"{c.name} {list(c.data.shape)}" for c in cubes],
-        "sensors": "all SRFs in ../shared/data/srf plus Sentinel-2 10 m and RGB subsets",
+        "sensors": f"every SRF of {data.source} (the shared data's srf folder) plus Sentinel-2 10 m and RGB subsets",
         "scales": list(TRAINING_SCALES),
         "augmentation": "random crops, 90° rotations, flips; one random PSF per batch (Gaussian, box or both, "
         "datasets.training_psf); noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches; band-group MSIs "
@@ -504,7 +505,7 @@ def train(args) -> Path:
         "seed": args.seed,
         "data": data.source,
         "device": run.device,
-        "command": "make train",
+        "command": args.command,
     }
     output = Path(args.output)
     paths = {role: output / f"csakd_{role}.json" for role in ("teacher", "student")}
@@ -555,7 +556,7 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         schedule="AdamW, cosine decay to 5 % of the learning rate over the budget (co_train)",
         # What training bought over the untrained base (epoch 0), mean validation PSNR.
         gain_over_base_db=round(best["student"]["psnr"] - state["history"][0]["student"]["psnr"], 4),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} on {torch.get_num_threads()}"
         + (f", {torch.cuda.get_device_name(run.device)}" if run.device.startswith("cuda") else ""),
     )
     common = {
@@ -618,8 +619,8 @@ def main(argv=None) -> int:
     # nothing and 1e-4 swung (README, 'Where it stands'; the probe, learnability.py, finds 3e-5
     # best between Earth-observation scenes, 1e-5 slower).
     parser.add_argument("--lr", type=float, default=5e-5,
-                        help="peak AdamW learning rate of the cosine decay; with a larger --batch-size, "
-                        "a proportionally larger one (the probe learns as fast per crop: learnability.py)")
+                        help="peak AdamW learning rate of the cosine decay; a larger --batch-size takes a larger one "
+                        "(the probe learned as fast per crop with 4 times the batch at about 3 times the rate: learnability.py)")
     parser.add_argument("--subspace-dim", type=int, default=SUBSPACE_DIM, help="the student's spectral subspace")
     parser.add_argument("--teacher-subspace-dim", type=int, default=TEACHER_SUBSPACE_DIM)
     parser.add_argument("--seed", type=int, default=2024)
@@ -630,7 +631,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     parser.add_argument("--pack", default=None,
                         help="read the training set from this pack (python -m csakd_qgis.training_set) instead of --data")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one)")
+    parser.add_argument("--device", default="cpu", help="cpu (the default), cuda, cuda:N or auto (a GPU when torch sees one)")
     parser.add_argument("--workers", type=int, default=0,
                         help="processes preparing batches ahead of the step (0: none); for a GPU, most of the cores")
     parser.add_argument("--checkpoint", default=None)
@@ -640,6 +641,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-control", action="store_true",
                         help="do not train the student without the teacher beside the distilled one")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "csakd_qgis.train"] + list(sys.argv[1:] if argv is None else argv))
+    if args.pack and not Path(args.pack).is_file():
+        parser.error(f"--pack {args.pack}: no such file; write it with `make pack` "
+                     f"(python -m csakd_qgis.training_set {args.pack})")
+    if args.pack and not args.corpus:
+        parser.error("--no-corpus chooses what is read from the shared data; a pack holds what it was written "
+                     "with: write one without the corpus (python -m csakd_qgis.training_set FILE --no-corpus)")
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
     try:

@@ -8,7 +8,7 @@ NumPy alone. The pack is what travels to a machine with an accelerator for a lon
 the shared data folder does not travel and that machine has no GDAL.
 
 Why quantised: the cubes as float16 with NumPy's deflate take 103 MiB (EO cubes alone 52 MiB),
-more than a working tree of 64 MiB can carry beside the project. Each band is quantised to a
+too much to send with the project to a machine for one run. Each band is quantised to a
 uniform step set by a target PSNR against that band's peak (default
 :data:`DEFAULT_PACK_PSNR_DB` = 60 dB, where fusion's own errors are 30–45 dB, so the packing
 error is at most 0.3 % of the error power training reduces), and the codes are stored as
@@ -186,9 +186,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("output", help="the .npz file to write (replaced atomically)")
     parser.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     parser.add_argument("--psnr-db", type=float, default=DEFAULT_PACK_PSNR_DB,
-                        help="each band's PSNR after packing, against its peak (20–90)")
+                        help=f"each band's PSNR after packing, against its peak (20–90; default {DEFAULT_PACK_PSNR_DB:g})")
     parser.add_argument("--no-corpus", dest="corpus", action="store_false", help="leave the shared corpus out")
     args = parser.parse_args(argv)
+    if not 20.0 <= args.psnr_db <= 90.0:  # before the data is read (15 s)
+        parser.error(f"--psnr-db must be between 20 and 90 dB, got {args.psnr_db:g}")
     try:
         manifest = write_pack(load_training_set(args.data, args.corpus), args.output, args.psnr_db)
     except (OSError, ValueError) as error:

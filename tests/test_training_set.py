@@ -167,6 +167,8 @@ def test_make_train_runs_from_a_pack_with_worker_processes(pack, tmp_path, monke
     _, card = load_bundle(tmp_path / "csakd_student.json")
     assert card["training"]["data"].startswith("the pack set.npz (60 dB")
     assert card["training"]["device"] == "cpu"
+    assert card["training"]["command"].startswith("python -m csakd_qgis.train --pack ")
+    assert "training_set.npz" not in card["training"]["sensors"] and "the pack set.npz" in card["training"]["sensors"]
     assert len(card["training"]["cubes"]) == 6
 
 
@@ -178,3 +180,15 @@ def test_make_train_refuses_a_gpu_torch_cannot_see_and_negative_workers(monkeypa
     with pytest.raises(SystemExit):
         train.main(["--workers", "-1"])
     assert "--workers must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_make_train_refuses_a_missing_pack_and_no_corpus_with_a_pack(pack, capsys):
+    """A pack holds what it was written with: --no-corpus cannot apply to it, and a missing pack
+    is a usage error that says how to write one, not a traceback."""
+    path, _ = pack
+    with pytest.raises(SystemExit):
+        train.main(["--pack", str(path.parent / "missing.npz")])
+    assert "no such file; write it with `make pack`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--pack", str(path), "--no-corpus"])
+    assert "--no-corpus chooses what is read from the shared data" in capsys.readouterr().err
