@@ -47,9 +47,9 @@ steps and −0.099 at 1500 at 1e-4, −0.046 and −0.064 at 3e-5, where the sub
 space-to-depth, ``unshuffle`` 1) it fell to −0.18 dB at 500 steps, and with the cross
 self-attention's product left out it read −0.092 at 1500 steps (1e-4); with the plain network of
 representation_probe.py in its place (the student's inputs and outputs) −0.08 to −0.34 dB over
-400–900 steps: what stops it is not the network but the student's plumbing around it (README). Its input on the grid is
-the base's spectrum less the scene's mean spectrum: with the mean the student could not even
-fit 4 fixed batches (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student
+400–900 steps: what stops it is not the network but the student's plumbing around it (README).
+Its input on the grid is the base's spectrum less the scene's mean spectrum: with the mean the
+student could not even fit 4 fixed batches (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student
 +0.26; with a global mean per grid point taken out instead, +0.05 without gradient clipping).
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
@@ -162,9 +162,7 @@ def probe(
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
     config = student_config(representation=representation)
     if representation == "grid":
-        missing = list(dict.fromkeys(c.name for c in list(train_cubes) + list(held_out_cubes) if c.wavelengths_nm is None))
-        if missing:
-            raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
+        require_band_centres(list(train_cubes) + list(held_out_cubes))
     for cube in list(train_cubes) + list(held_out_cubes):
         if cube.wavelengths_nm is None:
             log(f"{cube.name} has no band centres: paired with band-group MSIs instead of {sensor.name}")
@@ -221,6 +219,14 @@ def probe(
             f"{_db(result.memorised_gain_db)} dB on them, {_db(result.memorised_held_out_gain_db)} dB held out"
         )
     return result
+
+
+def require_band_centres(cubes: Sequence[HyperspectralCube]) -> None:
+    """Raises ValueError naming each cube (once) whose band centres are unknown: the wavelength
+    grid (model.WAVELENGTH_GRID_NM) cannot be made for it."""
+    missing = list(dict.fromkeys(c.name for c in cubes if c.wavelengths_nm is None))
+    if missing:
+        raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
 
 
 def _cubes_named(cubes: Sequence[HyperspectralCube], words: Sequence[str]) -> List[HyperspectralCube]:

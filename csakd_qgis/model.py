@@ -636,6 +636,7 @@ class SubspaceFusionModel(nn.Module):
             # Without the bands' centres there is no grid to correct on: the base alone.
             return completed(invisible(predicted)), None
 
+        k = coefficients.shape[1]
         lr_input, hr_input = coefficients, predicted
         if grid:
             # The base's spectrum on the grid, less the scene's mean spectrum, ÷ scale: the
@@ -643,7 +644,6 @@ class SubspaceFusionModel(nn.Module):
             # through a small per-scene matrix. Centred because with the mean added (values up to
             # 4.3 against a detail of a few tenths) the student could not even fit 4 fixed batches:
             # +0.003 dB after 80 steps at 1e-4, centred +0.72 dB (the subspace's +0.26).
-            k = coefficients.shape[1]
             to_grid = torch.einsum("ngb,nbk->ngk", stats["grid_from_bands"], stats["basis"][..., :k])
 
             def on_grid(x):
@@ -659,7 +659,6 @@ class SubspaceFusionModel(nn.Module):
         if grid:
             # Back onto the bands, then onto the subspace (coefficients are Uᵀ·(x − mean)/ρ, and
             # the grid already holds x/ρ).
-            k = coefficients.shape[1]
             from_grid = torch.einsum("nbk,nbg->nkg", stats["basis"][..., :k], stats["bands_from_grid"])
             correction = torch.einsum("nkg,nghw->nkhw", from_grid, correction)
         return completed(invisible(predicted + correction)), fused

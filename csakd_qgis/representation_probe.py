@@ -81,15 +81,14 @@ from .datasets import (
     validation_cubes,
     validation_sensors,
 )
-from .learnability import DB_PER_LOG_MSE, _cubes_named, _db
+from .learnability import DB_PER_LOG_MSE, _cubes_named, _db, require_band_centres
 from .interpolation import upsample_lr
 from .losses import teacher_loss
 from .psf import degrade_torch
-from .model import WAVELENGTH_GRID_NM, SubspaceFusionModel, wavelength_grid_maps
+from .model import REPRESENTATIONS, SubspaceFusionModel, representation_channels, wavelength_grid_maps
 from .srf import SensorResponse
 from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
 
-REPRESENTATIONS = ("grid", "subspace")
 # The Earth-observation cubes of the default run: the training cubes and the corpus's AVIRIS
 # and ROSIS cubes with band centres (not the laboratory scenes, not those without centres).
 DEFAULT_TRAIN = ["Potsdam block A", "Potsdam block B", "simulated Berlin", "Moffett", "Samson", "cuprite", "salton",
@@ -172,12 +171,9 @@ def representation_probe(
     Raises ValueError for an unknown representation or, with ``grid``, a cube without band
     centres (before any step).
     """
-    if representation not in REPRESENTATIONS:
-        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    channels = representation_channels(representation, SUBSPACE_DIM)  # raises for another representation
     if representation == "grid":
-        missing = list(dict.fromkeys(c.name for c in list(train_cubes) + list(held_out_cubes) if c.wavelengths_nm is None))
-        if missing:
-            raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
+        require_band_centres(list(train_cubes) + list(held_out_cubes))
     torch.set_flush_denormal(True)
     rng = np.random.default_rng(seed)
     statistics = WholeSceneStatistics(SUBSPACE_DIM)
@@ -211,7 +207,6 @@ def representation_probe(
     held_out = {c.name: [batch_of([c]) for _ in range(held_out_batches)] for c in held_out_cubes}
     with torch.no_grad():
         base_loss = {name: float(np.mean([loss(b["base"], b).item() for b in batches])) for name, batches in held_out.items()}
-    channels = WAVELENGTH_GRID_NM.size if representation == "grid" else SUBSPACE_DIM
     torch.manual_seed(seed)
     net = CorrectionNet(channels, sensor.responses.shape[1], width)
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

@@ -274,6 +274,7 @@ def batch_stream(run: "TrainingRun", first_step: int) -> Iterator:
         ))
     else:
         source = (dataset[step] for step in itertools.count(first_step))
+
     def moved(value):
         return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 

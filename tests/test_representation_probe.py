@@ -31,7 +31,7 @@ def test_linear_resampling_reproduces_a_linear_spectrum_from_unsorted_bands():
 def test_grid_maps_cover_only_the_sensors_range_and_return_to_its_bands():
     wavelengths = np.linspace(420.0, 1000.0, 60)  # a VNIR-only sensor
     to, back, mask = rp.representation_maps("grid", wavelengths, np.zeros((60, 4)))
-    grid = rp.WAVELENGTH_GRID_NM
+    from csakd_qgis.model import WAVELENGTH_GRID_NM as grid
     assert to.shape == (grid.size, 60) and back.shape == (60, grid.size)
     covered = (grid >= 420.0 - 25.0) & (grid <= 1000.0 + 25.0)
     np.testing.assert_array_equal(mask.numpy(), covered.astype(np.float32))
