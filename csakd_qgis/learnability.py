@@ -8,8 +8,9 @@ in those units is the change of band-averaged PSNR per crop; its small spectral-
 its error floor (losses.py) make the figure an approximation of the PSNR change:
 
 * **generalisation**: on a fresh Wald batch at every step, cut from the training cubes, and
-  measured on fixed batches cut from the held-out cubes (same sensor, same scale, one PSF per
-  batch drawn as in training). A gain here is what training can ship.
+  measured on fixed batches cut from each held-out cube (same sensor, same scale, one PSF per
+  batch drawn as in training), reported per cube and as the mean over cubes, so that one scene's
+  loss cannot hide behind, or swamp, another's gain. A gain here is what training can ship.
 * **memorisation** (the control): from the same start, on a few fixed batches seen again and
   again, measured on those batches and on the held-out ones. A gain on its own batches shows
   that the training path works (gradients reach the correction, the step size is right), so that
@@ -38,19 +39,22 @@ do: with the thirteen cubes without band centres added to the ten (``--train ...
 Berlin reads −0.006 dB at 3000 steps instead of −0.049, and Jasper Ridge +0.083 instead of
 +0.099; twice the crops (24 per step at 1e-4) do not raise either.
 
-What the network's channels mean matters for a plain convolutional network, which carries on a
-fixed wavelength grid and not in the scene's subspace (representation_probe.py), but not yet
-for the student's: with ``--representation grid`` (ten cubes → Jasper Ridge, HyMap02 Berlin and
-EnMAP Potsdam block C, mixed held-out batches, Sentinel-2 10 m, ×4) it read −0.045 dB at 1000
-steps and −0.099 at 1500 at 1e-4, −0.046 and −0.064 at 3e-5, where the subspace student at
-1e-4 swung between +0.004 and −0.013 over 300–1200 steps; in the paper's layout (no
-space-to-depth, ``unshuffle`` 1) it fell to −0.18 dB at 500 steps, and with the cross
-self-attention's product left out it read −0.092 at 1500 steps (1e-4); with the plain network of
-representation_probe.py in its place (the student's inputs and outputs) −0.08 to −0.34 dB over
-400–900 steps: what stops it is not the network but the student's plumbing around it (README).
-Its input on the grid is the base's spectrum less the scene's mean spectrum: with the mean the
-student could not even fit 4 fixed batches (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student
-+0.26; with a global mean per grid point taken out instead, +0.05 without gradient clipping).
+What the network's channels mean matters (a plain network carries on a fixed wavelength grid
+and not in the scene's subspace, representation_probe.py), and so does the student's layout: in
+the bundled one (``unshuffle`` 4, 32 features: each 4×4 block of pixels squeezed into 32
+features) it carries in neither representation; in the paper's full-resolution layout
+(``--unshuffle 1``) it does. Ten cubes → EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper
+Ridge, Sentinel-2 10 m, ×4, 1e-4, gains in dB at 750 steps:
+
+* grid, ``unshuffle`` 4, 32 features: −0.058 / −0.031 / +0.017;
+* grid, ``unshuffle`` 1, 16 features: +0.191 / −0.566 / +0.481 (+0.519 on Jasper Ridge at 500);
+* subspace, ``unshuffle`` 4, 32 features (the bundled student): +0.003 / −0.004 / +0.007;
+* subspace, ``unshuffle`` 1, 16 features: −0.015 / −0.077 / +0.285.
+
+HyMap02 Berlin loses with every student that carries. The grid input is the base's spectrum
+less the scene's mean spectrum: with the mean the student could not even fit 4 fixed batches
+(+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student +0.26); on uncentred
+features its cross self-attention's gates saturate (README, 'Where it stands').
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
@@ -61,6 +65,9 @@ quarter (e.g. a 512×512 CAVE laboratory scene: more pixels of one kind than any
     python -m csakd_qgis.learnability --within cave_feathers --sensor RGB --crop 64 --lr 1e-4
     python -m csakd_qgis.learnability --train "Potsdam block A" "Potsdam block B" "simulated Berlin" \\
         Moffett Samson cuprite salton sandiego rosis --held-out Jasper --steps 9000 --ema 0.999
+    python -m csakd_qgis.learnability --train "Potsdam block A" "Potsdam block B" "simulated Berlin" \\
+        Moffett Samson cuprite salton sandiego rosis --held-out Jasper HyMap02 "Potsdam block C" \\
+        --representation grid --unshuffle 1 --width 16 --lr 1e-4 --evaluate-every 250
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,15 +103,18 @@ class ProbeResult:
     """What :func:`probe` measured, every gain over the base as the loss's change in dB (close to
     the change of band-averaged PSNR, see the module docstring).
 
-    ``held_out_gain_db``: (step, gain on the held-out batches) of the generalisation run, one
-    per ``evaluate_every`` steps; ``memorised_gain_db`` and ``memorised_held_out_gain_db``: the
-    control run's gain on its own fixed batches and on the held-out ones after its last step;
-    ``held_out_gain_ema_db``: (step, gain) of the generalisation run's exponential moving average
-    of the weights at the same steps, empty unless ``ema_decay`` was given.
+    ``held_out_gain_db``: (step, mean over the held-out cubes of each cube's gain) of the
+    generalisation run, one per ``evaluate_every`` steps; ``held_out_gain_by_cube_db``: the same
+    steps' gain on each held-out cube by its name; ``memorised_gain_db`` and
+    ``memorised_held_out_gain_db``: the control run's gain on its own fixed batches and on the
+    held-out ones (mean over cubes) after its last step; ``held_out_gain_ema_db``: (step, mean
+    gain) of the generalisation run's exponential moving average of the weights at the same
+    steps, empty unless ``ema_decay`` was given.
     """
 
     steps: int
     held_out_gain_db: List[Tuple[int, float]] = field(default_factory=list)
+    held_out_gain_by_cube_db: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     held_out_gain_ema_db: List[Tuple[int, float]] = field(default_factory=list)
     memorised_gain_db: float = float("nan")
     memorised_held_out_gain_db: float = float("nan")
@@ -131,7 +141,7 @@ def probe(
     steps: int = 1000,
     memorise_batches: int = 8,
     memorise_steps: int = 300,
-    held_out_batches: int = 12,
+    held_out_batches: int = 8,
     batch_size: int = 6,
     crop: int = 48,
     lr: float = 3e-5,
@@ -139,6 +149,8 @@ def probe(
     seed: int = 1,
     ema_decay: float = 0.0,
     representation: str = "subspace",
+    unshuffle: int = 4,
+    width: int = 32,
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -146,21 +158,22 @@ def probe(
 
     Crops are ``crop`` HR pixels (cut to a multiple of ``scale``), ``batch_size`` to a batch, each
     crop with its whole cube's scene statistics (datasets.WholeSceneStatistics), as in
-    ``make train``. A cube without band centres is paired with MSIs of band groups instead of
+    ``make train``; ``held_out_batches`` fixed batches per held-out cube. A cube without band centres is paired with MSIs of band groups instead of
     ``sensor`` (as in training). ``steps`` or ``memorise_steps`` 0 leaves that run out. One
     generator (``seed``) draws every batch in turn, the held-out ones first and the control's
     last, so the control's batches depend on ``steps``; torch's global seed is set to ``seed``
     before each run. ``ema_decay`` in (0, 1) also measures the generalisation run's weights
     averaged with that decay (torch.optim.swa_utils.AveragedModel, starting from the first step's
     weights), which smooths the swings of single steps. ``representation`` is the student's
-    (model.REPRESENTATIONS; "grid" needs every cube's band centres). Raises ValueError when
+    (model.REPRESENTATIONS; "grid" needs every cube's band centres), ``unshuffle`` and ``width``
+    its layout (train.student_config; 1 is the paper's full-resolution layout). Raises ValueError when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
     too small for ``scale``.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
-    config = student_config(representation=representation)
+    config = student_config(representation=representation, unshuffle=unshuffle, width=width)
     if representation == "grid":
         require_band_centres(list(train_cubes) + list(held_out_cubes))
     for cube in list(train_cubes) + list(held_out_cubes):
@@ -174,8 +187,10 @@ def probe(
         cases = training_batch(list(cubes), [sensor], rng, batch_size, crop, scales=(scale,), statistics=statistics)
         return prepare_batch(cases, SUBSPACE_DIM)
 
-    held_out = [batch_of(held_out_cubes) for _ in range(held_out_batches)]
-    result = ProbeResult(steps=steps)
+    # Per cube, each its own fixed batches, in the order of the representation probe
+    # (representation_probe.py), so that the two probes see the same held-out crops.
+    held_out = {c.name: [batch_of([c]) for _ in range(held_out_batches)] for c in held_out_cubes}
+    result = ProbeResult(steps=steps, held_out_gain_by_cube_db={name: [] for name in held_out})
 
     def fresh_student() -> Tuple[SubspaceFusionModel, torch.optim.Optimizer]:
         torch.manual_seed(seed)
@@ -183,14 +198,16 @@ def probe(
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
     model, optimiser = fresh_student()
-    base_held_out = mean_loss(model, held_out)
+    base_held_out = {name: mean_loss(model, batches) for name, batches in held_out.items()}
     averaged = None
     if ema_decay:
         averaged = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
 
-    def gain(loss: float, base: float) -> float:
-        return -(loss - base) * DB_PER_LOG_MSE
+    def gains(trained: SubspaceFusionModel) -> Dict[str, float]:
+        # Each held-out cube's change of the mean loss over its batches, in dB.
+        return {name: -(mean_loss(trained, batches) - base_held_out[name]) * DB_PER_LOG_MSE
+                for name, batches in held_out.items()}
 
     started = time.time()
     for step in range(1, steps + 1):
@@ -198,11 +215,15 @@ def probe(
         if averaged is not None:
             averaged.update_parameters(model)
         if step % evaluate_every == 0 or step == steps:
-            result.held_out_gain_db.append((step, gain(mean_loss(model, held_out), base_held_out)))
-            line = (f"step {step:5d} ({step * batch_size} crops)  {time.time() - started:6.0f} s  "
-                    f"held-out gain {_db(result.held_out_gain_db[-1][1])} dB")
+            by_cube = gains(model)
+            for name, value in by_cube.items():
+                result.held_out_gain_by_cube_db[name].append((step, value))
+            result.held_out_gain_db.append((step, float(np.mean(list(by_cube.values())))))
+            line = (f"step {step:5d} ({step * batch_size} crops)  {time.time() - started:6.0f} s  held-out gain "
+                    + "".join(f"{name} {_db(value)}  " for name, value in by_cube.items() if len(by_cube) > 1)
+                    + f"mean {_db(result.held_out_gain_db[-1][1])} dB")
             if averaged is not None:
-                result.held_out_gain_ema_db.append((step, gain(mean_loss(averaged.module, held_out), base_held_out)))
+                result.held_out_gain_ema_db.append((step, float(np.mean(list(gains(averaged.module).values())))))
                 line += f", averaged weights {_db(result.held_out_gain_ema_db[-1][1])} dB"
             log(line)
 
@@ -212,8 +233,8 @@ def probe(
         base_fixed = mean_loss(model, fixed)
         for step in range(memorise_steps):
             optimiser_step(optimiser, reference_loss(model, fixed[step % len(fixed)]), model)
-        result.memorised_gain_db = gain(mean_loss(model, fixed), base_fixed)
-        result.memorised_held_out_gain_db = gain(mean_loss(model, held_out), base_held_out)
+        result.memorised_gain_db = -(mean_loss(model, fixed) - base_fixed) * DB_PER_LOG_MSE
+        result.memorised_held_out_gain_db = float(np.mean(list(gains(model).values())))
         log(
             f"memorisation control: {memorise_steps} steps on {len(fixed)} fixed batches: "
             f"{_db(result.memorised_gain_db)} dB on them, {_db(result.memorised_held_out_gain_db)} dB held out"
@@ -275,11 +296,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=6,
                         help="crops per batch (a larger batch takes a proportionally larger --lr: module docstring)")
     parser.add_argument("--crop", type=int, default=48, help="crop size in HR pixels")
+    parser.add_argument("--held-out-batches", type=int, default=8, help="fixed batches per held-out cube")
+    parser.add_argument("--evaluate-every", type=int, default=100, help="steps between held-out measurements")
     parser.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                         help="also measure the weights' exponential moving average with this decay (0: not)")
     parser.add_argument("--representation", choices=REPRESENTATIONS, default="subspace",
                         help="the student's channels: the scene's principal components or a fixed wavelength grid")
+    parser.add_argument("--unshuffle", type=int, default=4,
+                        help="the student's space-to-depth factor (4: the bundled student's; 1: the paper's layout)")
+    parser.add_argument("--width", type=int, default=32, help="the student's features (growth half of it)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -298,7 +324,9 @@ def main(argv=None) -> int:
           f"{args.sensor}, scale {args.scale}", flush=True)
     try:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
-              batch_size=args.batch_size, crop=args.crop, lr=args.lr, ema_decay=args.ema, representation=args.representation,
+              held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+              evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
+              unshuffle=args.unshuffle, width=args.width,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

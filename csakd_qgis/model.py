@@ -33,9 +33,10 @@ the scene.
   shipped student), which mean something else in every scene, or the base's spectrum on a fixed
   wavelength grid (``"grid"``, :data:`WAVELENGTH_GRID_NM`), whose channels mean the same in every
   scene, so that what it learns from some scenes can carry to others (a plain network does:
-  representation_probe.py; the student's does not yet: learnability.py); its correction is
-  resampled onto the bands and projected onto the subspace, where it goes through the same
-  (I − P·D) and consistency step. Only the subspace is trained and shipped.
+  representation_probe.py; the student's does in the paper's full-resolution layout, not in
+  the bundled space-to-depth one: learnability.py); its correction is resampled onto the bands
+  and projected onto the subspace, where it goes through the same (I − P·D) and consistency
+  step. Only the subspace is trained and shipped.
 * The scene's spatial degradation (psf.SpatialDegradation: the PSF estimated from the pair or
   given by the user, and a measured misregistration, registration.py) is part of the
   statistics: D and the interpolators then blur as the sensor did and sample the LR pixels

@@ -53,12 +53,22 @@ step   grid, consistent                       subspace, consistent
 1500   +0.326 / −0.308 / +0.792 (+0.270)
 =====  =====================================  =====================================
 
-The student's own network on the grid (model.FusionModelConfig ``representation`` "grid",
-``python -m csakd_qgis.learnability --representation grid``) does not carry, see that module.
+``--network student`` puts the bundled student's CSAKD network in the plain network's place:
+its LR stream takes the LR-HSI, its high-resolution streams the base's spectrum, both in the
+representation's channels (``--centred``: less the scene's mean spectrum). Grid, consistent,
+centred, 750 steps, block C / Berlin / Jasper Ridge: in the bundled layout (``--unshuffle`` 4,
+each 4×4 block of pixels squeezed into 32 features) −0.106 / −0.038 / −0.009 dB; ``--unshuffle``
+2 −0.085 / −0.135 / +0.013; in the paper's full-resolution layout (1) +0.181 / −0.268 / +0.330,
+with 16 features +0.165 / −0.299 / +0.180. The plain network with only 16 features
+(``--width 16``) gains +0.288 / −0.414 / +0.549 at 1000 steps: it is the per-pixel detail that the
+space-to-depth layout loses, not capacity. Without ``--centred`` the student's network learns
+nothing (within 0.002 dB of zero through 1500 steps). The student itself in that layout
+carries too (learnability.py).
 
     python -m csakd_qgis.representation_probe --representation grid
     python -m csakd_qgis.representation_probe --representation subspace
     python -m csakd_qgis.representation_probe --representation grid --consistent
+    python -m csakd_qgis.representation_probe --consistent --network student --centred --unshuffle 1
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -86,6 +96,7 @@ from .interpolation import upsample_lr
 from .losses import teacher_loss
 from .psf import degrade_torch
 from .model import REPRESENTATIONS, SubspaceFusionModel, representation_channels, wavelength_grid_maps
+from .network import CSAKDNet
 from .srf import SensorResponse
 from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
 
@@ -94,6 +105,7 @@ from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, s
 DEFAULT_TRAIN = ["Potsdam block A", "Potsdam block B", "simulated Berlin", "Moffett", "Samson", "cuprite", "salton",
                  "sandiego", "rosis"]
 DEFAULT_HELD_OUT = ["Jasper", "HyMap02", "Potsdam block C"]
+NETWORKS = ("plain", "student")
 
 
 def representation_maps(representation: str, wavelengths_nm, basis: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,6 +154,19 @@ class CorrectionNet(nn.Module):
         return self.tail(x) * mask.view(1, -1, 1, 1)
 
 
+def student_network(representation: str, unshuffle: Optional[int] = None, width: Optional[int] = None) -> CSAKDNet:
+    """The bundled student's network (train.student_config) in ``representation``'s channels,
+    with its space-to-depth factor ``unshuffle`` (network.NetworkConfig; None: the student's 4)
+    and its ``width`` (growth half of it; None: the student's 32) replaced, its output
+    convolution zeroed (its correction starts at zero, as the student's, model.py). Raises
+    ValueError for another representation (train.student_config) or a width the network's
+    groups do not divide (network.NetworkConfig)."""
+    net = CSAKDNet(student_config(representation=representation, unshuffle=unshuffle or 4, width=width or 32).network)
+    nn.init.zeros_(net.head_refine.weight)
+    nn.init.zeros_(net.head_refine.bias)
+    return net
+
+
 def representation_probe(
     train_cubes: Sequence[HyperspectralCube],
     held_out_cubes: Sequence[HyperspectralCube],
@@ -152,11 +177,14 @@ def representation_probe(
     batch_size: int = 6,
     crop: int = 48,
     lr: float = 1e-4,
-    width: int = 64,
+    width: Optional[int] = None,
     held_out_batches: int = 8,
     evaluate_every: int = 250,
     seed: int = 1,
     consistent: bool = False,
+    network: str = "plain",
+    unshuffle: Optional[int] = None,
+    centred: bool = False,
     log: Callable[[str], None] = print,
 ) -> Dict[str, List[Tuple[int, float]]]:
     """Train a :class:`CorrectionNet` in ``representation`` on the base's output for crops of
@@ -166,11 +194,18 @@ def representation_probe(
     generator, ``seed``, held-out batches first, so both representations see the same crops);
     the base is the untrained student (model.py), exactly the classical base. ``consistent``
     passes the correction through (I − P·D) under the crop's degradation, as the student's
-    (model.py), so that it cannot change what the LR-HSI sees (its noise included). Returns, per
-    held-out cube name, [(step, gain in dB)] every ``evaluate_every`` steps and at the last.
-    Raises ValueError for an unknown representation or, with ``grid``, a cube without band
-    centres (before any step).
+    (model.py), so that it cannot change what the LR-HSI sees (its noise included).
+
+    ``network`` "plain" is :class:`CorrectionNet` (``width`` features, default 64); "student" is
+    the bundled student's CSAKD network (:func:`student_network`, with ``unshuffle`` and
+    ``width``), whose LR stream takes the LR-HSI and whose HR streams take the base's fused
+    spectrum, both in the representation's channels. ``centred`` takes the scene's mean spectrum
+    out of the networks' inputs. Returns, per held-out cube name, [(step, gain in dB)] every
+    ``evaluate_every`` steps and at the last. Raises ValueError for an unknown representation or
+    network or, with ``grid``, a cube without band centres (before any step).
     """
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     channels = representation_channels(representation, SUBSPACE_DIM)  # raises for another representation
     if representation == "grid":
         require_band_centres(list(train_cubes) + list(held_out_cubes))
@@ -189,11 +224,20 @@ def representation_probe(
         to, back, mask = representation_maps(representation, by_name[cases[0].cube].wavelengths_nm,
                                              stats["basis"][0, :, :SUBSPACE_DIM].numpy())
         return {"base": base / norm, "reference": reference / norm, "msi": hr_msi / norm, "to": to, "back": back,
-                "mask": mask, "lr_size": lr_hsi.shape[-1], "degradation": stats["degradation"]}
+                "mask": mask, "lr_size": lr_hsi.shape[-1], "degradation": stats["degradation"], "lr": lr_hsi / norm,
+                "mean": stats["band_mean"] / stats["scale"].view(-1, 1)}
 
     def corrected(net, batch):
         spectrum = torch.einsum("cb,nbhw->nchw", batch["to"], batch["base"])
-        correction = torch.einsum("bc,nchw->nbhw", batch["back"], net(spectrum, batch["mask"], batch["msi"]))
+        lr_spectrum = torch.einsum("cb,nbhw->nchw", batch["to"], batch["lr"])
+        if centred:
+            mean = torch.einsum("cb,nb->nc", batch["to"], batch["mean"]).view(*spectrum.shape[:2], 1, 1)
+            lr_spectrum, spectrum = lr_spectrum - mean, spectrum - mean
+        if network == "student":
+            output = net.residual(lr_spectrum, spectrum)[0] * batch["mask"].view(1, -1, 1, 1)
+        else:
+            output = net(spectrum, batch["mask"], batch["msi"])
+        correction = torch.einsum("bc,nchw->nbhw", batch["back"], output)
         if consistent:
             degradation = batch["degradation"]
             correction = correction - upsample_lr(degrade_torch(correction, degradation), degradation, "consistent")
@@ -208,7 +252,10 @@ def representation_probe(
     with torch.no_grad():
         base_loss = {name: float(np.mean([loss(b["base"], b).item() for b in batches])) for name, batches in held_out.items()}
     torch.manual_seed(seed)
-    net = CorrectionNet(channels, sensor.responses.shape[1], width)
+    if network == "student":
+        net = student_network(representation, unshuffle, width)
+    else:
+        net = CorrectionNet(channels, sensor.responses.shape[1], width or 64)
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gains: Dict[str, List[Tuple[int, float]]] = {name: [] for name in held_out}
     started = time.time()
@@ -238,11 +285,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--crop", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--width", type=int, default=None,
+                        help="the network's features (none: 64 for the plain network, the bundled student's 32)")
     parser.add_argument("--evaluate-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--consistent", action="store_true",
                         help="pass the correction through (I − P·D), as the student's: it cannot change what the LR-HSI sees")
+    parser.add_argument("--network", choices=NETWORKS, default="plain",
+                        help="plain: CorrectionNet; student: the bundled student's CSAKD network, fed the LR-HSI and the "
+                        "base's fused spectrum in the representation's channels")
+    parser.add_argument("--unshuffle", type=int, default=None,
+                        help="the student network's space-to-depth factor (none: the bundled student's 4; 1: the paper's)")
+    parser.add_argument("--centred", action="store_true", help="the networks' input spectra less the scene's mean spectrum")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -259,7 +313,7 @@ def main(argv=None) -> int:
         representation_probe(train_cubes, held_out, validation_sensors()[args.sensor], args.representation, args.scale,
                              args.steps, args.batch_size, args.crop, args.lr, args.width,
                              evaluate_every=args.evaluate_every, seed=args.seed, consistent=args.consistent,
-                             log=lambda line: print(line, flush=True))
+                             network=args.network, unshuffle=args.unshuffle, centred=args.centred, log=lambda line: print(line, flush=True))
     except ValueError as error:
         parser.error(str(error))
     return 0

@@ -82,15 +82,21 @@ MIN_GAIN_DB = 0.05
 CONTROL_BUNDLE = "csakd_student_without_distillation.json"
 
 
-def student_config(subspace_dim: int = SUBSPACE_DIM, representation: str = "subspace") -> FusionModelConfig:
+def student_config(
+    subspace_dim: int = SUBSPACE_DIM, representation: str = "subspace", unshuffle: int = 4, width: int = 32
+) -> FusionModelConfig:
     """The bundled student: sized for a laptop CPU (see README, 'The bundled model'); its
-    network's channels are the subspace's K or the wavelength grid's (model.REPRESENTATIONS)."""
+    network's channels are the subspace's K or the wavelength grid's (model.REPRESENTATIONS).
+    ``unshuffle`` and ``width`` (growth half of it) change its layout for the probes
+    (learnability.py, representation_probe.py): 1 is the paper's full-resolution layout.
+    Raises ValueError for another representation or a width that 2 groups do not divide."""
     channels = representation_channels(representation, subspace_dim)
     return FusionModelConfig(
         # Grouped CLRA convolutions (groups=2, as the method allows): half their cost; measured
         # side by side, 0.18 s per 256² tile for the 16-component student against 0.20 s
         # ungrouped (the budget is 0.2 s).
-        NetworkConfig(channels, channels, width=32, growth=16, blocks=(1, 2, 2, 1), groups=2, attention_dim=32, heads=4, unshuffle=4),
+        NetworkConfig(channels, channels, width=width, growth=width // 2, blocks=(1, 2, 2, 1), groups=2, attention_dim=32,
+                      heads=4, unshuffle=unshuffle),
         subspace_dim,
         representation,
     )

@@ -73,3 +73,25 @@ def test_the_grid_refuses_cubes_without_band_centres(shared_data_dir):
         rp.representation_probe([hydice], [hydice], sensor, "grid", steps=1)
     with pytest.raises(ValueError, match="representation must be one of"):
         rp.representation_probe([hydice], [hydice], sensor, "pixels", steps=1)
+
+
+@pytest.mark.parametrize("representation,unshuffle,centred", [("grid", 1, True), ("subspace", None, False)])
+def test_the_probe_trains_the_students_own_network_in_either_layout(shared_data_dir, representation, unshuffle, centred):
+    """--network student: the bundled student's CSAKD network, in the paper's layout
+    (unshuffle 1) or the bundled one (4), is trained in the probe's plumbing and measured on each
+    held-out cube; its correction starts at zero (the held-out loss moves only after a step)."""
+    net = rp.student_network(representation, unshuffle, 16)
+    assert net.config.unshuffle == (unshuffle or 4) and net.config.width == 16 and net.config.growth == 8
+    assert not net.head_refine.weight.any() and not net.head_refine.bias.any()
+    train = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if c.name == "AVIRIS Jasper Ridge"]
+    gains = rp.representation_probe(train, held_out, datasets.validation_sensors()["Sentinel-2 10 m"], representation,
+                                    steps=2, batch_size=2, crop=32, width=16, held_out_batches=1, evaluate_every=1,
+                                    consistent=True, network="student", unshuffle=unshuffle, centred=centred,
+                                    log=lambda line: None)
+    series = gains["AVIRIS Jasper Ridge"]
+    assert [step for step, _ in series] == [1, 2] and all(math.isfinite(gain) for _, gain in series)
+    assert any(abs(gain) > 1e-5 for _, gain in series)
+    with pytest.raises(ValueError, match="network must be one of"):
+        rp.representation_probe(train, held_out, datasets.validation_sensors()["RGB"], representation, steps=1,
+                                network="unet")

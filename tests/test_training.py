@@ -216,22 +216,30 @@ def test_the_student_fits_batches_it_sees_again_from_its_zero_correction(shared_
     assert math.isfinite(result.memorised_held_out_gain_db)
 
 
-def test_the_probe_logs_its_held_out_gain_by_steps_and_crops_seen(shared_data_dir):
-    """The generalisation run measures the held-out gain every ``evaluate_every`` steps and logs
-    the crops seen beside the steps: runs of different batch sizes are compared per crop
-    (learnability's docstring)."""
+def test_the_probe_logs_its_held_out_gain_per_cube_by_steps_and_crops_seen(shared_data_dir):
+    """The generalisation run measures the held-out gain on each held-out cube every
+    ``evaluate_every`` steps, and their mean, and logs the crops seen beside the steps: runs of
+    different batch sizes are compared per crop, and one cube's loss cannot hide behind another's
+    gain (learnability's docstring)."""
     from csakd_qgis import learnability
 
     train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
-    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name or "Jasper" in c.name]
     lines = []
     result = learnability.probe(
         train_cubes, held_out, datasets.validation_sensors()["Sentinel-2 10 m"], scale=4, steps=2, memorise_steps=0,
-        held_out_batches=1, batch_size=3, crop=48, evaluate_every=1, log=lines.append,
+        held_out_batches=1, batch_size=3, crop=48, lr=1e-3, evaluate_every=1, log=lines.append,
     )
     assert [step for step, _ in result.held_out_gain_db] == [1, 2]
-    assert all(math.isfinite(gain) for _, gain in result.held_out_gain_db)
-    logged = [re.match(r"step +(\d+) \((\d+) crops\) .* held-out gain [+-]\d\.\d{3} dB$", line) for line in lines]
+    assert list(result.held_out_gain_by_cube_db) == [c.name for c in held_out]
+    for index, (step, mean) in enumerate(result.held_out_gain_db):
+        per_cube = [series[index] for series in result.held_out_gain_by_cube_db.values()]
+        assert all(s == step and math.isfinite(g) for s, g in per_cube)
+        assert mean == pytest.approx(np.mean([g for _, g in per_cube]))
+    # The second step has moved the zeroed output convolution: the held-out loss changed.
+    assert any(abs(g) > 1e-5 for series in result.held_out_gain_by_cube_db.values() for _, g in series[1:])
+    logged = [re.match(r"step +(\d+) \((\d+) crops\) .* held-out gain EnMAP Potsdam block C [+-]\d\.\d{3}  "
+                       r"AVIRIS Jasper Ridge [+-]\d\.\d{3}  mean [+-]\d\.\d{3} dB$", line) for line in lines]
     assert [m and m.groups() for m in logged] == [("1", "3"), ("2", "6")], lines
 
 
