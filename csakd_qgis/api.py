@@ -236,8 +236,16 @@ def fit_scene(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, subspace_dim: int, regr
     )
 
 
-def array_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int):
-    """A :class:`pipeline.ScenePair` over two arrays in memory (NaN outside them)."""
+def fuse_case(case, model=None, **options) -> np.ndarray:
+    """:func:`fuse_arrays` of a Wald case (datasets.WaldCase): its LR-HSI, HR-MSI and band
+    centres, with ``options`` (psf, log, adapt_minutes, ...) passed on. Returns float32
+    (B, s·h, s·w), as :func:`fuse_arrays`, whose errors it raises."""
+    return fuse_arrays(case.lr_hsi, case.hr_msi, model=model, wavelengths_nm=case.wavelengths_nm, **options)
+
+
+def array_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int, wavelengths_nm: Optional[np.ndarray] = None):
+    """A :class:`pipeline.ScenePair` over two arrays in memory (NaN outside them), the LR-HSI's
+    band centres ``wavelengths_nm`` (B,) in nm or None."""
     from .pipeline import ScenePair
 
     from .georaster import padded_window
@@ -248,7 +256,7 @@ def array_pair(lr_hsi: np.ndarray, hr_msi: np.ndarray, scale: int):
 
         return lambda window: padded_window(inside, image.shape[0], image.shape[1], image.shape[2], *window)
 
-    return ScenePair(lr_hsi.shape[1:], hr_msi.shape[1:], scale, reader(lr_hsi), reader(hr_msi))
+    return ScenePair(lr_hsi.shape[1:], hr_msi.shape[1:], scale, reader(lr_hsi), reader(hr_msi), wavelengths_nm)
 
 
 def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_cols=256,
@@ -286,6 +294,7 @@ def fuse_arrays(
     log: Optional[Callable[[str], None]] = None,
     psf=None,
     adapt_minutes: float = 0.0,
+    wavelengths_nm: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Fuse an LR-HSI (B, h, w) with an HR-MSI (M, s·h, s·w) on the same footprint.
 
@@ -295,7 +304,10 @@ def fuse_arrays(
     NaN marks missing data; output pixels without data in either input are NaN.
     ``model`` is a loaded model or a bundle path (default: the bundled student);
     ``adapt_minutes`` > 0 fine-tunes it on the scene first (as :func:`fuse_files`).
-    Returns float32 (B, s·h, s·w). Raises ValueError for shapes that do not fit.
+    ``wavelengths_nm`` (B,): the LR-HSI's band centres in nm, which a model on the wavelength grid
+    needs (model.REPRESENTATIONS; without them it adds nothing to the base); :func:`fuse_files`
+    reads them from the raster's metadata. Returns float32 (B, s·h, s·w). Raises ValueError for
+    shapes that do not fit or a count of band centres other than B.
     """
     from .psf import parse_psf
 
@@ -312,7 +324,9 @@ def fuse_arrays(
     def write(row0: int, col0: int, spectra: np.ndarray) -> None:
         output[:, row0 : row0 + spectra.shape[1], col0 : col0 + spectra.shape[2]] = spectra
 
-    pair = array_pair(lr_hsi, hr_msi, scale)
+    if wavelengths_nm is not None and len(wavelengths_nm) != lr_hsi.shape[0]:
+        raise ValueError(f"{len(wavelengths_nm)} band centres for {lr_hsi.shape[0]} hyperspectral bands")
+    pair = array_pair(lr_hsi, hr_msi, scale, None if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=np.float64))
 
     def adapt(model_, statistics):
         return _adapted(model_, statistics, pair, adapt_minutes, log or (lambda message: None), cancelled)
@@ -471,7 +485,12 @@ def fuse_files(
             def read_hr(w):
                 return fill_partial_gaps(read_msi(w), msi_fallback)
 
-            pair = ScenePair((grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, read_hr)
+            wavelengths = None
+            if meta.wavelengths_nm is not None:
+                wavelengths = meta.wavelengths_nm[np.array(indexes) - 1]
+                wavelengths = wavelengths if all_used else wavelengths[usable]
+            pair = ScenePair((grid.lr_height, grid.lr_width), (grid.height, grid.width), grid.scale, read_lr, read_hr,
+                             wavelengths)
 
             def adapt(model_, statistics):
                 if adapt_minutes <= 0:

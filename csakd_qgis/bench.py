@@ -137,7 +137,7 @@ def network_costs(repeats: int) -> List[Dict]:
 
 
 def quality(data_dir=None) -> Dict:
-    from .api import fuse_arrays, load_model
+    from .api import fuse_case, load_model
     from .bundle import default_model_path
     from .datasets import validation_cases
     from .train import baseline_metrics, summarise, _metrics
@@ -146,7 +146,7 @@ def quality(data_dir=None) -> Dict:
     table = baseline_metrics(cases)
     for role in ("teacher", "student"):
         model, _ = load_model(default_model_path().with_name(f"csakd_{role}.json"), "cpu")
-        table[role] = [_metrics(c, fuse_arrays(c.lr_hsi, c.hr_msi, model=model)) for c in cases]
+        table[role] = [_metrics(c, fuse_case(c, model=model)) for c in cases]
     return {"cases": table, "summary": {name: summarise(rows) for name, rows in table.items()}}
 
 
@@ -160,7 +160,7 @@ def adaptation(budgets=ADAPTATION_BUDGETS, data_dir=None) -> Dict:
     are too small to set a reduced pair aside for training), fused as users fuse: the gain
     the adaptation measured on the scene's own reduced pair, and the PSNR/SAM the fused image
     reaches at full resolution against the truth."""
-    from .api import fuse_arrays, load_model
+    from .api import fuse_case, load_model
     from .bundle import default_model_path
     from .datasets import make_wald_case, validation_cubes, validation_sensors
     from .train import _metrics
@@ -174,7 +174,7 @@ def adaptation(budgets=ADAPTATION_BUDGETS, data_dir=None) -> Dict:
             row = {"cube": cube.name, "scale": scale}
             for minutes in budgets:
                 said = []
-                fused = fuse_arrays(case.lr_hsi, case.hr_msi, model=student, adapt_minutes=minutes, log=said.append)
+                fused = fuse_case(case, model=student, adapt_minutes=minutes, log=said.append)
                 row[f"{minutes:g} min"] = dict(_metrics(case, fused), log=next((m for m in said if "adaptation" in m), ""))
             rows.append(row)
             print(f"  {cube.name} ×{scale}: " + ", ".join(f"{b:g} min {row[f'{b:g} min']['psnr']:.2f} dB" for b in budgets), flush=True)
@@ -208,7 +208,7 @@ _LAUNCHER = (
 
 def robustness(data_dir=None) -> Dict:
     """Scale 4, Sentinel-2 10 m: 30 dB noise on either input, and the LR-HSI shifted by 1 HR pixel."""
-    from .api import fuse_arrays, load_model
+    from .api import fuse_case, load_model
     from .baselines import bicubic_upsample, gsa
     from .bundle import default_model_path
     from .datasets import make_wald_case, validation_cubes, validation_sensors
@@ -229,7 +229,7 @@ def robustness(data_dir=None) -> Dict:
             rows.append({
                 "bicubic": _metrics(case, bicubic_upsample(case.lr_hsi, 4, case.reference.shape[1:])),
                 "gsa": _metrics(case, gsa(case.lr_hsi, case.hr_msi, 4)),
-                "student": _metrics(case, fuse_arrays(case.lr_hsi, case.hr_msi, model=student)),
+                "student": _metrics(case, fuse_case(case, model=student)),
             })
     return {"cases": rows}
 
@@ -244,7 +244,7 @@ def psf_variants(data_dir=None, oracle_baselines: bool = True) -> Dict:
     datasets.validation_psfs at scales 3 and 4: the bundled student with the PSF estimated
     blind, the same student told the true PSF, GSA, bicubic and, at scale 4, CNMF and HySure
     told the true PSF and SRF (oracles; cached on disk)."""
-    from .api import fuse_arrays, load_model
+    from .api import fuse_case, load_model
     from .baselines import bicubic_upsample, gsa
     from .bundle import default_model_path
     from .datasets import make_wald_case, spectral_response_matrix, validation_cubes, validation_psfs, validation_sensors
@@ -263,8 +263,8 @@ def psf_variants(data_dir=None, oracle_baselines: bool = True) -> Dict:
                 row = {
                     "bicubic": _metrics(case, bicubic_upsample(case.lr_hsi, scale, case.reference.shape[1:])),
                     "gsa": _metrics(case, gsa(case.lr_hsi, case.hr_msi, scale)),
-                    "blind": _metrics(case, fuse_arrays(case.lr_hsi, case.hr_msi, model=student, log=estimate.append)),
-                    "told": _metrics(case, fuse_arrays(case.lr_hsi, case.hr_msi, model=student, psf=case.degradation)),
+                    "blind": _metrics(case, fuse_case(case, model=student, log=estimate.append)),
+                    "told": _metrics(case, fuse_case(case, model=student, psf=case.degradation)),
                     "estimate": next((line for line in estimate if line.startswith("estimated PSF")), ""),
                 }
                 if oracle_baselines and scale == ORACLE_SCALE:
@@ -304,7 +304,7 @@ def network_gain(data_dir=None, oracle_baselines: bool = True) -> Dict:
     student's architecture before any step: its zeroed output convolution makes it exactly the
     classical base), the bundled student, the same student trained without its teacher (when
     its bundle is there) and the bundled teacher; at scale 4, CNMF and HySure told the truth."""
-    from .api import fuse_arrays, load_model
+    from .api import fuse_case, load_model
     from .bundle import default_model_path
     from .datasets import make_wald_case, spectral_response_matrix, validation_cases, validation_cubes, validation_psfs, validation_sensors
     from .model import SubspaceFusionModel
@@ -328,7 +328,7 @@ def network_gain(data_dir=None, oracle_baselines: bool = True) -> Dict:
                 cases.append(case)
     rows = []
     for case in cases:
-        row = {role: _metrics(case, fuse_arrays(case.lr_hsi, case.hr_msi, model=model)) for role, model in models.items()}
+        row = {role: _metrics(case, fuse_case(case, model=model)) for role, model in models.items()}
         if oracle_baselines and case.scale == ORACLE_SCALE:
             label = case.sensor.split(",")[0]
             response, _ = spectral_response_matrix(sensors[label], cubes[case.cube].wavelengths_nm)

@@ -203,6 +203,9 @@ class WaldCase:
     # Scene statistics of the whole scene the case was cut from (model.SceneStatistics), as
     # fusion fits them on a whole scene; None: fitted on the case itself.
     statistics: Optional[object] = None
+    # The LR-HSI's band centres (B,) in nm, None when unknown: what fusion reads from a raster's
+    # metadata, and what a "grid" model needs (model.REPRESENTATIONS).
+    wavelengths_nm: Optional[np.ndarray] = None
 
 
 def make_wald_case(
@@ -235,7 +238,8 @@ def make_wald_case(
     lr, msi, reference = wald_pair(data, degradation, response, rng, hsi_snr_db, msi_snr_db)
     name = sensor if isinstance(sensor, str) else sensor.name
     return WaldCase(
-        lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, name, degradation
+        lr.astype(np.float32), msi.astype(np.float32), np.ascontiguousarray(reference), scale, cube.name, name, degradation,
+        wavelengths_nm=cube.wavelengths_nm,
     )
 
 

@@ -57,6 +57,9 @@ class ScenePair:
     scale: int
     read_lr: Callable[[Window], np.ndarray]
     read_hr: Callable[[Window], np.ndarray]
+    # The band centres (B,) in nm of what read_lr returns, None when unknown (raster_io reads
+    # them from the raster's metadata); a "grid" model needs them (model.REPRESENTATIONS).
+    wavelengths_nm: Optional[np.ndarray] = None
 
     def hr_mirrored(self, window: Window) -> np.ndarray:
         """An HR window, mirrored (half-sample symmetric) beyond the HR extent, as the
@@ -120,7 +123,9 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     The principal basis comes from the LR-HSI alone; the PSF and offset are then estimated
     from the pair (only the offset when the user gave ``psf``), and the MSI → subspace
     regression is fitted with the MSI degraded under that estimate. The statistics carry the
-    estimate as their ``degradation``. Raises ValueError when no pixel has data in both."""
+    estimate as their ``degradation``, and the pair's band centres for a model on the wavelength
+    grid (SceneStatistics.set_wavelengths; centres it cannot use are logged and left out).
+    Raises ValueError when no pixel has data in both."""
     from .api import fill_gaps, fit_scene
     from .model import SceneStatistics
     from .registration import DegradationEstimate, central_window, estimate_degradation, measuring_size, measuring_windows
@@ -171,6 +176,12 @@ def fit_scene_statistics(pair: ScenePair, subspace_dim: int, psf: Optional[Spati
     valid = np.isfinite(lr).all(0) & np.isfinite(msi).all(0)
     statistics.fit_regression(lr, msi, valid=valid, max_pixels=SUBSPACE_FIT_PIXELS)
     statistics.degradation = degradation
+    if pair.wavelengths_nm is not None:
+        try:
+            statistics.set_wavelengths(pair.wavelengths_nm)
+        except ValueError as error:
+            # Only a "grid" model reads them, and it then adds nothing to the base: fusion goes on.
+            log(f"the band centres cannot be put on the wavelength grid ({error}); a model on that grid adds nothing here")
     assert isinstance(statistics, SceneStatistics)
     return statistics, estimate
 

@@ -53,7 +53,14 @@ from .datasets import (
 )
 from .losses import student_loss, teacher_loss
 from .metrics import ergas, psnr, sam
-from .model import FusionModelConfig, SceneStatistics, SubspaceFusionModel, representation_channels, stack_statistics
+from .model import (
+    REPRESENTATIONS,
+    FusionModelConfig,
+    SceneStatistics,
+    SubspaceFusionModel,
+    representation_channels,
+    stack_statistics,
+)
 from .network import NetworkConfig, count_macs, count_parameters
 from .api import resolve_device
 from .training_set import TrainingSet, load_training_set, read_pack
@@ -102,10 +109,12 @@ def student_config(
     )
 
 
-def teacher_config(subspace_dim: int = TEACHER_SUBSPACE_DIM, representation: str = "subspace") -> FusionModelConfig:
+def teacher_config(subspace_dim: int = TEACHER_SUBSPACE_DIM, representation: str = "subspace", unshuffle: int = 4) -> FusionModelConfig:
+    """The bundled teacher (wider and deeper than :func:`student_config`), in ``representation``'s
+    channels and with the space-to-depth factor ``unshuffle`` (1: the paper's layout)."""
     channels = representation_channels(representation, subspace_dim)
     return FusionModelConfig(
-        NetworkConfig(channels, channels, width=48, growth=24, blocks=(2, 3, 3, 2), attention_dim=48, heads=4, unshuffle=4),
+        NetworkConfig(channels, channels, width=48, growth=24, blocks=(2, 3, 3, 2), attention_dim=48, heads=4, unshuffle=unshuffle),
         subspace_dim,
         representation,
     )
@@ -165,12 +174,12 @@ class Distiller(nn.Module):
 
 
 def validate(model: SubspaceFusionModel, cases: List[WaldCase]) -> List[Dict]:
-    from .api import fuse_arrays
+    from .api import fuse_case
 
     model.eval()
     rows = []
     for case in cases:
-        fused = fuse_arrays(case.lr_hsi, case.hr_msi, model=model)
+        fused = fuse_case(case, model=model)
         rows.append(_metrics(case, fused))
     model.train()
     return rows
@@ -478,7 +487,15 @@ def train(args) -> Path:
     for name, rows in baselines.items():
         m = summarise(rows)
         print(f"  {name:8s} PSNR {m['psnr']:.2f} dB  SAM {m['sam']:.2f}°  ERGAS {m['ergas']:.2f}", flush=True)
-    teacher, student = teacher_config(args.teacher_subspace_dim), student_config(args.subspace_dim)
+    teacher = teacher_config(args.teacher_subspace_dim, args.representation, args.unshuffle)
+    student = student_config(args.subspace_dim, args.representation, args.unshuffle, args.student_width)
+    if args.representation == "grid":
+        # A model on the wavelength grid learns nothing from a cube without band centres (it is
+        # the base there): those cubes would only cost steps.
+        left_out = [c.name for c in cubes if c.wavelengths_nm is None]
+        cubes = [c for c in cubes if c.wavelengths_nm is not None]
+        if left_out:
+            print(f"left out of the wavelength grid's training (no band centres): {', '.join(left_out)}", flush=True)
     whole_scene = WholeSceneStatistics(shared_statistics_dim(teacher, student))
     run = TrainingRun(
         sample_batch=lambda rng: training_batch(cubes, sensors, rng, args.batch_size, args.crop, statistics=whole_scene),
@@ -572,8 +589,11 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
             "hsi_bands": [20, 300],
             "msi_bands": [3, 13],
             "scale": [2, 10],
-            "wavelengths_required": False,
-            "note": "any sensor pair: the network works in the scene's own spectral subspace",
+            "wavelengths_required": run.student.representation == "grid",
+            "note": "any sensor pair: the network works in the scene's own spectral subspace"
+            if run.student.representation == "subspace" else
+            "any sensor pair whose hyperspectral bands' centres are known: the network works on a fixed wavelength grid "
+            "(without the centres it adds nothing to the classical base)",
         },
         "normalisation": (
             "per scene: LR-HSI band means removed, projected onto its first K principal components (those above its noise, HySime's rule), divided by one "
@@ -630,6 +650,13 @@ def main(argv=None) -> int:
                         "(the probe learned as fast per crop with 4 times the batch at about 3 times the rate: learnability.py)")
     parser.add_argument("--subspace-dim", type=int, default=SUBSPACE_DIM, help="the student's spectral subspace")
     parser.add_argument("--teacher-subspace-dim", type=int, default=TEACHER_SUBSPACE_DIM)
+    parser.add_argument("--representation", choices=REPRESENTATIONS, default="subspace",
+                        help="the networks' channels: the scene's principal components, or a fixed wavelength grid "
+                        "(needs band centres; cubes without them are left out)")
+    parser.add_argument("--unshuffle", type=int, default=4,
+                        help="the networks' space-to-depth factor: 4 the bundled layout, 1 the paper's full-resolution "
+                        "one, the only one in which the student's correction carried to unseen scenes (learnability.py)")
+    parser.add_argument("--student-width", type=int, default=32, help="the student's features (growth half of it)")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
@@ -657,6 +684,9 @@ def main(argv=None) -> int:
                      "with: write one without the corpus (python -m csakd_qgis.training_set FILE --no-corpus)")
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.unshuffle < 1 or args.student_width < 2 or args.student_width % 4:
+        parser.error(f"--unshuffle must be 1 or more and --student-width a multiple of 4, got {args.unshuffle} and "
+                     f"{args.student_width}")
     try:
         resolve_device(args.device)
     except (ValueError, RuntimeError) as error:

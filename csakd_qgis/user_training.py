@@ -168,11 +168,11 @@ def scene_from_pair(lr_path, hr_path, max_lr_pixels: int = 1_000_000, subspace_d
         hsi = hsi[keep]
         hsi[:, ~np.isfinite(hsi).all(0)] = np.nan
         read_lr = array_pair(hsi, hsi, 1).read_lr
-        pair = ScenePair(hsi.shape[1:], (grid.height, grid.width), grid.scale, read_lr, hr_reader(hr_ds, grid))
+        wavelengths = meta.wavelengths_nm[keep] if meta.wavelengths_nm is not None else None
+        pair = ScenePair(hsi.shape[1:], (grid.height, grid.width), grid.scale, read_lr, hr_reader(hr_ds, grid), wavelengths)
         statistics, _ = fit_scene_statistics(pair, subspace_dim or SUBSPACE_DIM, log=log)
         msi = pair.msi_at_lr((0, 0) + hsi.shape[1:], statistics.degradation)
     hsi, msi = filled_pair(hsi, msi, f"less than half of the pair {Path(lr_path).name} has data in both images")
-    wavelengths = meta.wavelengths_nm[keep] if meta.wavelengths_nm is not None else None
     return TrainingScene(
         Path(lr_path).stem, hsi, wavelengths, grid.scale, msi=msi, degradation=statistics.degradation.at_scale(grid.scale)
     )

@@ -407,3 +407,47 @@ def test_two_crs_output_on_the_msi_grid_and_better_than_bicubic(potsdam_wald_pai
     print(f"Potsdam Wald ×3, LR-HSI in EPSG:3035: PSNR fused {fused_psnr:.2f} dB, "
           f"bicubic of the UTM LR-HSI {floor:.2f} dB; filled {filled[valid].mean():.3f}")
     assert fused_psnr > floor + MIN_PSNR_GAIN_OVER_BICUBIC_TWO_CRS_DB
+
+
+def _grid_bundle(path, zero_head: bool):
+    """A small model on the wavelength grid (model.REPRESENTATIONS), saved as a bundle: with a
+    random output convolution, as a trained one has, or with the zero one of the untrained base."""
+    import torch
+
+    from csakd_qgis.bundle import save_bundle
+    from csakd_qgis.train import student_config
+    from csakd_qgis.model import SubspaceFusionModel
+    from tests.helpers import randomise_head
+
+    torch.manual_seed(0)
+    model = SubspaceFusionModel(student_config(representation="grid", unshuffle=1, width=8))
+    if not zero_head:
+        randomise_head(model, seed=1)
+    return save_bundle(path, model.eval(), {"name": path.stem})
+
+
+def test_a_grid_model_reads_the_band_centres_from_the_rasters_metadata(berlin_crop, run_fusion, tmp_path):
+    """A model on the wavelength grid needs the LR-HSI's band centres; fusion reads them from the
+    raster's metadata (the EnMAP Berlin cube's ENVI header here), also for a subset of the bands,
+    so that the network's correction reaches the output (without them it would be the base)."""
+    lr_path, hr_path = berlin_crop
+    outputs = {}
+    for name, zero_head, bands in (("base", True, None), ("grid", False, None), ("grid_subset", False, list(range(1, 61)))):
+        bundle = _grid_bundle(tmp_path / f"{name}.json", zero_head)
+        parameters = {"LRHSI": str(lr_path), "HRMSI": str(hr_path), "MODEL": str(bundle), "OUTPUT": str(tmp_path / f"{name}.tif")}
+        if bands:
+            parameters["BANDS"] = bands
+        results, _ = run_fusion(**parameters)
+        raster = read_raster(results["OUTPUT"])
+        data = raster["data"].astype(np.float64)
+        if raster["nodata"] is not None:
+            data[data == raster["nodata"]] = np.nan
+        outputs[name] = data
+    base, grid, subset = outputs["base"], outputs["grid"], outputs["grid_subset"]
+    assert subset.shape[0] == 60 and grid.shape == base.shape
+    valid = np.isfinite(base).all(0) & np.isfinite(grid).all(0) & np.isfinite(subset).all(0)
+    assert valid.mean() > 0.5
+    scale = np.abs(base[:, valid]).max()
+    assert np.abs(grid[:, valid] - base[:, valid]).max() > 1e-3 * scale
+    # The subset's first 60 bands hold the same band centres: its correction is of the same kind.
+    assert np.abs(subset[:, valid] - base[:60, valid]).max() > 1e-3 * scale

@@ -157,3 +157,10 @@ def test_msi_in_degrees_is_fused_on_ground_distances(potsdam_c, tmp_path):
         errors[name] = float(np.sqrt(np.mean((fused[:, valid] - reference[:, valid]) ** 2)))
     assert any("not square" in line for line in logs), logs
     assert errors["degrees"] <= 1.3 * errors["utm"], errors
+
+
+def test_band_centres_must_match_the_hyperspectral_bands(box_case):
+    """fuse_arrays's band centres (for a model on the wavelength grid) are one per LR-HSI band."""
+    bands = box_case.lr_hsi.shape[0]
+    with pytest.raises(ValueError, match=f"3 band centres for {bands} hyperspectral bands"):
+        fuse_arrays(box_case.lr_hsi, box_case.hr_msi, wavelengths_nm=[500.0, 600.0, 700.0])

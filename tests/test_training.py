@@ -289,3 +289,18 @@ def test_the_probe_trains_the_student_on_the_wavelength_grid(shared_data_dir):
     hydice = next(c for c in datasets.corpus_cubes(shared_data_dir) if c.name == "hydice_urban_80x100")
     with pytest.raises(ValueError, match="needs band centres, which hydice_urban_80x100 lack"):
         learnability.probe([hydice], held_out, sensor, steps=1, representation="grid", log=lines.append)
+
+
+def test_make_train_takes_the_networks_layout_and_refuses_impossible_ones(capsys):
+    """--representation, --unshuffle and --student-width reach the configs (the paper's
+    full-resolution layout is the one whose correction carried: learnability.py); impossible
+    values are usage errors before any data is read."""
+    student = train.student_config(representation="grid", unshuffle=1, width=16)
+    teacher = train.teacher_config(representation="grid", unshuffle=1)
+    assert (student.network.unshuffle, student.network.width, student.network.growth) == (1, 16, 8)
+    assert student.network.hsi_channels == student.network.msi_channels == student.channels
+    assert teacher.network.unshuffle == 1 and teacher.representation == student.representation == "grid"
+    for argv in (["--unshuffle", "0"], ["--student-width", "18"]):
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert "--unshuffle must be 1 or more and --student-width a multiple of 4" in capsys.readouterr().err
