@@ -77,7 +77,8 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -91,6 +92,7 @@ from .datasets import (
     validation_cubes,
     validation_sensors,
 )
+from .bundle import save_bundle
 from .model import REPRESENTATIONS, SubspaceFusionModel
 from .srf import SensorResponse
 from .train import SUBSPACE_DIM, optimiser_step, prepare_batch, reference_loss, student_config
@@ -151,6 +153,7 @@ def probe(
     representation: str = "subspace",
     unshuffle: int = 4,
     width: int = 32,
+    save: Optional[str] = None,
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -166,7 +169,9 @@ def probe(
     averaged with that decay (torch.optim.swa_utils.AveragedModel, starting from the first step's
     weights), which smooths the swings of single steps. ``representation`` is the student's
     (model.REPRESENTATIONS; "grid" needs every cube's band centres), ``unshuffle`` and ``width``
-    its layout (train.student_config; 1 is the paper's full-resolution layout). Raises ValueError when
+    its layout (train.student_config; 1 is the paper's full-resolution layout). ``save``: a model
+    bundle path (bundle.save_bundle) for the generalisation run's student after its last step,
+    so that fusion and the benchmark can run it. Raises ValueError when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
     too small for ``scale``.
@@ -227,6 +232,12 @@ def probe(
                 line += f", averaged weights {_db(result.held_out_gain_ema_db[-1][1])} dB"
             log(line)
 
+    if save and steps:
+        card = {"name": Path(save).stem, "role": "student", "probe": {
+            "steps": steps, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
+            "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
+        log(f"saved the trained student as {save_bundle(save, model.eval(), card)}")
+        model.train()
     if memorise_steps:
         model, optimiser = fresh_student()
         fixed = [batch_of(train_cubes) for _ in range(memorise_batches)]
@@ -306,6 +317,8 @@ def main(argv=None) -> int:
     parser.add_argument("--unshuffle", type=int, default=4,
                         help="the student's space-to-depth factor (4: the bundled student's; 1: the paper's layout)")
     parser.add_argument("--width", type=int, default=32, help="the student's features (growth half of it)")
+    parser.add_argument("--save", default=None, metavar="BUNDLE.json",
+                        help="write the generalisation run's student as a model bundle after its last step")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -326,7 +339,7 @@ def main(argv=None) -> int:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
-              unshuffle=args.unshuffle, width=args.width,
+              unshuffle=args.unshuffle, width=args.width, save=args.save,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

@@ -16,7 +16,9 @@ the scene.
   (interpolation.py), so that the result degraded again is c. Where the MSI predicts a
   component poorly the regression shrinks it, so the base is already a sound classical
   fusion; the network's correction goes through the same (I − P·D), so it can only add what
-  the LR-HSI does not contradict.
+  the LR-HSI does not contradict, and first through the null space of the MSI's linear model
+  (:func:`msi_null_projector`), so that it adds nothing the MSI measures either: where the MSI
+  measures, the base is already close and a learnt correction lost.
 * How the MSI's detail maps to the components' depends on the materials at an edge, so the
   detail weights are fitted per spectral class of the scene as well, and each HR pixel takes
   the classes' weights by its soft membership (:meth:`SceneStatistics.fit_detail_classes`,
@@ -616,10 +618,11 @@ class SubspaceFusionModel(nn.Module):
         if by_class is not None:
             predicted = by_class
 
+        step = spectral_consistency_gain(stats, coefficients.shape[1], degradation)
+
         def completed(added: torch.Tensor) -> torch.Tensor:
             # The subspace image measured + added (added: the part the LR-HSI cannot see), made
             # consistent with the MSI (spectral_consistency_gain), as detail over bicubic(c).
-            step = spectral_consistency_gain(stats, coefficients.shape[1], degradation)
             if step is not None:
                 to_msi, gain = step
                 residual = msi - torch.einsum("nmk,nkhw->nmhw", to_msi, measured + added)
@@ -662,6 +665,11 @@ class SubspaceFusionModel(nn.Module):
             # the grid already holds x/ρ).
             from_grid = torch.einsum("nbk,nbg->nkg", stats["basis"][..., :k], stats["bands_from_grid"])
             correction = torch.einsum("nkg,nghw->nkhw", from_grid, correction)
+        if step is not None:
+            # Only what the MSI cannot see either: where the MSI measures, the base is already
+            # close, and a learnt correction there lost (a grid student, 600 steps, on the 27
+            # validation cases: −0.26 to −2.3 dB in 400–700 nm, +0.25 to +0.65 dB beyond 1000 nm).
+            correction = torch.einsum("nkj,njhw->nkhw", msi_null_projector(step[0]), correction)
         return completed(invisible(predicted + correction)), fused
 
 
@@ -737,6 +745,18 @@ def spectral_consistency_gain(
         innovation.shape[-1], dtype=innovation.dtype)
     gain = torch.linalg.solve(innovation, prior_to_msi.transpose(1, 2)).transpose(1, 2)
     return to_msi.to(dtype), gain.to(dtype)
+
+
+def msi_null_projector(to_msi: torch.Tensor) -> torch.Tensor:
+    """(N,K,K) orthogonal projector onto the subspace coefficients the MSI's linear model A
+    (N,M,K) (:func:`spectral_consistency_gain`) cannot see: I − Aᵀ(A·Aᵀ)⁻¹A, so that A·(P·x) = 0.
+    A correction passed through it leaves the fused image's simulated MSI as it was. A tiny
+    ridge keeps A·Aᵀ invertible when MSI bands are nearly collinear in the subspace."""
+    a = to_msi.double()
+    gram = a @ a.transpose(1, 2)
+    gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1) * torch.eye(gram.shape[-1], dtype=gram.dtype)
+    projector = torch.eye(a.shape[-1], dtype=a.dtype) - a.transpose(1, 2) @ torch.linalg.solve(gram, a)
+    return projector.to(to_msi.dtype)
 
 
 def compose_spectrum(

@@ -529,3 +529,32 @@ def test_the_representation_is_part_of_the_config_and_old_configs_are_the_subspa
         train.student_config(representation="pixels")
     with pytest.raises(ValueError, match="must both equal the grid's 43 channels"):
         SubspaceFusionModel(FusionModelConfig(train.student_config().network, 16, "grid"))
+
+
+def test_the_networks_correction_changes_nothing_the_msi_or_the_lr_hsi_sees(potsdam_c):
+    """EnMAP Potsdam C with a simulated Sentinel-2 MSI at scale 4, a student with a random output
+    convolution (as a trained one has): what its network adds to the base lies in the null space
+    of the MSI's linear model A (model.msi_null_projector) and in what the LR grid cannot see, so
+    the fused image's simulated MSI and LR-HSI stay the base's. (A grid student's correction in
+    400–700 nm, where the MSI measures, had lost up to 2.3 dB on a validation cube.)"""
+    from csakd_qgis.datasets import case_statistics, make_wald_case, validation_sensors
+    from csakd_qgis.model import msi_null_projector, spectral_consistency_gain
+    from csakd_qgis.train import student_config
+
+    k = student_config().subspace_dim
+    case = make_wald_case(potsdam_c, validation_sensors()["Sentinel-2 10 m"], 4)
+    stats = case_statistics(case, k).to_tensors()
+    model = randomise_head(SubspaceFusionModel(student_config()), seed=2).eval()
+    base = SubspaceFusionModel(student_config()).eval()
+    lr_t, hr_t = torch.from_numpy(case.lr_hsi)[None], torch.from_numpy(case.hr_msi)[None]
+    with torch.no_grad():
+        added = model.subspace_detail(lr_t, hr_t, stats)[0] - base.subspace_detail(lr_t, hr_t, stats)[0]
+        to_msi, _ = spectral_consistency_gain(stats, k, case.degradation)
+        seen_by_msi = torch.einsum("nmk,nkhw->nmhw", to_msi, added)
+        projector = msi_null_projector(to_msi)
+    assert added.norm() > 1e-3 * added.numel() ** 0.5
+    assert seen_by_msi.norm() < 1e-4 * added.norm() * to_msi.norm()
+    torch.testing.assert_close(projector @ projector, projector, atol=1e-5, rtol=0)
+    torch.testing.assert_close(to_msi @ projector, torch.zeros_like(to_msi), atol=1e-5, rtol=0)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
+    assert degrade_torch(added, case.degradation)[inner].norm() < 0.05 * added[inner].norm()

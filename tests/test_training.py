@@ -304,3 +304,25 @@ def test_make_train_takes_the_networks_layout_and_refuses_impossible_ones(capsys
         with pytest.raises(SystemExit):
             train.main(argv)
         assert "--unshuffle must be 1 or more and --student-width a multiple of 4" in capsys.readouterr().err
+
+
+def test_the_probe_saves_its_trained_student_as_a_bundle_that_fusion_runs(shared_data_dir, tmp_path):
+    """learnability --save: the generalisation run's student, in its layout, as a model bundle
+    (bundle.load_bundle reads it back with its weights; fusion's own route runs it)."""
+    from csakd_qgis import learnability
+    from csakd_qgis.api import fuse_case
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Jasper" in c.name]
+    path = tmp_path / "probe_student.json"
+    lines = []
+    learnability.probe(train_cubes, held_out, datasets.validation_sensors()["Sentinel-2 10 m"], steps=2, memorise_steps=0,
+                       held_out_batches=1, batch_size=2, crop=32, lr=1e-3, representation="grid", unshuffle=1, width=8,
+                       save=str(path), log=lines.append)
+    model, card = load_bundle(path)
+    assert model.config.representation == "grid" and model.config.network.unshuffle == 1
+    assert model.network.head_refine.weight.abs().sum() > 0
+    assert card["probe"]["steps"] == 2 and list(card["probe"]["held_out_gain_db"]) == ["AVIRIS Jasper Ridge"]
+    assert lines[-1] == f"saved the trained student as {path}"
+    case = datasets.validation_cases(shared_data_dir, scales=(4,))[-1]
+    assert np.isfinite(fuse_case(case, model=model)).all()
