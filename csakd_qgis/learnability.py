@@ -48,6 +48,8 @@ Ridge, Sentinel-2 10 m, ×4, 1e-4, gains in dB at 750 steps:
 
 * grid, ``unshuffle`` 4, 32 features: −0.058 / −0.031 / +0.017;
 * grid, ``unshuffle`` 1, 16 features: +0.191 / −0.566 / +0.481 (+0.519 on Jasper Ridge at 500);
+  with its correction kept out of what the MSI sees (model.msi_null_projector, now part of the
+  model) +0.176 / −0.184 / +0.397 at 600 steps;
 * subspace, ``unshuffle`` 4, 32 features (the bundled student): +0.003 / −0.004 / +0.007;
 * subspace, ``unshuffle`` 1, 16 features: −0.015 / −0.077 / +0.285.
 
