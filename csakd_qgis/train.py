@@ -630,8 +630,9 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
 
 
 def _macs_256(model: SubspaceFusionModel, scale: int) -> int:
-    k = model.config.subspace_dim
-    return count_macs(model.network, (1, k, 256 // scale, 256 // scale), (1, k, 256, 256))
+    # The network's own channels: the subspace's K or the wavelength grid's points.
+    c = model.config.channels
+    return count_macs(model.network, (1, c, 256 // scale, 256 // scale), (1, c, 256, 256))
 
 
 def main(argv=None) -> int:

@@ -192,3 +192,23 @@ def test_make_train_refuses_a_missing_pack_and_no_corpus_with_a_pack(pack, capsy
     with pytest.raises(SystemExit):
         train.main(["--pack", str(path), "--no-corpus"])
     assert "--no-corpus chooses what is read from the shared data" in capsys.readouterr().err
+
+
+def test_make_train_in_the_layout_that_carries_writes_grid_bundles(pack, tmp_path, monkeypatch, capsys):
+    """--representation grid --unshuffle 1: the cube without band centres is left out and named,
+    and the bundles (whose card counts the network's cost on the grid's channels) are written,
+    load, and say that band centres are required."""
+    path, _ = pack
+    monkeypatch.setattr(train, "validation_cases", few_validation_cases)
+    args = ["--pack", str(path), "--minutes", "0.1", "--fresh", "--steps-per-epoch", "2", "--batch-size", "2",
+            "--crop", "32", "--output", str(tmp_path), "--checkpoint", str(tmp_path / "ck.pt"), "--threads", "1",
+            "--no-control", "--representation", "grid", "--unshuffle", "1", "--student-width", "8"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "left out of the wavelength grid's training (no band centres): hydice_urban_80x100" in out
+    for role in ("student", "teacher"):
+        model, card = load_bundle(tmp_path / f"csakd_{role}.json")
+        assert model.config.representation == "grid" and model.config.network.unshuffle == 1
+        assert card["inputs"]["wavelengths_required"] is True and card["macs_per_256_tile"] > 0
+        assert card["training"]["cubes"] and not any(c.startswith("hydice") for c in card["training"]["cubes"])
+    assert load_bundle(tmp_path / "csakd_student.json")[0].config.network.width == 8
