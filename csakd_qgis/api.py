@@ -269,6 +269,10 @@ def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_c
 
     log = log or (lambda message: None)
     statistics, _ = fit_scene_statistics(pair, model.config.subspace_dim, psf, log)
+    if model.config.representation == "grid" and statistics.grid_from_bands is None:
+        log("this model works on a wavelength grid, and the hyperspectral image's band centres are unknown: its "
+            "network is not applied, the output is the classical base (give the image wavelength metadata, e.g. an "
+            "ENVI header's 'wavelength' list, to use it)")
     safe = check_against_safe(pair, model, statistics, device)
     log(safe.describe())
     if adapt is not None and safe.use_fusion:

@@ -95,6 +95,7 @@ from .datasets import (
     validation_sensors,
 )
 from .bundle import save_bundle
+from .network import count_parameters
 from .model import REPRESENTATIONS, SubspaceFusionModel
 from .srf import SensorResponse
 from .train import SUBSPACE_DIM, optimiser_step, prepare_batch, reference_loss, student_config
@@ -235,7 +236,8 @@ def probe(
             log(line)
 
     if save and steps:
-        card = {"name": Path(save).stem, "role": "student", "probe": {
+        card = {"name": Path(save).stem, "role": "student", "parameters": count_parameters(model),
+                "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
             "steps": steps, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
             "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
         log(f"saved the trained student as {save_bundle(save, model.eval(), card)}")
@@ -261,6 +263,16 @@ def require_band_centres(cubes: Sequence[HyperspectralCube]) -> None:
     missing = list(dict.fromkeys(c.name for c in cubes if c.wavelengths_nm is None))
     if missing:
         raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
+
+
+def _layout_error(unshuffle, width) -> str:
+    """The command line's message for a student layout the network cannot take (None: not given,
+    the default), or "" when it can."""
+    if unshuffle is not None and unshuffle < 1:
+        return f"--unshuffle must be 1 or more (1: the paper's layout, 4: the bundled one), got {unshuffle}"
+    if width is not None and (width < 4 or width % 4):
+        return f"--width must be a multiple of 4 (its half, the growth, is split into 2 groups), got {width}"
+    return ""
 
 
 def _cubes_named(cubes: Sequence[HyperspectralCube], words: Sequence[str]) -> List[HyperspectralCube]:
@@ -324,6 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
+    if _layout_error(args.unshuffle, args.width):
+        parser.error(_layout_error(args.unshuffle, args.width))
     if args.threads:
         torch.set_num_threads(args.threads)
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)

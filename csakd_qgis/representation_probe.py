@@ -91,7 +91,7 @@ from .datasets import (
     validation_cubes,
     validation_sensors,
 )
-from .learnability import DB_PER_LOG_MSE, _cubes_named, _db, require_band_centres
+from .learnability import DB_PER_LOG_MSE, _cubes_named, _db, _layout_error, require_band_centres
 from .interpolation import upsample_lr
 from .losses import teacher_loss
 from .psf import degrade_torch
@@ -161,7 +161,8 @@ def student_network(representation: str, unshuffle: Optional[int] = None, width:
     convolution zeroed (its correction starts at zero, as the student's, model.py). Raises
     ValueError for another representation (train.student_config) or a width the network's
     groups do not divide (network.NetworkConfig)."""
-    net = CSAKDNet(student_config(representation=representation, unshuffle=unshuffle or 4, width=width or 32).network)
+    net = CSAKDNet(student_config(representation=representation, unshuffle=4 if unshuffle is None else unshuffle,
+                                  width=32 if width is None else width).network)
     nn.init.zeros_(net.head_refine.weight)
     nn.init.zeros_(net.head_refine.bias)
     return net
@@ -300,6 +301,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
+    layout_error = _layout_error(args.unshuffle, args.width)
+    if layout_error:
+        parser.error(layout_error)
     torch.set_num_threads(args.threads)
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data, unknown_wavelengths=False)
     every = [c for c in every if c.weight == 1.0]  # no laboratory scenes

@@ -481,6 +481,13 @@ def train(args) -> Path:
         data = load_training_set(args.data, args.corpus)
     cubes, sensors = data.training, data.sensors
     cases = validation_cases(scales=args.validation_scales, cubes_=data.validation, sensors=data.validation_sensors)
+    if args.representation == "grid":
+        # A model on the wavelength grid learns nothing from a cube without band centres (it is
+        # the base there): those cubes would only cost steps.
+        left_out = [c.name for c in cubes if c.wavelengths_nm is None]
+        cubes = [c for c in cubes if c.wavelengths_nm is not None]
+        if left_out:
+            print(f"left out of the wavelength grid's training (no band centres): {', '.join(left_out)}", flush=True)
     print(f"training cubes: {', '.join(f'{c.name} {c.data.shape}' for c in cubes)}", flush=True)
     print(f"validation: {len(cases)} Wald cases on cubes never trained on", flush=True)
     baselines = baseline_metrics(cases)
@@ -489,13 +496,6 @@ def train(args) -> Path:
         print(f"  {name:8s} PSNR {m['psnr']:.2f} dB  SAM {m['sam']:.2f}°  ERGAS {m['ergas']:.2f}", flush=True)
     teacher = teacher_config(args.teacher_subspace_dim, args.representation, args.unshuffle)
     student = student_config(args.subspace_dim, args.representation, args.unshuffle, args.student_width)
-    if args.representation == "grid":
-        # A model on the wavelength grid learns nothing from a cube without band centres (it is
-        # the base there): those cubes would only cost steps.
-        left_out = [c.name for c in cubes if c.wavelengths_nm is None]
-        cubes = [c for c in cubes if c.wavelengths_nm is not None]
-        if left_out:
-            print(f"left out of the wavelength grid's training (no band centres): {', '.join(left_out)}", flush=True)
     whole_scene = WholeSceneStatistics(shared_statistics_dim(teacher, student))
     run = TrainingRun(
         sample_batch=lambda rng: training_batch(cubes, sensors, rng, args.batch_size, args.crop, statistics=whole_scene),
@@ -685,9 +685,11 @@ def main(argv=None) -> int:
                      "with: write one without the corpus (python -m csakd_qgis.training_set FILE --no-corpus)")
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
-    if args.unshuffle < 1 or args.student_width < 2 or args.student_width % 4:
-        parser.error(f"--unshuffle must be 1 or more and --student-width a multiple of 4, got {args.unshuffle} and "
-                     f"{args.student_width}")
+    if args.unshuffle < 1:
+        parser.error(f"--unshuffle must be 1 or more (1: the paper's layout, 4: the bundled one), got {args.unshuffle}")
+    if args.student_width < 4 or args.student_width % 4:
+        parser.error(f"--student-width must be a multiple of 4 (its half, the growth, is split into 2 groups), "
+                     f"got {args.student_width}")
     try:
         resolve_device(args.device)
     except (ValueError, RuntimeError) as error:

@@ -164,3 +164,26 @@ def test_band_centres_must_match_the_hyperspectral_bands(box_case):
     bands = box_case.lr_hsi.shape[0]
     with pytest.raises(ValueError, match=f"3 band centres for {bands} hyperspectral bands"):
         fuse_arrays(box_case.lr_hsi, box_case.hr_msi, wavelengths_nm=[500.0, 600.0, 700.0])
+
+
+def test_a_grid_model_without_band_centres_says_it_is_not_applied(box_case):
+    """A model on the wavelength grid cannot run without the LR-HSI's band centres: fusion
+    gives the base and the log says so, with what to do (a user picked that model)."""
+    import torch
+
+    from csakd_qgis.model import SubspaceFusionModel
+    from csakd_qgis.train import student_config
+    from tests.helpers import randomise_head
+
+    torch.manual_seed(0)
+    grid = randomise_head(SubspaceFusionModel(student_config(representation="grid", unshuffle=1, width=8))).eval()
+    base = SubspaceFusionModel(student_config(representation="grid", unshuffle=1, width=8)).eval()
+    said = []
+    fused = fuse_arrays(box_case.lr_hsi, box_case.hr_msi, model=grid, log=said.append)
+    np.testing.assert_array_equal(fused, fuse_arrays(box_case.lr_hsi, box_case.hr_msi, model=base))
+    assert any("band centres are unknown: its network is not applied" in line for line in said), said
+    centres = np.linspace(450.0, 2400.0, box_case.lr_hsi.shape[0])
+    said.clear()
+    corrected = fuse_arrays(box_case.lr_hsi, box_case.hr_msi, model=grid, wavelengths_nm=centres, log=said.append)
+    assert not np.array_equal(corrected, fused)
+    assert not any("not applied" in line for line in said)

@@ -294,16 +294,27 @@ def test_the_probe_trains_the_student_on_the_wavelength_grid(shared_data_dir):
 def test_make_train_takes_the_networks_layout_and_refuses_impossible_ones(capsys):
     """--representation, --unshuffle and --student-width reach the configs (the paper's
     full-resolution layout is the one whose correction carried: learnability.py); impossible
-    values are usage errors before any data is read."""
+    layouts are usage errors before any data is read, in make train and in both probes (a 0
+    once crashed the learnability probe and was silently taken as the default by the other)."""
     student = train.student_config(representation="grid", unshuffle=1, width=16)
     teacher = train.teacher_config(representation="grid", unshuffle=1)
     assert (student.network.unshuffle, student.network.width, student.network.growth) == (1, 16, 8)
     assert student.network.hsi_channels == student.network.msi_channels == student.channels
     assert teacher.network.unshuffle == 1 and teacher.representation == student.representation == "grid"
-    for argv in (["--unshuffle", "0"], ["--student-width", "18"]):
+    from csakd_qgis import learnability, representation_probe
+
+    refused = [
+        (train.main, ["--unshuffle", "0"], "--unshuffle must be 1 or more (1: the paper's layout, 4: the bundled one), got 0"),
+        (train.main, ["--student-width", "18"], "--student-width must be a multiple of 4"),
+        (learnability.main, ["--unshuffle", "0"], "--unshuffle must be 1 or more"),
+        (learnability.main, ["--width", "18"], "--width must be a multiple of 4"),
+        (representation_probe.main, ["--network", "student", "--unshuffle", "0"], "--unshuffle must be 1 or more"),
+        (representation_probe.main, ["--width", "0"], "--width must be a multiple of 4"),
+    ]
+    for main, argv, message in refused:
         with pytest.raises(SystemExit):
-            train.main(argv)
-        assert "--unshuffle must be 1 or more and --student-width a multiple of 4" in capsys.readouterr().err
+            main(argv)
+        assert message in capsys.readouterr().err, argv
 
 
 def test_the_probe_saves_its_trained_student_as_a_bundle_that_fusion_runs(shared_data_dir, tmp_path):
@@ -323,6 +334,8 @@ def test_the_probe_saves_its_trained_student_as_a_bundle_that_fusion_runs(shared
     assert model.config.representation == "grid" and model.config.network.unshuffle == 1
     assert model.network.head_refine.weight.abs().sum() > 0
     assert card["probe"]["steps"] == 2 and list(card["probe"]["held_out_gain_db"]) == ["AVIRIS Jasper Ridge"]
+    # What fusion's log and the user read from a card: its size and that band centres are needed.
+    assert card["parameters"] > 0 and card["inputs"]["wavelengths_required"] is True
     assert lines[-1] == f"saved the trained student as {path}"
     case = datasets.validation_cases(shared_data_dir, scales=(4,))[-1]
     assert np.isfinite(fuse_case(case, model=model)).all()
