@@ -98,7 +98,7 @@ from .bundle import save_bundle
 from .network import count_parameters
 from .model import REPRESENTATIONS, SubspaceFusionModel
 from .srf import SensorResponse
-from .train import SUBSPACE_DIM, optimiser_step, prepare_batch, reference_loss, student_config
+from .train import SUBSPACE_DIM, layout_error, optimiser_step, prepare_batch, reference_loss, student_config
 
 DB_PER_LOG_MSE = 10.0 / math.log(10.0)
 
@@ -265,16 +265,6 @@ def require_band_centres(cubes: Sequence[HyperspectralCube]) -> None:
         raise ValueError(f"the wavelength grid needs band centres, which {', '.join(missing)} lack")
 
 
-def _layout_error(unshuffle, width) -> str:
-    """The command line's message for a student layout the network cannot take (None: not given,
-    the default), or "" when it can."""
-    if unshuffle is not None and unshuffle < 1:
-        return f"--unshuffle must be 1 or more (1: the paper's layout, 4: the bundled one), got {unshuffle}"
-    if width is not None and (width < 4 or width % 4):
-        return f"--width must be a multiple of 4 (its half, the growth, is split into 2 groups), got {width}"
-    return ""
-
-
 def _cubes_named(cubes: Sequence[HyperspectralCube], words: Sequence[str]) -> List[HyperspectralCube]:
     chosen = [c for c in cubes if any(w.lower() in c.name.lower() for w in words)]
     if not chosen:
@@ -336,8 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
-    if _layout_error(args.unshuffle, args.width):
-        parser.error(_layout_error(args.unshuffle, args.width))
+    if layout_error(args.unshuffle, args.width):
+        parser.error(layout_error(args.unshuffle, args.width))
     if args.threads:
         torch.set_num_threads(args.threads)
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)

@@ -91,14 +91,14 @@ from .datasets import (
     validation_cubes,
     validation_sensors,
 )
-from .learnability import DB_PER_LOG_MSE, _HelpFormatter, _cubes_named, _db, _layout_error, require_band_centres
+from .learnability import DB_PER_LOG_MSE, _HelpFormatter, _cubes_named, _db, require_band_centres
 from .interpolation import upsample_lr
 from .losses import teacher_loss
 from .psf import degrade_torch
 from .model import REPRESENTATIONS, SubspaceFusionModel, representation_channels, wavelength_grid_maps
 from .network import CSAKDNet
 from .srf import SensorResponse
-from .train import SUBSPACE_DIM, crop_interior, optimiser_step, prepare_batch, student_config
+from .train import SUBSPACE_DIM, crop_interior, layout_error, optimiser_step, prepare_batch, student_config
 
 # The Earth-observation cubes of the default run: the training cubes and the corpus's AVIRIS
 # and ROSIS cubes with band centres (not the laboratory scenes, not those without centres).
@@ -306,9 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
-    layout_error = _layout_error(args.unshuffle, args.width)
-    if layout_error:
-        parser.error(layout_error)
+    if layout_error(args.unshuffle, args.width):
+        parser.error(layout_error(args.unshuffle, args.width))
     torch.set_num_threads(args.threads)
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data, unknown_wavelengths=False)
     every = [c for c in every if c.weight == 1.0]  # no laboratory scenes

@@ -109,6 +109,17 @@ def student_config(
     )
 
 
+def layout_error(unshuffle: Optional[int], width: Optional[int], width_flag: str = "--width") -> str:
+    """The command line's message for a layout the network cannot take (``unshuffle`` below 1, a
+    ``width`` that is not a multiple of 4; None: not given), or "" when it can. ``width_flag``
+    names the option the width came from."""
+    if unshuffle is not None and unshuffle < 1:
+        return f"--unshuffle must be 1 or more (1: the paper's layout, 4: the bundled one), got {unshuffle}"
+    if width is not None and (width < 4 or width % 4):
+        return f"{width_flag} must be a multiple of 4 (its half, the growth, is split into 2 groups), got {width}"
+    return ""
+
+
 def teacher_config(subspace_dim: int = TEACHER_SUBSPACE_DIM, representation: str = "subspace", unshuffle: int = 4) -> FusionModelConfig:
     """The bundled teacher (wider and deeper than :func:`student_config`), in ``representation``'s
     channels and with the space-to-depth factor ``unshuffle`` (1: the paper's layout)."""
@@ -685,11 +696,8 @@ def main(argv=None) -> int:
                      "with: write one without the corpus (python -m csakd_qgis.training_set FILE --no-corpus)")
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
-    if args.unshuffle < 1:
-        parser.error(f"--unshuffle must be 1 or more (1: the paper's layout, 4: the bundled one), got {args.unshuffle}")
-    if args.student_width < 4 or args.student_width % 4:
-        parser.error(f"--student-width must be a multiple of 4 (its half, the growth, is split into 2 groups), "
-                     f"got {args.student_width}")
+    if layout_error(args.unshuffle, args.student_width, "--student-width"):
+        parser.error(layout_error(args.unshuffle, args.student_width, "--student-width"))
     try:
         resolve_device(args.device)
     except (ValueError, RuntimeError) as error:
