@@ -742,7 +742,7 @@ def spectral_consistency_gain(
     prior_to_msi = prior @ to_msi.transpose(1, 2)
     innovation = to_msi @ prior_to_msi + noise
     innovation = innovation + 1e-9 * innovation.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1) * torch.eye(
-        innovation.shape[-1], dtype=innovation.dtype)
+        innovation.shape[-1], dtype=innovation.dtype, device=innovation.device)
     gain = torch.linalg.solve(innovation, prior_to_msi.transpose(1, 2)).transpose(1, 2)
     return to_msi.to(dtype), gain.to(dtype)
 
@@ -754,8 +754,8 @@ def msi_null_projector(to_msi: torch.Tensor) -> torch.Tensor:
     ridge keeps A·Aᵀ invertible when MSI bands are nearly collinear in the subspace."""
     a = to_msi.double()
     gram = a @ a.transpose(1, 2)
-    gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1) * torch.eye(gram.shape[-1], dtype=gram.dtype)
-    projector = torch.eye(a.shape[-1], dtype=a.dtype) - a.transpose(1, 2) @ torch.linalg.solve(gram, a)
+    gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1) * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    projector = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) - a.transpose(1, 2) @ torch.linalg.solve(gram, a)
     return projector.to(to_msi.dtype)
 
 

@@ -546,7 +546,9 @@ def train(args) -> Path:
     paths = {role: output / f"csakd_{role}.json" for role in ("teacher", "student")}
     if run.control:
         paths["control"] = output / CONTROL_BUNDLE
-    return write_bundles(paths, state, baselines, training_info, run)
+    card = write_bundles(paths, state, baselines, training_info, run)
+    print(shipping_decision(state, run.checkpoint), flush=True)
+    return card
 
 
 # Credited in every model card (and the README): the bundled weights are trained and validated
@@ -573,6 +575,35 @@ DATA_SOURCES = [
 ]
 
 
+def best_trained_epoch(state: Dict, role: str = "student") -> Optional[Dict]:
+    """The validated epoch after at least one step with the highest mean PSNR of ``role``, as
+    {"epoch", "step", "gain_db"} (gain over the untrained epoch 0), or None before any such
+    epoch: what training reached, shipped or not (MIN_GAIN_DB decides)."""
+    history = state["history"]
+    trained = [h for h in history[1:] if role in h]
+    if not trained:
+        return None
+    top = max(trained, key=lambda h: h[role]["psnr"])
+    return {"epoch": top["epoch"], "step": top["step"], "gain_db": round(top[role]["psnr"] - history[0][role]["psnr"], 4)}
+
+
+def shipping_decision(state: Dict, checkpoint: Path) -> str:
+    """One line saying which student the bundles hold and why: a trained epoch when it beat the
+    untrained base by MIN_GAIN_DB on the validation mean, else the base, with the best trained
+    epoch's gain and where its last weights are kept (the checkpoint)."""
+    shipped, reached = state["best"]["epoch"], best_trained_epoch(state)
+    if shipped > 0:
+        gain = state["best"]["student"]["psnr"] - state["history"][0]["student"]["psnr"]
+        return f"the student bundle holds epoch {shipped} (step {state['best']['step']}): {gain:+.3f} dB mean validation PSNR over the untrained base"
+    if reached is None:
+        return "the student bundle holds the untrained base (epoch 0): no epoch was trained"
+    return (
+        f"the student bundle holds the untrained base (epoch 0): no trained epoch beat it by {MIN_GAIN_DB} dB "
+        f"(best: epoch {reached['epoch']}, step {reached['step']}, {reached['gain_db']:+.3f} dB); the last trained "
+        f"weights are in the checkpoint {checkpoint}"
+    )
+
+
 def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training_info: Dict, run: TrainingRun) -> Path:
     """Bundles of the best validated models, one per role in ``paths`` ({"student": card path, ...});
     returns the student's card path."""
@@ -591,6 +622,8 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         schedule="AdamW, cosine decay to 5 % of the learning rate over the budget (co_train)",
         # What training bought over the untrained base (epoch 0), mean validation PSNR.
         gain_over_base_db=round(best["student"]["psnr"] - state["history"][0]["student"]["psnr"], 4),
+        # What the best trained epoch reached, shipped or not (MIN_GAIN_DB decides).
+        best_trained=best_trained_epoch(state),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} on {torch.get_num_threads()}"
         + (f", {torch.cuda.get_device_name(run.device)}" if run.device.startswith("cuda") else ""),
     )

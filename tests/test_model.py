@@ -558,3 +558,40 @@ def test_the_networks_correction_changes_nothing_the_msi_or_the_lr_hsi_sees(pots
     torch.testing.assert_close(to_msi @ projector, torch.zeros_like(to_msi), atol=1e-5, rtol=0)
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
     assert degrade_torch(added, case.degradation)[inner].norm() < 0.05 * added[inner].norm()
+
+
+@pytest.mark.parametrize("representation, unshuffle", [("subspace", 4), ("grid", 1)])
+def test_a_training_step_makes_no_tensor_off_the_models_device(potsdam_c, representation, unshuffle):
+    """A co-training step (teacher and student forward, both losses, backward) with every input
+    and weight on PyTorch's 'meta' device: a tensor made inside the models or losses without the
+    inputs' device lands on the CPU and the step raises, as it does on a GPU. (The first run on a
+    GPU stopped at its first step: the consistency step's identity matrices were made on the CPU.)"""
+    from csakd_qgis import train
+    from csakd_qgis.datasets import case_statistics, make_wald_case, validation_sensors
+    from csakd_qgis.losses import student_loss, teacher_loss
+
+    teacher_cfg = train.teacher_config(representation=representation, unshuffle=unshuffle)
+    student_cfg = train.student_config(representation=representation, unshuffle=unshuffle, width=16)
+    k = train.shared_statistics_dim(teacher_cfg, student_cfg)
+    case = make_wald_case(potsdam_c, validation_sensors()["Sentinel-2 10 m"], 4, crop=(0, 0, 32, 32))
+    statistics = case_statistics(case, k).set_wavelengths(case.wavelengths_nm)
+    lr, hr, stats, reference = train.prepare_batch([case], k, statistics)
+    meta = torch.device("meta")
+    lr, hr, reference = lr.to(meta), hr.to(meta), reference.to(meta)
+    stats = {name: value.to(meta) if isinstance(value, torch.Tensor) else value for name, value in stats.items()}
+    teacher = randomise_head(SubspaceFusionModel(teacher_cfg), seed=1)
+    student = randomise_head(SubspaceFusionModel(student_cfg), seed=2)
+    distiller = train.Distiller(teacher, student).to(meta)
+    norm = stats["scale"].view(-1, 1, 1, 1)
+    (target,) = train.crop_interior(reference / norm, lr_size=lr.shape[-1])
+    teacher_out = teacher(lr, hr, stats)
+    (teacher_image,) = train.crop_interior(teacher_out.image / norm, lr_size=lr.shape[-1])
+    teacher_loss(teacher_image, target).backward()
+    student_out = student(lr, hr, stats)
+    (student_image,) = train.crop_interior(student_out.image / norm, lr_size=lr.shape[-1])
+    loss = student_loss(student_image, target, teacher_image.detach(), distiller.adapter(student_out.fused),
+                        teacher_out.fused.detach())
+    loss.backward()
+    assert student_out.image.device == meta and student_out.image.shape == reference.shape
+    head = student.network.head_refine.weight
+    assert head.grad is not None and head.grad.device == meta

@@ -170,6 +170,17 @@ def test_make_train_runs_from_a_pack_with_worker_processes(pack, tmp_path, monke
     assert card["training"]["command"].startswith("python -m csakd_qgis.train --pack ")
     assert "training_set.npz" not in card["training"]["sensors"] and "the pack set.npz" in card["training"]["sensors"]
     assert len(card["training"]["cubes"]) == 6
+    # The shipping decision is said, and the card records what the best trained epoch reached.
+    reached = card["training"]["best_trained"]
+    history = card["history"]
+    assert reached["epoch"] >= 1 and reached["gain_db"] == pytest.approx(
+        max(h["student"]["psnr"] for h in history[1:]) - history[0]["student"]["psnr"], abs=1e-4)
+    shipped = card["training"]["best_epoch"]
+    if shipped == 0:
+        assert (f"no trained epoch beat it by {train.MIN_GAIN_DB} dB (best: epoch {reached['epoch']}" in out
+                and f"the last trained weights are in the checkpoint {tmp_path / 'ck.pt'}" in out)
+    else:
+        assert f"the student bundle holds epoch {shipped}" in out
 
 
 def test_make_train_refuses_a_gpu_torch_cannot_see_and_negative_workers(monkeypatch, capsys):
