@@ -1,0 +1,280 @@
+"""How much could the student's correction add to its base, and how much of that is learnable?
+
+The student corrects the classical base (model.SubspaceFusionModel) only where neither input
+sees: its correction lies in the scene's K-component subspace, in the null space of the MSI's
+linear model (model.msi_null_projector) and in what the LR-HSI's degradation removes
+(I − P·D). This probe measures, on the validation suite's Wald cases (datasets.py), three
+things per case, each as the change of the band-averaged PSNR (metrics.psnr) over the base:
+
+* ``reach``: the base plus the reference's own error projected the way the student's correction
+  is. No correction the student can make can do better (the projection it passes through is
+  fixed), so this bounds what any training could buy.
+* ``in-scene``: how much of that error a small pixel-wise network (:class:`PixelCorrection`:
+  the MSI pixel and the base's K coefficients → the error within reach, by an MLP of two hidden
+  layers) recovers on pixels it never saw of the same scene, fitted with the truth on the top
+  40 % of the rows, stopped early on the next 10 %, scored on the bottom 40 %. An upper bound
+  for what a learnt, scene-specific correction of this form can find.
+* ``reduced pair``: the same network fitted without the truth, on the scene's own reduced pair
+  (Wald's protocol once more: the LR-HSI is the reference, both inputs degraded by the scene's
+  PSF), its last fifth of rows held out for early stopping, then applied at full resolution:
+  what scene adaptation of such a network would give.
+
+Measured (``python -m csakd_qgis.headroom``: the nine ×4 cases, K = 16, three fits per case,
+one thread, 4 minutes), mean over cases and range:
+
+=============  ==========================  =================================================
+probe          mean PSNR change over base  per case
+=============  ==========================  =================================================
+reach          +12.0 dB                    +6.3 (Jasper Ridge, WorldView-2) … +18.7 (Berlin)
+in-scene       +0.96 dB, better on 89 %    −0.05 (Potsdam C, Sentinel-2) … +2.22 (Jasper)
+reduced pair   −0.44 dB, better on 56 %    −2.34 (Berlin, RGB) … +0.65 (Jasper, Sentinel-2)
+=============  ==========================  =================================================
+
+So the student is far from its ceiling, and its error is not noise: within one scene it is
+largely a learnable, non-linear function of the MSI pixel and the base's spectrum (a ridge
+regression on the same features, or on a 5×5 neighbourhood, recovered +0.05 and +0.34 dB on
+the unseen rows; the MLP on a 3×3 neighbourhood +1.17, one fit each). What a network trained
+on other scenes learns of that function does not carry (the student trained on 86,000 crops
+gained +0.03 dB, see the README), and the scene's reduced pair, on cubes this small (384–576
+reduced pixels), is too small and too coarse a copy of the scene to learn it from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .metrics import psnr, sam
+
+# Fractions of the rows: fitted on the top, stopped early on a band below, scored at the bottom
+# (a gap of a tenth between them so that the MSI's blur does not leak the fitted rows).
+FIT_ROWS, STOP_ROWS, SCORE_ROWS = (0.0, 0.4), (0.45, 0.55), (0.6, 1.0)
+
+
+@dataclass
+class CaseRoom:
+    """One Wald case's base and the student's reach, in the case's scene subspace.
+
+    ``base`` (B,H,W) float64: the untrained student's output (the classical base), in the
+    reference's units. ``basis`` (B,K), ``band_mean`` (B,), ``rho``: the scene statistics'
+    subspace, so that a spectrum x has coefficients basisᵀ·(x − band_mean)/rho.
+    ``within_reach(c)`` maps coefficients (K,H,W) onto what the student's correction can add
+    (MSI null space, then I − P·D). ``features`` (H·W, M+K) float32: the standardised MSI pixel
+    and the base's coefficients. ``target`` (K,H,W): the reference's error within reach, or None
+    for a reduced pair built without it."""
+
+    base: torch.Tensor
+    basis: torch.Tensor
+    band_mean: torch.Tensor
+    rho: float
+    within_reach: Callable[[torch.Tensor], torch.Tensor]
+    features: torch.Tensor
+    target: Optional[torch.Tensor]
+
+    def corrected(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """The base plus ``coefficients`` (K,H,W) taken within reach, as a (B,H,W) spectrum."""
+        return self.base + self.rho * torch.einsum("bk,khw->bhw", self.basis, self.within_reach(coefficients))
+
+    def error(self, reference: np.ndarray) -> torch.Tensor:
+        """The reference's (B,H,W) error relative to the base as coefficients (K,H,W)."""
+        return torch.einsum("bk,bhw->khw", self.basis, torch.from_numpy(reference).double() - self.base) / self.rho
+
+
+def case_room(lr_hsi: np.ndarray, hr_msi: np.ndarray, statistics, subspace_dim: int, reference: Optional[np.ndarray] = None,
+              basis_from=None) -> CaseRoom:
+    """The :class:`CaseRoom` of one pair: LR-HSI (B,h,w), HR-MSI (M,H,W) at H = s·h, the scene
+    statistics fitted on them (model.SceneStatistics, with its degradation). ``basis_from``: the
+    statistics whose subspace, band mean, scale and MSI standardisation to use instead (a reduced
+    pair is expressed in its full scene's, so that a network fitted there applies unchanged)."""
+    from .interpolation import upsample_lr
+    from .model import SubspaceFusionModel, msi_null_projector, scene_degradation, spectral_consistency_gain
+    from .psf import degrade_torch
+    from .train import student_config
+
+    k = subspace_dim
+    frame = basis_from or statistics
+    model = SubspaceFusionModel(student_config(subspace_dim=k)).eval()
+    stats = statistics.to_tensors()
+    scale = hr_msi.shape[1] // lr_hsi.shape[1]
+    with torch.no_grad():
+        base = model(torch.from_numpy(lr_hsi)[None], torch.from_numpy(hr_msi)[None], stats).image[0].double()
+    degradation = scene_degradation(stats, scale)
+    frame_stats = frame.to_tensors()
+    null = msi_null_projector(spectral_consistency_gain(frame_stats, k, degradation)[0])[0].double()
+
+    def within_reach(c: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("kj,jhw->khw", null, c)[None]
+        return (x - upsample_lr(degrade_torch(x, degradation), degradation, "consistent"))[0]
+
+    basis = torch.from_numpy(frame.basis[:, :k]).double()
+    band_mean = torch.from_numpy(frame.band_mean).double()
+    rho = float(frame.scale)
+    msi = (torch.from_numpy(hr_msi).double() - torch.from_numpy(frame.msi_mean).double()[:, None, None]) / torch.from_numpy(
+        frame.msi_std).double()[:, None, None]
+    coefficients = torch.einsum("bk,bhw->khw", basis, base - band_mean[:, None, None]) / rho
+    features = torch.cat([msi, coefficients]).reshape(msi.shape[0] + k, -1).T.float()
+    room = CaseRoom(base, basis, band_mean, rho, within_reach, features, None)
+    if reference is not None:
+        room.target = within_reach(room.error(reference))
+    return room
+
+
+class PixelCorrection(nn.Module):
+    """(N, M+K) → (N, K): an MLP of two GELU hidden layers of ``hidden`` units mapping a pixel's
+    standardised MSI values and base coefficients onto a correction of its coefficients."""
+
+    def __init__(self, inputs: int, outputs: int, hidden: int = 64):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                    nn.Linear(hidden, outputs))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def fit_pixel_correction(features: torch.Tensor, target: torch.Tensor, fit: np.ndarray, stop: np.ndarray,
+                         hidden: int = 64, steps: int = 1500, seed: int = 0) -> PixelCorrection:
+    """A :class:`PixelCorrection` fitted by full-batch Adam (1e-3) on the rows ``fit`` (bool,
+    one per pixel) of ``features`` (N, M+K) and ``target`` (N, K), with the state of least
+    squared error on ``stop`` kept (checked every 25 steps)."""
+    torch.manual_seed(seed)
+    net = PixelCorrection(features.shape[1], target.shape[1], hidden)
+    optimiser = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-5)
+    fit_t, stop_t = torch.from_numpy(fit), torch.from_numpy(stop)
+    best, best_state = float("inf"), None
+    for step in range(steps):
+        loss = (net(features[fit_t]) - target[fit_t]).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 25 == 0 or step == steps - 1:
+            with torch.no_grad():
+                error = float((net(features[stop_t]) - target[stop_t]).square().mean())
+            if error < best:
+                best, best_state = error, {name: value.clone() for name, value in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    return net.eval()
+
+
+def _rows(height: int, width: int, span) -> np.ndarray:
+    rows = np.arange(height)[:, None].repeat(width, 1).ravel()
+    return (rows >= span[0] * height) & (rows < span[1] * height)
+
+
+def _predicted(net: PixelCorrection, room: CaseRoom, shape) -> torch.Tensor:
+    with torch.no_grad():
+        return net(room.features).T.reshape(-1, *shape).double()
+
+
+def reduced_pair(case, statistics, subspace_dim: int) -> CaseRoom:
+    """The :class:`CaseRoom` of a Wald case's own reduced pair (LR-HSI degraded once more by the
+    scene's PSF against the MSI degraded onto the LR grid; the LR-HSI is its reference), in the
+    full scene's subspace. Rows and columns are cut to multiples of the scale first."""
+    from .degradation import blur_and_decimate
+    from .model import SceneStatistics
+
+    s, psf = case.scale, case.degradation
+    rows, cols = case.lr_hsi.shape[1] // s * s, case.lr_hsi.shape[2] // s * s
+    reference = np.ascontiguousarray(case.lr_hsi[:, :rows, :cols])
+    lr = blur_and_decimate(reference, psf).astype(np.float32)
+    msi = blur_and_decimate(case.hr_msi[:, : rows * s, : cols * s], psf).astype(np.float32)
+    reduced = SceneStatistics.estimate(lr, blur_and_decimate(msi, psf), subspace_dim)
+    reduced.degradation = psf
+    return case_room(lr, msi, reduced, subspace_dim, reference, basis_from=statistics)
+
+
+def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500, reduced: bool = True,
+               seeds: Sequence[int] = (0, 1, 2)) -> Dict[str, float]:
+    """The three measurements of this module's docstring for one Wald case (datasets.WaldCase,
+    with its degradation): {"base", "reach", "in_scene", "reduced_pair"} in dB (the last three as
+    changes over the base; in_scene on the scored rows only; reduced_pair None when not asked)
+    and the SAM changes {"reach_sam", "reduced_pair_sam"} in degrees. The fitted networks' gains
+    are means over fits from ``seeds``: on these small scenes one fit's gain varies by up to
+    0.6 dB with the seed (Potsdam block C, WorldView-2: −0.25 and +0.32 dB in-scene)."""
+    from .datasets import case_statistics
+
+    statistics = case_statistics(case, subspace_dim)
+    room = case_room(case.lr_hsi, case.hr_msi, statistics, subspace_dim, case.reference)
+    reference, base = case.reference, room.base.numpy()
+    height, width = reference.shape[1:]
+    reach = room.corrected(room.error(reference)).numpy()
+    target = room.target.reshape(subspace_dim, -1).T.float()
+    scored = slice(int(np.ceil(SCORE_ROWS[0] * height)), height)
+    in_scene = []
+    for seed in seeds:
+        net = fit_pixel_correction(room.features, target, _rows(height, width, FIT_ROWS),
+                                   _rows(height, width, STOP_ROWS), hidden, steps, seed)
+        learnt = room.corrected(_predicted(net, room, (height, width))).numpy()
+        in_scene.append(psnr(reference[:, scored], learnt[:, scored]) - psnr(reference[:, scored], base[:, scored]))
+    result = {
+        "base": psnr(reference, base),
+        "reach": psnr(reference, reach) - psnr(reference, base),
+        "reach_sam": sam(reference, reach) - sam(reference, base),
+        "in_scene": float(np.mean(in_scene)),
+        "reduced_pair": None,
+        "reduced_pair_sam": None,
+    }
+    if reduced:
+        small = reduced_pair(case, statistics, subspace_dim)
+        small_rows, small_cols = small.base.shape[1:]
+        small_target = small.target.reshape(subspace_dim, -1).T.float()
+        gains, angles = [], []
+        for seed in seeds:
+            net = fit_pixel_correction(small.features, small_target, _rows(small_rows, small_cols, (0.0, 0.8)),
+                                       _rows(small_rows, small_cols, (0.8, 1.0)), hidden, steps, seed)
+            adapted = room.corrected(_predicted(net, room, (height, width))).numpy()
+            gains.append(psnr(reference, adapted) - psnr(reference, base))
+            angles.append(sam(reference, adapted) - sam(reference, base))
+        result["reduced_pair"], result["reduced_pair_sam"] = float(np.mean(gains)), float(np.mean(angles))
+    return result
+
+
+def summary(rows: Sequence[Dict[str, float]], key: str) -> str:
+    """'mean +x.xxx dB, better on p %, worst +y.yy, best +z.zz' of ``key`` over ``rows``."""
+    values = np.array([row[key] for row in rows if row[key] is not None])
+    return (f"mean {values.mean():+.3f} dB, better on {np.mean(values > 0) * 100:.0f} %, worst {values.min():+.2f}, "
+            f"best {values.max():+.2f}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .datasets import validation_cases
+    from .learnability import _HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--scales", type=int, nargs="+", default=[4], help="scales of the validation cases")
+    parser.add_argument("--subspace-dim", type=int, default=16, help="K, the student's subspace")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units of the pixel-wise network")
+    parser.add_argument("--steps", type=int, default=1500, help="full-batch Adam steps of each fit")
+    parser.add_argument("--seeds", type=int, default=3, help="fits per case and probe, from seeds 0, 1, …; their gains are averaged")
+    parser.add_argument("--no-reduced-pair", action="store_true", help="leave out the reduced-pair fit")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    for name in ("subspace_dim", "hidden", "steps", "seeds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if any(s < 2 for s in args.scales):
+        parser.error(f"--scales must be 2 or more, got {args.scales}")
+    torch.set_num_threads(args.threads)
+    rows = []
+    for case in validation_cases(scales=args.scales):
+        row = probe_case(case, args.subspace_dim, args.hidden, args.steps, not args.no_reduced_pair, range(args.seeds))
+        rows.append(row)
+        reduced = "" if row["reduced_pair"] is None else f"  reduced pair {row['reduced_pair']:+.2f}"
+        print(f"{case.cube:24s} {case.sensor:16s} ×{case.scale}  base {row['base']:.2f} dB  reach {row['reach']:+.2f}  "
+              f"in-scene {row['in_scene']:+.2f}{reduced}", flush=True)
+    print(f"reach: {summary(rows, 'reach')}")
+    print(f"in-scene (bottom 40 % of the rows, never fitted): {summary(rows, 'in_scene')}")
+    if not args.no_reduced_pair:
+        print(f"reduced pair (no truth): {summary(rows, 'reduced_pair')}; SAM "
+              f"{np.mean([r['reduced_pair_sam'] for r in rows]):+.3f}°")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
