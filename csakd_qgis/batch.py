@@ -8,7 +8,8 @@ never needs it.
 
 Pairs file (CSV, header line): ``lrhsi,hrmsi`` and optionally ``output`` and any of the
 fusion options of the command line by their engine names (``model``, ``psf``, ``tile_size``,
-``overlap``, ``device``, ``bands``, ``output_dtype``, ``creation_options``, ``adapt_minutes``)
+``overlap``, ``device``, ``bands``, ``output_dtype``, ``creation_options``, ``adapt_minutes``,
+``scene_correction``)
 for options of that scene alone; an empty cell takes the batch's value. Relative input and model
 paths are relative to the pairs file's folder, relative outputs to the output folder; GDAL
 virtual paths (``/vsis3/…``, ``/vsicurl/…``) are passed on as they are.

@@ -332,7 +332,12 @@ def network_gain(data_dir=None, oracle_baselines: bool = True) -> Dict:
                 cases.append(case)
     rows = []
     for case in cases:
-        row = {role: _metrics(case, fuse_case(case, model=model)) for role, model in models.items()}
+        # The networks compared as they are; the scene correction (fitted per scene on top of
+        # whichever model fuses) measured apart, on the student.
+        row = {role: _metrics(case, fuse_case(case, model=model, scene_correction=False)) for role, model in models.items()}
+        said = []
+        row["scene"] = _metrics(case, fuse_case(case, model=models["student"], scene_correction=True, log=said.append))
+        row["scene"]["applied"] = any(line.startswith("scene correction: applied") for line in said)
         if oracle_baselines and case.scale == ORACLE_SCALE:
             label = case.sensor.split(",")[0]
             response, _ = spectral_response_matrix(sensors[label], cubes[case.cube].wavelengths_nm)
@@ -343,7 +348,7 @@ def network_gain(data_dir=None, oracle_baselines: bool = True) -> Dict:
     return {"cases": rows}
 
 
-GAIN_COLUMNS = ("base", "student", "control", "teacher", "cnmf", "hysure")
+GAIN_COLUMNS = ("base", "student", "scene", "control", "teacher", "cnmf", "hysure")
 
 
 def _gain_table(result: Dict, markdown: bool) -> str:
@@ -374,6 +379,14 @@ def network_gain_lines(result: Dict) -> List[str]:
                  + (f"; teacher ahead of the student on {sum(r['teacher']['psnr'] > r['student']['psnr'] for r in rows)}/{n}" if "teacher" in mean else "")
                  + (f"; distilled student ahead of the one trained without the teacher on "
                     f"{sum(r['student']['psnr'] > r['control']['psnr'] for r in rows)}/{n}" if "control" in mean else ""))
+    if "scene" in rows[0]:
+        scene = np.array([r["scene"]["psnr"] - r["student"]["psnr"] for r in rows])
+        scene_sam = np.array([r["scene"]["sam"] - r["student"]["sam"] for r in rows])
+        applied = np.array([bool(r["scene"].get("applied")) for r in rows])
+        lines.append(f"scene correction (the student with it against without) on {n} cases: mean PSNR {scene.mean():+.2f} dB, "
+                     f"better on {np.mean(scene > 0):.0%}, worst {scene.min():+.2f} dB; SAM {scene_sam.mean():+.3f}° on average; "
+                     f"applied on {int(applied.sum())}" + (f" (there {scene[applied].mean():+.2f} dB, worst {scene[applied].min():+.2f})"
+                                                            if applied.any() else ""))
     oracle = [r for r in rows if "cnmf" in r]
     if oracle:
         best = np.array([max(r["cnmf"]["psnr"], r["hysure"]["psnr"]) for r in oracle])

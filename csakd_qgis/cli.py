@@ -48,6 +48,16 @@ def parse_creation_options(text: str) -> Dict[str, str]:
     return options
 
 
+def parse_switch(text: str) -> bool:
+    """'on', 'yes', 'true', '1' → True; 'off', 'no', 'false', '0' → False (any case); else ValueError."""
+    value = str(text).strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"'{text}' is not on or off")
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed and not (text.startswith("cuda:") and "cuda" in allowed):
@@ -79,6 +89,9 @@ OPTIONS = (
     Option("creation_options", "--creation-options", parse_creation_options,
            "GDAL GeoTIFF creation options, e.g. 'COMPRESS=ZSTD ZSTD_LEVEL=9'"),
     Option("adapt_minutes", "--adapt-minutes", float, "scene adaptation before fusing, minutes (default 0 = off)"),
+    Option("scene_correction", "--scene-correction", parse_switch,
+           "fit the scene's own pixel-wise correction on its reduced pairs and apply it where its check passes: "
+           "on (default) or off"),
 )
 OPTION_BY_KEYWORD = {option.keyword: option for option in OPTIONS}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from qgis.core import (
     QgsProcessingException,
     QgsProcessingParameterBand,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
@@ -50,6 +51,51 @@ def _gdal_can_open(path: str) -> bool:
         gdal.PopErrorHandler()
         if with_exceptions:
             gdal.UseExceptions()
+
+
+def unloaded_raster_source(value, context=None):
+    """The GDAL data source a raster parameter's ``value`` names when it can be used without
+    QGIS loading it as a layer: text GDAL opens (a file, /vsi… or a driver's connection string)
+    that names no layer Processing already holds. None otherwise (a project layer, a layer
+    object, or text only QGIS resolves), for which the layer is used as before.
+
+    QGIS computes a histogram for a layer's default style (cumulative cut) when it loads one,
+    and GDAL keeps that histogram in a .aux.xml written beside the user's file when the layer
+    is closed; the fusion needs only the file's path, so nothing beside an input is written.
+    """
+    if not isinstance(value, str) or not value:
+        return None
+    if context is not None:
+        from qgis.core import QgsProcessingUtils
+
+        # Layers of the project or loaded earlier in this run; loads none.
+        if QgsProcessingUtils.mapLayerFromString(value, context, False) is not None:
+            return None
+    return value if _gdal_can_open(value) else None
+
+
+class RasterInput(QgsProcessingParameterRasterLayer):
+    """A raster layer parameter that accepts a file GDAL opens without loading it as a layer:
+    QGIS's own check loads the layer, which leaves a .aux.xml beside the file
+    (unloaded_raster_source)."""
+
+    def checkValueIsAcceptable(self, value, context=None):  # noqa: N802 (QGIS name)
+        if unloaded_raster_source(value, context) is not None:
+            return True
+        return super().checkValueIsAcceptable(value, context)
+
+    def clone(self):
+        copy = RasterInput(self.name(), self.description(), self.defaultValue(), self.flags() & self.FlagOptional)
+        copy.setFlags(self.flags())
+        return copy
+
+
+def raster_input_path(algorithm, parameters, name, context, role: str) -> str:
+    """The GDAL data source of a RasterInput's value, loading no layer for a file."""
+    source = unloaded_raster_source(parameters.get(name), context)
+    if source is not None:
+        return source
+    return layer_path(algorithm.parameterAsRasterLayer(parameters, name, context), role)
 
 
 class GeoTiffDestination(QgsProcessingParameterRasterDestination):
@@ -133,6 +179,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
     OUTPUT_TYPE = "OUTPUT_TYPE"
     CREATION_OPTIONS = "CREATION_OPTIONS"
     ADAPT_MINUTES = "ADAPT_MINUTES"
+    SCENE_CORRECTION = "SCENE_CORRECTION"
     PSF = "PSF"
     OUTPUT = "OUTPUT"
 
@@ -194,8 +241,8 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         return HyperspectralFusionAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterRasterLayer(self.LRHSI, "Low-resolution hyperspectral image"))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.HRMSI, "High-resolution multispectral image"))
+        self.addParameter(RasterInput(self.LRHSI, "Low-resolution hyperspectral image"))
+        self.addParameter(RasterInput(self.HRMSI, "High-resolution multispectral image"))
         self.addParameter(
             QgsProcessingParameterFile(
                 self.MODEL, "Model bundle (.json; empty = bundled student)", extension="json", optional=True
@@ -216,6 +263,9 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             self.ADAPT_MINUTES, "Scene adaptation before fusing (minutes, 0 = off)", QgsProcessingParameterNumber.Type.Double,
             0.0, False, 0.0, 600.0)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean(
+            self.SCENE_CORRECTION, "Scene correction (fitted on the scene's own reduced pairs, applied where its check passes)",
+            defaultValue=True, optional=True)))
         self.addParameter(advanced(QgsProcessingParameterString(
             self.PSF, "PSF of the hyperspectral image (auto, box, gaussian:SIGMA, mtf:VALUE)", defaultValue="auto",
             optional=True)))
@@ -257,8 +307,8 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         from ..csakd_qgis.bundle import BundleError
         from ..csakd_qgis.georaster import FusionInputError
 
-        lr_path = layer_path(self.parameterAsRasterLayer(parameters, self.LRHSI, context), "hyperspectral")
-        hr_path = layer_path(self.parameterAsRasterLayer(parameters, self.HRMSI, context), "multispectral")
+        lr_path = raster_input_path(self, parameters, self.LRHSI, context, "hyperspectral")
+        hr_path = raster_input_path(self, parameters, self.HRMSI, context, "multispectral")
         requested = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         output = geotiff_output(requested)
         if output != requested and context.willLoadLayerOnCompletion(requested):
@@ -285,6 +335,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                 cancelled=feedback.isCanceled,
                 log=feedback.pushInfo,
                 adapt_minutes=self.parameterAsDouble(parameters, self.ADAPT_MINUTES, context),
+                scene_correction=self.parameterAsBool(parameters, self.SCENE_CORRECTION, context),
                 psf=self.parameterAsString(parameters, self.PSF, context) or "auto",
             )
         except FusionCancelled:

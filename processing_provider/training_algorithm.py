@@ -19,7 +19,7 @@ from qgis.core import (
 
 from . import dependencies
 from .base import HOMEPAGE, CsakdAlgorithm, advanced
-from .fusion_algorithm import layer_path
+from .fusion_algorithm import layer_path, unloaded_raster_source
 
 SIZES = ["small", "medium", "paper"]
 PAIR_SUFFIXES = ("_lrhsi", "_hrmsi")
@@ -42,6 +42,43 @@ def pairs_in_folder(folder: Path):
         )
     return pairs
 
+
+class RasterInputs(QgsProcessingParameterMultipleLayers):
+    """Raster layers that accept files GDAL opens without loading them as layers: QGIS's own
+    check loads each one, which leaves a .aux.xml beside the file (unloaded_raster_source)."""
+
+    def __init__(self, name, description, optional=False):
+        super().__init__(name, description, QgsProcessing.SourceType.TypeRaster, None, optional)
+
+    def checkValueIsAcceptable(self, value, context=None):  # noqa: N802 (QGIS name)
+        if _unloaded_sources(value, context) is not None:
+            return True
+        return super().checkValueIsAcceptable(value, context)
+
+    def clone(self):
+        copy = RasterInputs(self.name(), self.description(), bool(self.flags() & self.FlagOptional))
+        copy.setFlags(self.flags())
+        copy.setDefaultValue(self.defaultValue())
+        copy.setMinimumNumberInputs(self.minimumNumberInputs())
+        return copy
+
+
+def _unloaded_sources(value, context):
+    """The GDAL data sources a RasterInputs value lists when each is usable without loading a
+    layer (unloaded_raster_source); None otherwise."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        return None
+    sources = [unloaded_raster_source(item, context) for item in items]
+    return None if None in sources else sources
+
+
+def raster_inputs(algorithm, parameters, name, context, role: str) -> list:
+    """(name, GDAL data source) of each raster a RasterInputs value lists, loading no layer for files."""
+    sources = _unloaded_sources(parameters.get(name), context)
+    if sources is not None:
+        return [(Path(source).stem, source) for source in sources]
+    return [(layer.name(), layer_path(layer, role)) for layer in algorithm.parameterAsLayerList(parameters, name, context)]
 
 
 class TrainFusionModelAlgorithm(CsakdAlgorithm):
@@ -101,16 +138,13 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
         return TrainFusionModelAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.LRHSI_LAYERS, "LR-HSI layers (real pairs)", QgsProcessing.SourceType.TypeRaster, optional=True))
-        self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.HRMSI_LAYERS, "HR-MSI layers (same order as the LR-HSI layers)", QgsProcessing.SourceType.TypeRaster, optional=True))
+        self.addParameter(RasterInputs(self.LRHSI_LAYERS, "LR-HSI layers (real pairs)", optional=True))
+        self.addParameter(RasterInputs(self.HRMSI_LAYERS, "HR-MSI layers (same order as the LR-HSI layers)", optional=True))
         self.addParameter(QgsProcessingParameterFile(
             self.PAIRS_FOLDER, "Folder of pairs (<name>_lrhsi / <name>_hrmsi)", QgsProcessingParameterFile.Behavior.Folder,
             optional=True))
-        self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.CUBES, "High-resolution hyperspectral cubes (MSI simulated through the SRF)", QgsProcessing.SourceType.TypeRaster,
-            optional=True))
+        self.addParameter(RasterInputs(
+            self.CUBES, "High-resolution hyperspectral cubes (MSI simulated through the SRF)", optional=True))
         self.addParameter(QgsProcessingParameterFile(self.SRF, "Sensor SRF for the cubes (.csv)", extension="csv", optional=True))
         self.addParameter(QgsProcessingParameterString(self.SRF_BANDS, "SRF bands to use (comma-separated; empty = all)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
@@ -129,14 +163,14 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
         from ..csakd_qgis.srf import load_srf
         from ..csakd_qgis.user_training import scene_from_cube, scene_from_pair
 
-        lr_layers = self.parameterAsLayerList(parameters, self.LRHSI_LAYERS, context)
-        hr_layers = self.parameterAsLayerList(parameters, self.HRMSI_LAYERS, context)
+        lr_layers = raster_inputs(self, parameters, self.LRHSI_LAYERS, context, "hyperspectral")
+        hr_layers = raster_inputs(self, parameters, self.HRMSI_LAYERS, context, "multispectral")
         if len(lr_layers) != len(hr_layers):
             raise QgsProcessingException(
                 f"{len(lr_layers)} LR-HSI layer(s) but {len(hr_layers)} HR-MSI layer(s): pairs are matched by order, "
                 "so give the same number of each"
             )
-        pairs = [(layer_path(lr, "hyperspectral"), layer_path(hr, "multispectral")) for lr, hr in zip(lr_layers, hr_layers)]
+        pairs = [(lr, hr) for (_, lr), (_, hr) in zip(lr_layers, hr_layers)]
         folder = self.parameterAsFile(parameters, self.PAIRS_FOLDER, context)
         if folder:
             pairs += pairs_in_folder(Path(folder))
@@ -144,7 +178,7 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
         for lr, hr in pairs:
             feedback.pushInfo(f"pair: {Path(lr).name} + {Path(hr).name}")
             scenes.append(scene_from_pair(lr, hr))
-        cubes = self.parameterAsLayerList(parameters, self.CUBES, context)
+        cubes = raster_inputs(self, parameters, self.CUBES, context, "hyperspectral cube")
         if cubes:
             srf_path = self.parameterAsFile(parameters, self.SRF, context)
             if not srf_path:
@@ -154,9 +188,9 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
             if bands:
                 sensor = sensor.subset(bands)
             scale = self.parameterAsInt(parameters, self.SCALE, context)
-            for cube in cubes:
-                feedback.pushInfo(f"cube: {cube.name()} with {sensor.name} {sensor.band_names} at scale {scale}")
-                scenes.append(scene_from_cube(layer_path(cube, "hyperspectral cube"), sensor, scale))
+            for cube_name, cube in cubes:
+                feedback.pushInfo(f"cube: {cube_name} with {sensor.name} {sensor.band_names} at scale {scale}")
+                scenes.append(scene_from_cube(cube, sensor, scale))
         return scenes
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802

@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 
+import hashlib
 import os
 import subprocess
 
@@ -76,3 +77,11 @@ def expect_refusal(run_fusion, *fragments, **parameters):
     for fragment in fragments:
         assert fragment.lower() in message.lower(), message
     return message
+
+
+def folder_listing(folder):
+    """{name: (size, modification time in ns, SHA-256)} of every file in ``folder``."""
+    return {
+        path.name: (path.stat().st_size, path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(folder.iterdir())
+    }

@@ -6,7 +6,9 @@ by spectral consistency with the LR-HSI and spatial consistency with the HR-MSI;
 EnMAP Potsdam data by the Wald protocol (a reference exists), against bicubic upsampling.
 """
 
+import gc
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from rasterio.windows import Window
 from csakd_qgis import metrics
 from csakd_qgis.baselines import bicubic_upsample
 from csakd_qgis.raster_io import read_spectral_metadata
+from tests.helpers import folder_listing
 
 BERLIN_LR = "EnMAP_BerlinUrbanGradient_177b_30m.bsq"
 BERLIN_HR = "HighResolution_BerlinUrbanGradient_HyMap4b_3m6.bsq"
@@ -253,6 +256,32 @@ def test_berlin_carries_the_msi_detail_better_than_bicubic(berlin_paths, berlin_
         print(f"HyMap {HYMAP_BANDS_NM[k]} nm ← fused band {band + 1} ({wavelengths[band]:.0f} nm): "
               f"RMSE fused {fused_error:.1f}, bicubic {bicubic_error:.1f}")
     assert max(ratios) < MAX_SPATIAL_RMSE_RATIO_TO_BICUBIC, ratios
+
+
+def test_nothing_is_written_beside_the_inputs(berlin_paths, run_fusion, tmp_path):
+    """The user's folders are read, never written: no file appears or changes beside the inputs.
+
+    ENVI files given by path: were they loaded as QGIS layers, the histogram QGIS computes for a
+    layer's default style would be kept by GDAL in a .aux.xml beside each input once the layer is
+    closed (the run's context is deleted below, which closes every layer it holds)."""
+    from processing.tools import dataobjects
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in berlin_paths:
+        for part in (path, path.with_suffix(".hdr")):
+            shutil.copyfile(part, inputs / part.name)  # writable copies, as a user's files are
+    before = folder_listing(inputs)
+    assert sorted(before) == sorted(p.name for path in berlin_paths for p in (path, path.with_suffix(".hdr")))
+
+    context = dataobjects.createContext()  # what processing.run makes when given none
+    output = tmp_path / "fused.tif"
+    results, _ = run_fusion(context=context, LRHSI=str(inputs / berlin_paths[0].name),
+                            HRMSI=str(inputs / berlin_paths[1].name), OUTPUT=str(output))
+    assert results["OUTPUT"] == str(output) and output.is_file()
+    del context
+    gc.collect()
+    assert folder_listing(inputs) == before
 
 
 @pytest.fixture(scope="module")

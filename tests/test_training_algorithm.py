@@ -1,8 +1,10 @@
 """csakd:trainfusionmodel through Processing: a student trained on the user's data is a
 bundle that csakd:hyperspectralfusion accepts, and bad input is refused clearly."""
 
+import gc
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -192,3 +194,32 @@ def test_a_cancelled_run_leaves_a_usable_bundle(csakd_provider, shared_data_dir,
     model, card = load_bundle(results["OUTPUT_MODEL"])
     assert card["training"]["steps"] >= 1
     assert any("cancelled" in m for m in feedback.messages)
+
+
+def test_nothing_is_written_beside_the_training_inputs(csakd_provider, shared_data_dir, tmp_path):
+    """As for the fusion's inputs (tests/test_fusion_algorithm.py): a cube given by path is read,
+    never loaded as a QGIS layer, whose default style's histogram GDAL would keep in a .aux.xml
+    beside it once the layer is closed (the run's context is deleted below)."""
+    import processing
+    from processing.tools import dataobjects
+
+    from tests.helpers import folder_listing, recording_feedback
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cube = inputs / "cube.tif"
+    shutil.copyfile(shared_data_dir / "enmap_potsdam" / "enmap_potsdam_blockA_96x64.tif", cube)
+    before = folder_listing(inputs)
+
+    feedback = recording_feedback()
+    feedback.progressChanged.connect(lambda value: feedback.cancel())  # one step is enough
+    context = dataobjects.createContext()
+    results = processing.run(TRAIN_ID, {
+        "CUBES": [str(cube)], "SRF": str(shared_data_dir / "srf" / "sentinel2a_msi_srf.csv"),
+        "SRF_BANDS": "B2,B3,B4,B8", "MINUTES": 5.0, "OUTPUT_MODEL": str(tmp_path / "model.json"),
+    }, feedback=feedback, context=context)
+    assert (tmp_path / "model.json").is_file(), results
+    assert any(m.startswith("cube: cube with ") for m in feedback.messages), feedback.messages
+    del context
+    gc.collect()
+    assert folder_listing(inputs) == before
