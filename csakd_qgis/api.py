@@ -275,10 +275,11 @@ def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_c
                scene_correction: bool = False):
     """Fit scene → estimate degradation → check against the safe answer → adapt (optional) →
     scene correction (optional) → fuse tiles; ``write(row0, col0, spectra)`` receives finished
-    blocks of full spectra. Returns (tiles fused, scene statistics). ``adapt(model,
-    statistics)`` may return a fine-tuned model; ``scene_correction`` fits the scene's own
-    pixel-wise correction on its reduced pairs (scene_correction.py) and applies it when its
-    check passes."""
+    blocks of full spectra. Returns (tiles fused, scene statistics, what the scene correction
+    did: its log line, or None when it was off or the fusion fell back to the safe answer).
+    ``adapt(model, statistics)`` may return a fine-tuned model; ``scene_correction`` fits the
+    scene's own pixel-wise correction on its reduced pairs (scene_correction.py) and applies it
+    when its check passes."""
     from .pipeline import check_against_safe, fit_scene_statistics, nonnegative_inputs
 
     log = log or (lambda message: None)
@@ -291,7 +292,8 @@ def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_c
     log(safe.describe())
     if adapt is not None and safe.use_fusion:
         model = adapt(model, statistics)
-    correction = _scene_correction(model, statistics, pair, log) if scene_correction and safe.use_fusion else None
+    correction, said = (_scene_correction(model, statistics, pair, log) if scene_correction and safe.use_fusion
+                        else (None, None))
     if correction is not None:
         correction = correction.to(device)
     nonnegative = nonnegative_inputs(pair)
@@ -300,7 +302,7 @@ def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_c
     tiles = run_tiles(
         fuser, pair.lr_shape, pair.read_lr, pair.read_hr, composer, tile_size, overlap, progress, cancelled, block_rows
     )
-    return tiles, statistics
+    return tiles, statistics, said
 
 
 def fuse_arrays(
@@ -547,7 +549,7 @@ def fuse_files(
                         write_block(dst, encoding.encode(block), Window(col0, row0, cols, rows), output_path)
 
                     try:
-                        tiles, statistics = fuse_scene(
+                        tiles, statistics, corrected = fuse_scene(
                             pair, fused_model, torch_device, write, tile_size, overlap, psf_choice, block_cols,
                             _part(progress, RESAMPLE_SHARE, 1.0), cancelled, log, block_rows, adapt,
                             scene_correction,
@@ -558,7 +560,8 @@ def fuse_files(
                         raise
                     # The degradation the fusion assumed, readable back (consistency.psf_consistency).
                     dst.update_tags(CSAKD_PSF=json.dumps(statistics.degradation.to_dict()),
-                                    CSAKD_PSF_DESCRIPTION=statistics.degradation.describe())
+                                    CSAKD_PSF_DESCRIPTION=statistics.degradation.describe(),
+                                    CSAKD_SCENE_CORRECTION=corrected or "off")
     log_clipped(encoding, log)
     seconds = time.time() - started
     name = card.get("name", "custom")
@@ -572,7 +575,7 @@ ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bound
 def _scene_correction(model, stats, pair, log):
     """The scene's pixel-wise correction (scene_correction.fit_scene_correction) fitted on a
     central window of the scene, or None (said in the log) where the check does not pass or
-    the window lacks data."""
+    the window lacks data, with the log line saying which."""
     from .georaster import FusionInputError
     from .registration import central_window
     from .scene_correction import fit_scene_correction
@@ -584,11 +587,12 @@ def _scene_correction(model, stats, pair, log):
         hsi, msi = filled_pair(np.ascontiguousarray(pair.read_lr(window)), pair.msi_at_lr(window, stats.degradation),
                                "the centre area lacks data in both images")
     except FusionInputError as error:
-        log(f"scene correction: not applied, {error}")
-        return None
+        said = f"scene correction: not applied, {error}"
+        log(said)
+        return None, said
     correction, report = fit_scene_correction(model, hsi, msi, stats, log)
     log(report.message)
-    return correction
+    return correction, report.message
 
 
 def _adapted(model, stats, pair, minutes, log, cancelled):

@@ -24,7 +24,7 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
 
     pair = wald_pair_factory("enmap_potsdam_blockB_128x64.tif", scale=2, lr_holes=())
     good = ~pair.bad_bands
-    fused, said = {}, {}
+    fused, said, recorded = {}, {}, {}
     for name, switch in (("on", None), ("off", False)):
         feedback = make_feedback()
         options = {} if switch is None else {"SCENE_CORRECTION": switch}
@@ -32,9 +32,12 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
                    OUTPUT=str(tmp_path / f"{name}.tif"), **options)
         with rasterio.open(tmp_path / f"{name}.tif") as output:
             fused[name] = output.read(masked=True).filled(np.nan)[good].astype(np.float64)
+            recorded[name] = output.tags()["CSAKD_SCENE_CORRECTION"]
         said[name] = [m for m in feedback.messages if m.startswith("scene correction:")]
     assert len(said["on"]) == 1 and said["on"][0].startswith("scene correction: applied"), said
     assert not said["off"], said
+    # The output says what was done, as the log did.
+    assert recorded == {"on": said["on"][0], "off": "off"}, recorded
     gains = {name: metrics.psnr(pair.reference[good], data) for name, data in fused.items()}
     print(f"Potsdam B Wald ×2: PSNR with the scene correction {gains['on']:.3f} dB, without {gains['off']:.3f} dB")
     # Measured +0.025 dB on this block (+0.04 to +0.21 on block C at ×2); the size of the gain
