@@ -25,7 +25,7 @@ DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 32
 # Fit the scene's own pixel-wise correction on its reduced pairs and apply it where the check
 # one scale further down passes (scene_correction.py): on the nine ×2 validation cases it
-# passed on all and gained +0.50 dB (+0.04 to +0.94); where a scene is too small to check it
+# passed on all and gained +0.50 dB (+0.04 to +0.93); where a scene is too small to check it
 # is left as it is.
 SCENE_CORRECTION = True
 DEFAULT_HALO_LR = 4
@@ -276,14 +276,14 @@ def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_c
     """Fit scene → estimate degradation → check against the safe answer → adapt (optional) →
     scene correction (optional) → fuse tiles; ``write(row0, col0, spectra)`` receives finished
     blocks of full spectra. Returns (tiles fused, scene statistics, what the scene correction
-    did: its log line, or None when it was off or the fusion fell back to the safe answer).
+    did: its log line).
     ``adapt(model, statistics)`` may return a fine-tuned model; ``scene_correction`` fits the
     scene's own pixel-wise correction on its reduced pairs (scene_correction.py) and applies it
     when its check passes."""
     from .pipeline import check_against_safe, fit_scene_statistics, nonnegative_inputs
 
     log = log or (lambda message: None)
-    statistics, _ = fit_scene_statistics(pair, model.config.subspace_dim, psf, log)
+    statistics, estimate = fit_scene_statistics(pair, model.config.subspace_dim, psf, log)
     if model.config.representation == "grid" and statistics.grid_from_bands is None:
         log("this model works on a wavelength grid, and the hyperspectral image's band centres are unknown: its "
             "network is not applied, the output is the classical base (give the image wavelength metadata, e.g. an "
@@ -292,8 +292,8 @@ def fuse_scene(pair, model, device, write, tile_size, overlap, psf=None, block_c
     log(safe.describe())
     if adapt is not None and safe.use_fusion:
         model = adapt(model, statistics)
-    correction, said = (_scene_correction(model, statistics, pair, log) if scene_correction and safe.use_fusion
-                        else (None, None))
+    correction, said = _scene_correction(model, statistics, estimate, pair, log, cancelled, scene_correction,
+                                         safe.use_fusion)
     if correction is not None:
         correction = correction.to(device)
     nonnegative = nonnegative_inputs(pair)
@@ -427,7 +427,7 @@ def fuse_files(
 
     Stages (pipeline.py, the same as :func:`fuse_arrays`): open inputs → plan grid → fit scene
     → estimate degradation → check against bicubic on the scene's reduced pair → adapt
-    (optional) → fuse tiles → write.
+    (optional) → scene correction (``scene_correction``) → fuse tiles → write.
     """
     import rasterio
     from rasterio.errors import RasterioIOError
@@ -561,7 +561,7 @@ def fuse_files(
                     # The degradation the fusion assumed, readable back (consistency.psf_consistency).
                     dst.update_tags(CSAKD_PSF=json.dumps(statistics.degradation.to_dict()),
                                     CSAKD_PSF_DESCRIPTION=statistics.degradation.describe(),
-                                    CSAKD_SCENE_CORRECTION=corrected or "off")
+                                    CSAKD_SCENE_CORRECTION=corrected.removeprefix("scene correction: "))
     log_clipped(encoding, log)
     seconds = time.time() - started
     name = card.get("name", "custom")
@@ -572,25 +572,45 @@ def fuse_files(
 ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bounded memory
 
 
-def _scene_correction(model, stats, pair, log):
-    """The scene's pixel-wise correction (scene_correction.fit_scene_correction) fitted on a
-    central window of the scene, or None (said in the log) where the check does not pass or
-    the window lacks data, with the log line saying which."""
+# The largest central window (LR pixels a side) the scene correction is fitted on: enough for
+# its check up to ×12 (scene_correction.min_window: 576), 640² × 224 bands of float32 = 370 MB.
+SCENE_CORRECTION_MAX_WINDOW = 640
+
+
+def _scene_correction(model, stats, estimate, pair, log, cancelled, wanted: bool, fusion_used: bool):
+    """(the scene's pixel-wise correction or None, the log line saying what was done): fitted
+    (scene_correction.fit_scene_correction) on a central window of the scene large enough for
+    its check at the scene's scale, where it is ``wanted``, the fusion is used (not the safe
+    answer) and the LR-HSI explains the MSI well enough for the check to be trusted."""
     from .georaster import FusionInputError
     from .registration import central_window
-    from .scene_correction import fit_scene_correction
+    from .scene_correction import MIN_PAIR_FIT, fit_scene_correction, min_window
     from .user_training import filled_pair
 
     log = log or (lambda message: None)
-    window = central_window(pair.lr_shape, ADAPTATION_WINDOW)
+
+    def said(line):
+        log(line)
+        return None, line
+
+    if not wanted:
+        return said("scene correction: off")
+    if not fusion_used:
+        return said("scene correction: not applied, the output is the safe answer (bicubic upsampling)")
+    fit = getattr(estimate, "fit", float("nan"))
+    if np.isfinite(fit) and fit < MIN_PAIR_FIT:
+        return said(f"scene correction: not applied, the hyperspectral image explains only {100 * fit:.1f} % of the "
+                    f"multispectral image (its check needs {100 * MIN_PAIR_FIT:.0f} %): are they the same place and date?")
+    side = min(SCENE_CORRECTION_MAX_WINDOW, max(ADAPTATION_WINDOW, min_window(stats.degradation.scale)))
+    window = central_window(pair.lr_shape, side)
     try:
         hsi, msi = filled_pair(np.ascontiguousarray(pair.read_lr(window)), pair.msi_at_lr(window, stats.degradation),
                                "the centre area lacks data in both images")
     except FusionInputError as error:
-        said = f"scene correction: not applied, {error}"
-        log(said)
-        return None, said
-    correction, report = fit_scene_correction(model, hsi, msi, stats, log)
+        return said(f"scene correction: not applied, {error}")
+    correction, report = fit_scene_correction(model, hsi, msi, stats, log, cancelled or (lambda: False))
+    if cancelled is not None and cancelled():
+        raise FusionCancelled("fusion cancelled while fitting the scene correction")
     log(report.message)
     return correction, report.message
 

@@ -122,7 +122,7 @@ def engine_options(given: Dict[str, Any], where: str = "") -> Dict[str, Any]:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fusion options (as in the QGIS algorithm)")
     for option in OPTIONS:
-        metavar = option.flag[2:].upper().replace("-", "_")
+        metavar = "{on,off}" if option.parse is parse_switch else option.flag[2:].upper().replace("-", "_")
         group.add_argument(option.flag, dest=option.keyword, default=None, metavar=metavar, help=option.help)
 
 

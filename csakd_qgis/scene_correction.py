@@ -43,7 +43,7 @@ from torch import nn
 # where the check agreed with the full resolution on all nine; at ×3 the largest had 121.
 MIN_FIT_PIXELS = 256
 # What the check must gain (PSNR on the once-reduced pair against the LR-HSI) to apply the
-# correction; the nine ×2 validation cases' checks read +0.10 to +1.67 dB.
+# correction; the nine ×2 validation cases' checks read +0.10 to +1.60 dB.
 MIN_CHECK_GAIN_DB = 0.05
 # Pixels drawn for one fit, and its full-batch Adam steps (1e-3): a fit then takes about 5 s on
 # two cores whatever the scene's size (8192 pixels and 1500 steps took 12 s, and gave the same
@@ -53,6 +53,18 @@ FIT_STEPS = 1000
 HIDDEN = 64
 # Rows of a pair: fitted on the top 80 %, the state of least error on the rest kept.
 STOP_FRACTION = 0.2
+# How much of the MSI (degraded onto the LR grid) the LR-HSI must explain (R², the PSF
+# estimate's fit, registration.DegradationEstimate) for the check to be trusted: with an MSI of
+# pure noise (R² 5 %) the check still passed (+0.32 dB) and the output lost 2.5 dB.
+MIN_PAIR_FIT = 0.8
+
+
+def min_window(scale: int) -> int:
+    """The side (LR pixels) of the smallest square window whose twice-reduced pair can be
+    fitted at ``scale``: at least 4 LR pixels a side twice reduced, and MIN_FIT_PIXELS pixels
+    on its high-resolution grid (×2: 32, ×3: 54, ×4: 64, ×8: 256, ×10: 400)."""
+    twice = max(4, int(np.ceil(np.sqrt(MIN_FIT_PIXELS) / scale)))
+    return twice * scale * scale
 
 
 class PixelCorrection(nn.Module):
@@ -150,10 +162,12 @@ def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation
 
 
 def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS, hidden: int = HIDDEN,
-                         max_pixels: int = MAX_FIT_PIXELS) -> PixelCorrection:
+                         max_pixels: int = MAX_FIT_PIXELS,
+                         cancelled: Callable[[], bool] = lambda: False) -> Optional[PixelCorrection]:
     """A :class:`PixelCorrection` fitted to ``pair.target`` by full-batch Adam (1e-3, weight
     decay 1e-5) on up to ``max_pixels`` pixels drawn from the top rows, keeping the state of
-    least squared error on the bottom :data:`STOP_FRACTION` of the rows (checked every 25 steps)."""
+    least squared error on the bottom :data:`STOP_FRACTION` of the rows (checked every 25 steps,
+    as ``cancelled`` is: None when it says so)."""
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
     channels, rows, cols = pair.features.shape[1:]
@@ -178,6 +192,8 @@ def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS,
         loss.backward()
         optimiser.step()
         if step % 25 == 0 or step == steps - 1:
+            if cancelled():
+                return None
             with torch.no_grad():
                 error = float((net.layers(stop_x) - stop_y).square().mean())
             if error < best:
@@ -199,8 +215,12 @@ def reduce_pair(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, degradation) -> Tuple
         msi_at_lr[:, :rows, :cols], dtype=np.float32)
 
 
+CHECK = "its check (fitted on the scene reduced twice, tested on the scene reduced once against the hyperspectral image)"
+
+
 def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, statistics,
-                         log: Callable[[str], None] = lambda message: None) -> Tuple[Optional[PixelCorrection], SceneCorrectionReport]:
+                         log: Callable[[str], None] = lambda message: None,
+                         cancelled: Callable[[], bool] = lambda: False) -> Tuple[Optional[PixelCorrection], SceneCorrectionReport]:
     """The scene's :class:`PixelCorrection`, or None, and what was done.
 
     ``lr_hsi`` (B,h,w) and ``msi_at_lr`` (M,h,w): a window of the scene (no gaps) and the MSI
@@ -208,7 +228,8 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     (model.SceneStatistics, with its degradation), which the fusion then uses. The pair reduced
     once (level 1) and twice (level 2) are made by Wald's protocol with the same PSF; a
     network fitted on level 2 must improve level 1 against its reference (the LR-HSI) by
-    :data:`MIN_CHECK_GAIN_DB` before the one fitted on level 1 is returned."""
+    :data:`MIN_CHECK_GAIN_DB` before the one fitted on level 1 is returned. ``cancelled`` is
+    asked during the fits; when it says so, (None, a report saying so) is returned."""
     from .metrics import psnr
 
     degradation = statistics.degradation.at_scale(statistics.degradation.scale)
@@ -218,25 +239,30 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     once = [n // s for n in lr_hsi.shape[1:]]
     twice = [n // s for n in once]
     if twice[0] * s * twice[1] * s < MIN_FIT_PIXELS or min(twice) < 4:
-        side = max(int(np.ceil(np.sqrt(MIN_FIT_PIXELS))) * s, 4 * s * s)
+        side = min_window(s)
         return None, SceneCorrectionReport(False, float("nan"), (
-            f"scene correction: not applied, the hyperspectral image's {lr_hsi.shape[2]}×{lr_hsi.shape[1]} pixels are too "
-            f"few to check it at ×{s} (the check needs about {side}×{side})"))
+            f"scene correction: not applied, the {lr_hsi.shape[2]}×{lr_hsi.shape[1]} hyperspectral pixels it is fitted on "
+            f"(the image on the working grid, or a central window of it) are too few to check it at ×{s}: "
+            f"about {side}×{side} are needed"))
+    log(f"scene correction: fitting on the scene's reduced pairs ({lr_hsi.shape[2]}×{lr_hsi.shape[1]} hyperspectral pixels)…")
     reference1, lr1, msi1 = reduce_pair(lr_hsi, msi_at_lr, degradation)
     reference2, lr2, msi2 = reduce_pair(lr1, _msi_one_down(msi1, degradation), degradation)
-    check = fit_pixel_correction(level_pair(model, lr2, msi2, statistics, degradation, reference2))
+    check = fit_pixel_correction(level_pair(model, lr2, msi2, statistics, degradation, reference2), cancelled=cancelled)
+    if check is None:
+        return None, SceneCorrectionReport(False, float("nan"), "scene correction: cancelled")
     level1 = level_pair(model, lr1, msi1, statistics, degradation, reference1)
     with torch.no_grad():
         checked = level1.corrected(check(level1.features)).numpy()
     gain = psnr(reference1, checked) - psnr(reference1, level1.image.numpy())
     if not gain >= MIN_CHECK_GAIN_DB:
         return None, SceneCorrectionReport(False, gain, (
-            f"scene correction: not applied, fitted on the scene reduced twice it changed the scene reduced once by "
-            f"{gain:+.2f} dB PSNR (needs +{MIN_CHECK_GAIN_DB})"))
-    net = fit_pixel_correction(level1)
+            f"scene correction: not applied, {CHECK} changed it by {gain:+.2f} dB PSNR (needs +{MIN_CHECK_GAIN_DB})"))
+    net = fit_pixel_correction(level1, cancelled=cancelled)
+    if net is None:
+        return None, SceneCorrectionReport(False, gain, "scene correction: cancelled")
     return net, SceneCorrectionReport(True, gain, (
-        f"scene correction: applied; fitted on the scene reduced twice it improved the scene reduced once by "
-        f"{gain:+.2f} dB PSNR"))
+        f"scene correction: applied; {CHECK} gained {gain:+.2f} dB PSNR (the gain at full resolution cannot be measured "
+        f"without a truth)"))
 
 
 def corrected_detail(correction: PixelCorrection, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, detail: torch.Tensor,

@@ -213,6 +213,10 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "<b>Model bundle (MODEL)</b>: a .json model card with its .pt weights beside it; empty = the bundled "
             "student, which accepts any sensor pair (its learned correction is still zero: the result is its "
             "classical subspace fusion, see the README).\n"
+            "<b>Scene correction</b> (advanced, on by default): a small pixel-wise network fitted on the scene's own "
+            "reduced pair, applied only where a check one scale further down gains; the log and the output's "
+            "CSAKD_SCENE_CORRECTION metadata say whether it was applied and why. About 10 s per scene. Off: "
+            "SCENE_CORRECTION=false.\n"
             "<b>Tile size / overlap</b> (advanced): output pixels per tile and how far neighbouring tiles overlap "
             "and cross-fade; rounded to multiples of the working scale. Larger tiles are a little faster and use "
             "more memory.\n"
@@ -271,6 +275,16 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             optional=True)))
         self.addParameter(GeoTiffDestination(self.OUTPUT, "Fused hyperspectral image"))
 
+    def scene_correction_wanted(self, parameters, context) -> bool:
+        """SCENE_CORRECTION as a bool, reading on/off, yes/no, true/false and 1/0 given as text
+        (qgis_process passes text; QGIS itself reads any text but false/0 as true)."""
+        switch = parameters.get(self.SCENE_CORRECTION)
+        if isinstance(switch, str) and switch.strip():
+            from ..csakd_qgis.cli import parse_switch
+
+            return parse_switch(switch)
+        return self.parameterAsBool(parameters, self.SCENE_CORRECTION, context)
+
     def checkParameterValues(self, parameters, context):  # noqa: N802
         model = parameters.get(self.MODEL)
         if isinstance(model, str) and Path(model).suffix.lower() in (".pt", ".pth"):
@@ -287,6 +301,16 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                     f"the {role} {value} cannot be read: GDAL does not recognise it as a raster "
                     "(damaged or incomplete file, or not a raster format)"
                 )
+        # QGIS takes any text but false/0 as true for a boolean: "off" or "no" would leave it on.
+        switch = parameters.get(self.SCENE_CORRECTION)
+        if isinstance(switch, str) and switch.strip():
+            from ..csakd_qgis.cli import parse_switch
+
+            try:
+                parse_switch(switch)
+            except ValueError:
+                return False, (f"SCENE_CORRECTION: '{switch}' is neither on nor off; give true or false "
+                               "(on/off, yes/no and 1/0 are read too)")
         psf = parameters.get(self.PSF)
         if isinstance(psf, str) and psf.strip():
             from ..csakd_qgis.psf import parse_psf
@@ -335,7 +359,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
                 cancelled=feedback.isCanceled,
                 log=feedback.pushInfo,
                 adapt_minutes=self.parameterAsDouble(parameters, self.ADAPT_MINUTES, context),
-                scene_correction=self.parameterAsBool(parameters, self.SCENE_CORRECTION, context),
+                scene_correction=self.scene_correction_wanted(parameters, context),
                 psf=self.parameterAsString(parameters, self.PSF, context) or "auto",
             )
         except FusionCancelled:

@@ -34,10 +34,11 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
             fused[name] = output.read(masked=True).filled(np.nan)[good].astype(np.float64)
             recorded[name] = output.tags()["CSAKD_SCENE_CORRECTION"]
         said[name] = [m for m in feedback.messages if m.startswith("scene correction:")]
-    assert len(said["on"]) == 1 and said["on"][0].startswith("scene correction: applied"), said
-    assert not said["off"], said
+    assert said["on"][0].startswith("scene correction: fitting on the scene's reduced pairs"), said
+    assert len(said["on"]) == 2 and said["on"][1].startswith("scene correction: applied; its check"), said
+    assert said["off"] == ["scene correction: off"], said
     # The output says what was done, as the log did.
-    assert recorded == {"on": said["on"][0], "off": "off"}, recorded
+    assert recorded == {"on": said["on"][1].removeprefix("scene correction: "), "off": "off"}, recorded
     gains = {name: metrics.psnr(pair.reference[good], data) for name, data in fused.items()}
     print(f"Potsdam B Wald ×2: PSNR with the scene correction {gains['on']:.3f} dB, without {gains['off']:.3f} dB")
     # Measured +0.025 dB on this block (+0.04 to +0.21 on block C at ×2); the size of the gain
@@ -65,7 +66,7 @@ def test_the_engine_gains_on_a_scene_it_never_saw_and_leaves_a_small_one_alone(v
     """AVIRIS Jasper Ridge, never trained on: at ×2 with Sentinel-2 the check passes and the
     full resolution gains (measured +0.93 dB); at ×4 the scene (25×25 LR pixels) is too small to
     check, the log says so and the output is bit for bit the one without."""
-    from csakd_qgis.api import fuse_case, load_model
+    from csakd_qgis.api import fuse_arrays, fuse_case, load_model
     from csakd_qgis.datasets import make_wald_case, validation_sensors
 
     model, _ = load_model(None, "cpu")
@@ -77,12 +78,22 @@ def test_the_engine_gains_on_a_scene_it_never_saw_and_leaves_a_small_one_alone(v
     gain = metrics.psnr(case.reference, with_it) - metrics.psnr(case.reference, without)
     assert gain > 0.3, gain
     assert metrics.sam(case.reference, with_it) < metrics.sam(case.reference, without)
-    assert any(m.startswith("scene correction: applied; fitted on the scene reduced twice it improved") for m in said), said
+    assert any(m.startswith("scene correction: applied; its check (fitted on the scene reduced twice, tested on the "
+                            "scene reduced once against the hyperspectral image) gained +") for m in said), said
 
     small = make_wald_case(validation_cube["AVIRIS Jasper Ridge"], sensor, 4)
     said = []
     assert np.array_equal(fuse_case(small, model=model, log=said.append), fuse_case(small, model=model, scene_correction=False))
-    assert "scene correction: not applied, the hyperspectral image's 25×25 pixels are too few to check it at ×4" in "".join(said), said
+    assert ("scene correction: not applied, the 25×25 hyperspectral pixels it is fitted on (the image on the working "
+            "grid, or a central window of it) are too few to check it at ×4: about 64×64 are needed") in said, said
+
+    # An MSI that is not of that scene (noise): the check cannot be trusted, and is not run.
+    noise = np.random.default_rng(0).normal(size=case.hr_msi.shape).astype(np.float32) * case.hr_msi.std() + case.hr_msi.mean()
+    said = []
+    with_noise = fuse_arrays(case.lr_hsi, noise, model=model, wavelengths_nm=case.wavelengths_nm, log=said.append)
+    assert np.array_equal(with_noise, fuse_arrays(case.lr_hsi, noise, model=model, wavelengths_nm=case.wavelengths_nm,
+                                                  scene_correction=False))
+    assert any(m.startswith("scene correction: not applied, the hyperspectral image explains only") for m in said), said
 
 
 def test_the_command_line_takes_it_on_or_off():
@@ -93,3 +104,38 @@ def test_the_command_line_takes_it_on_or_off():
     with pytest.raises(ValueError, match="--scene-correction: 'maybe' is not on or off"):
         engine_options({"scene_correction": "maybe"})
     assert OPTION_BY_KEYWORD["scene_correction"].flag == "--scene-correction"
+
+
+def test_processing_reads_the_switch_as_text_and_refuses_what_is_neither(potsdam_wald_pair, run_fusion, make_feedback,
+                                                                          tmp_path):
+    """qgis_process passes text: "off" and "no" turn it off (QGIS alone would read them as true),
+    and text that is neither on nor off is refused, with nothing written."""
+    from qgis.core import QgsProcessingException
+
+    for text in ("off", "no"):
+        feedback = make_feedback()
+        run_fusion(feedback=feedback, LRHSI=str(potsdam_wald_pair.lr_path), HRMSI=str(potsdam_wald_pair.hr_path),
+                   SCENE_CORRECTION=text, OUTPUT=str(tmp_path / f"{text}.tif"))
+        assert "scene correction: off" in feedback.messages, feedback.messages
+    with pytest.raises(QgsProcessingException, match="SCENE_CORRECTION: 'maybe' is neither on nor off"):
+        run_fusion(LRHSI=str(potsdam_wald_pair.lr_path), HRMSI=str(potsdam_wald_pair.hr_path),
+                   SCENE_CORRECTION="maybe", OUTPUT=str(tmp_path / "maybe.tif"))
+    assert not (tmp_path / "maybe.tif").exists()
+
+
+def test_cancelling_while_it_fits_stops_the_fusion(validation_cube):
+    """The fits are long enough (seconds) to be cancelled: the fusion stops with its message."""
+    from csakd_qgis.api import FusionCancelled, fuse_case, load_model
+    from csakd_qgis.datasets import make_wald_case, validation_sensors
+
+    model, _ = load_model(None, "cpu")
+    case = make_wald_case(validation_cube["AVIRIS Jasper Ridge"], validation_sensors()["Sentinel-2 10 m"], 2)
+    fitting = []
+
+    def log(message):
+        if message.startswith("scene correction: fitting"):
+            fitting.append(message)
+
+    with pytest.raises(FusionCancelled, match="fusion cancelled while fitting the scene correction"):
+        fuse_case(case, model=model, log=log, cancelled=lambda: bool(fitting))
+    assert fitting
