@@ -156,6 +156,24 @@ def result_layer_name(output: str) -> str:
     return Path(output).stem
 
 
+def record_recipe(output: str, lr_path: str, hr_path: str, options: dict, log) -> None:
+    """Writes what made ``output`` into its metadata (CSAKD_RECIPE: inputs, model and options,
+    as the command line and batches record it, provenance.py), so that a Processing output says
+    how it was made too. A failure to write it is said in the log; the output stays as written."""
+    import json
+
+    from ..csakd_qgis.provenance import RECIPE_TAG, recipe
+
+    try:
+        import rasterio
+
+        made_of = recipe(lr_path, hr_path, options)
+        with rasterio.open(output, "r+") as dataset:
+            dataset.update_tags(**{RECIPE_TAG: json.dumps(made_of, sort_keys=True)})
+    except Exception as error:  # the output is complete; only its record is missing
+        log(f"warning: could not record what made the output in its metadata ({error})")
+
+
 def parse_creation_options(text: str) -> dict:
     options = {}
     for item in filter(None, (part.strip() for part in (text or "").replace(";", " ").split())):
@@ -343,29 +361,33 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
         if Path(output).suffix.lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(f"the output {output} must be a GeoTIFF (.tif)")
         model = self.parameterAsFile(parameters, self.MODEL, context) or None
+        options = dict(
+            model=model,
+            tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+            overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
+            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            bands=band_numbers(parameters.get(self.BANDS)) or None,
+            output_dtype=OUTPUT_TYPES[self.parameterAsEnum(parameters, self.OUTPUT_TYPE, context)],
+            creation_options=parse_creation_options(self.parameterAsString(parameters, self.CREATION_OPTIONS, context)),
+            adapt_minutes=self.parameterAsDouble(parameters, self.ADAPT_MINUTES, context),
+            scene_correction=self.scene_correction_wanted(parameters, context),
+            psf=self.parameterAsString(parameters, self.PSF, context) or "auto",
+        )
         try:
             report = fuse_files(
                 lr_path,
                 hr_path,
                 output,
-                model=model,
-                tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
-                overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
-                device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-                bands=band_numbers(parameters.get(self.BANDS)) or None,
-                output_dtype=OUTPUT_TYPES[self.parameterAsEnum(parameters, self.OUTPUT_TYPE, context)],
-                creation_options=parse_creation_options(self.parameterAsString(parameters, self.CREATION_OPTIONS, context)),
                 progress=lambda fraction: feedback.setProgress(100.0 * fraction),
                 cancelled=feedback.isCanceled,
                 log=feedback.pushInfo,
-                adapt_minutes=self.parameterAsDouble(parameters, self.ADAPT_MINUTES, context),
-                scene_correction=self.scene_correction_wanted(parameters, context),
-                psf=self.parameterAsString(parameters, self.PSF, context) or "auto",
+                **options,
             )
         except FusionCancelled:
             raise QgsProcessingException("fusion cancelled; no output was written")
         except (FusionInputError, BundleError, ValueError) as error:
             raise QgsProcessingException(str(error))
+        record_recipe(output, lr_path, hr_path, options, feedback.pushInfo)
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
             details.name = result_layer_name(output)

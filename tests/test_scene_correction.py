@@ -2,6 +2,8 @@
 applied where its check one scale further down passes, through Processing in a headless QGIS
 and through the engine, against the truth of real Wald pairs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,9 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
         with rasterio.open(tmp_path / f"{name}.tif") as output:
             fused[name] = output.read(masked=True).filled(np.nan)[good].astype(np.float64)
             recorded[name] = output.tags()["CSAKD_SCENE_CORRECTION"]
+            # What made it, as the command line records it: the switch among the options.
+            made_of = json.loads(output.tags()["CSAKD_RECIPE"])
+            assert made_of["options"]["scene_correction"] is (name == "on"), made_of
         said[name] = [m for m in feedback.messages if m.startswith("scene correction:")]
     assert said["on"][0].startswith("scene correction: fitting on the scene's reduced pairs"), said
     assert len(said["on"]) == 2 and said["on"][1].startswith("scene correction: applied; its check"), said
