@@ -88,11 +88,16 @@ def check_inputs(lr_hsi: np.ndarray, hr_msi: np.ndarray) -> int:
 
 @dataclass
 class FusionReport:
+    """What :func:`fuse_files` did: the torch device, the model's name, seconds, tiles, the
+    working scale, and what the scene correction did (its log line without the prefix, as in
+    the output's CSAKD_SCENE_CORRECTION)."""
+
     device: str
     model: str
     seconds: float
     tiles: int
     scale: int
+    scene_correction: str = ""
 
 
 class TileFuser:
@@ -566,7 +571,7 @@ def fuse_files(
     seconds = time.time() - started
     name = card.get("name", "custom")
     log(f"fused {tiles} tile(s) with {name} on {torch_device} in {seconds:.1f} s → {output_path}")
-    return FusionReport(str(torch_device), name, seconds, tiles, grid.scale)
+    return FusionReport(str(torch_device), name, seconds, tiles, grid.scale, corrected.removeprefix("scene correction: "))
 
 
 ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bounded memory

@@ -42,8 +42,12 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
     assert said["on"][0].startswith("scene correction: fitting on the scene's reduced pairs"), said
     assert len(said["on"]) == 2 and said["on"][1].startswith("scene correction: applied; its check"), said
     assert said["off"] == ["scene correction: off"], said
-    # The output says what was done, as the log did.
+    # The output says what was done, as the log did, and so does the engine's report.
     assert recorded == {"on": said["on"][1].removeprefix("scene correction: "), "off": "off"}, recorded
+    from csakd_qgis.api import fuse_files
+
+    report = fuse_files(pair.lr_path, pair.hr_path, tmp_path / "engine.tif", scene_correction=False)
+    assert report.scene_correction == "off"
     gains = {name: metrics.psnr(pair.reference[good], data) for name, data in fused.items()}
     print(f"Potsdam B Wald ×2: PSNR with the scene correction {gains['on']:.3f} dB, without {gains['off']:.3f} dB")
     # Measured +0.025 dB on this block (+0.04 to +0.21 on block C at ×2); the size of the gain
