@@ -588,9 +588,7 @@ def _scene_correction(model, stats, estimate, pair, log, cancelled, wanted: bool
     its check at the scene's scale, where it is ``wanted``, the fusion is used (not the safe
     answer) and the LR-HSI explains the MSI well enough for the check to be trusted."""
     from .georaster import FusionInputError
-    from .registration import central_window
     from .scene_correction import MIN_PAIR_FIT, fit_scene_correction, min_window
-    from .user_training import filled_pair
 
     log = log or (lambda message: None)
 
@@ -607,10 +605,8 @@ def _scene_correction(model, stats, estimate, pair, log, cancelled, wanted: bool
         return said(f"scene correction: not applied, the hyperspectral image explains only {100 * fit:.1f} % of the "
                     f"multispectral image (its check needs {100 * MIN_PAIR_FIT:.0f} %): are they the same place and date?")
     side = min(SCENE_CORRECTION_MAX_WINDOW, max(ADAPTATION_WINDOW, min_window(stats.degradation.scale)))
-    window = central_window(pair.lr_shape, side)
     try:
-        hsi, msi = filled_pair(np.ascontiguousarray(pair.read_lr(window)), pair.msi_at_lr(window, stats.degradation),
-                               "the centre area lacks data in both images")
+        hsi, msi = _central_pair(pair, stats, side, "the centre area lacks data in both images")
     except FusionInputError as error:
         return said(f"scene correction: not applied, {error}")
     correction, report = fit_scene_correction(model, hsi, msi, stats, log, cancelled or (lambda: False))
@@ -620,19 +616,25 @@ def _scene_correction(model, stats, estimate, pair, log, cancelled, wanted: bool
     return correction, report.message
 
 
+def _central_pair(pair, stats, side: int, too_sparse: str):
+    """(LR-HSI (B,h,w), MSI degraded onto its grid (M,h,w)) of the central window of up to
+    ``side`` LR pixels a side, under the scene's estimated degradation, gaps filled
+    (user_training.filled_pair, which raises FusionInputError(too_sparse))."""
+    from .registration import central_window
+    from .user_training import filled_pair
+
+    window = central_window(pair.lr_shape, side)
+    return filled_pair(np.ascontiguousarray(pair.read_lr(window)), pair.msi_at_lr(window, stats.degradation), too_sparse)
+
+
 def _adapted(model, stats, pair, minutes, log, cancelled):
     """The model fine-tuned on a central window of the scene, in the subspace of the scene
     statistics ``stats`` that the fusion then uses (see user_training.adapt_to_scene); the
     MSI is degraded onto the LR grid under the scene's estimated degradation."""
-    from .registration import central_window
-    from .user_training import adapt_to_scene, filled_pair
+    from .user_training import adapt_to_scene
 
-    window = central_window(pair.lr_shape, ADAPTATION_WINDOW)
-    hsi, msi = filled_pair(
-        np.ascontiguousarray(pair.read_lr(window)),
-        pair.msi_at_lr(window, stats.degradation),
-        "scene adaptation needs a centre area where both images have data; set its minutes to 0",
-    )
+    hsi, msi = _central_pair(pair, stats, ADAPTATION_WINDOW,
+                             "scene adaptation needs a centre area where both images have data; set its minutes to 0")
     adapted, _ = adapt_to_scene(
         model, hsi, msi, pair.scale, minutes, log=log, cancelled=cancelled or (lambda: False), statistics=stats
     )

@@ -9,7 +9,7 @@ things per case, each as the change of the band-averaged PSNR (metrics.psnr) ove
 * ``reach``: the base plus the reference's own error projected the way the student's correction
   is. No correction the student can make can do better (the projection it passes through is
   fixed), so this bounds what any training could buy.
-* ``in-scene``: how much of that error a small pixel-wise network (:class:`PixelCorrection`:
+* ``in-scene``: how much of that error a small pixel-wise network (scene_correction.PixelCorrection:
   the MSI pixel and the base's K coefficients → the error within reach, by an MLP of two hidden
   layers) recovers on pixels it never saw of the same scene, fitted with the truth on the top
   40 % of the rows, stopped early on the next 10 %, scored on the bottom 40 %. An upper bound
@@ -48,9 +48,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from .metrics import psnr, sam
+from .scene_correction import PixelCorrection, fit_on_pixels, reduce_pair
 
 # Fractions of the rows: fitted on the top, stopped early on a band below, scored at the bottom
 # (a gap of a tenth between them so that the MSI's blur does not leak the fitted rows).
@@ -125,43 +125,6 @@ def case_room(lr_hsi: np.ndarray, hr_msi: np.ndarray, statistics, subspace_dim: 
     return room
 
 
-class PixelCorrection(nn.Module):
-    """(N, M+K) → (N, K): an MLP of two GELU hidden layers of ``hidden`` units mapping a pixel's
-    standardised MSI values and base coefficients onto a correction of its coefficients."""
-
-    def __init__(self, inputs: int, outputs: int, hidden: int = 64):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                    nn.Linear(hidden, outputs))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
-
-
-def fit_pixel_correction(features: torch.Tensor, target: torch.Tensor, fit: np.ndarray, stop: np.ndarray,
-                         hidden: int = 64, steps: int = 1500, seed: int = 0) -> PixelCorrection:
-    """A :class:`PixelCorrection` fitted by full-batch Adam (1e-3) on the rows ``fit`` (bool,
-    one per pixel) of ``features`` (N, M+K) and ``target`` (N, K), with the state of least
-    squared error on ``stop`` kept (checked every 25 steps)."""
-    torch.manual_seed(seed)
-    net = PixelCorrection(features.shape[1], target.shape[1], hidden)
-    optimiser = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-5)
-    fit_t, stop_t = torch.from_numpy(fit), torch.from_numpy(stop)
-    best, best_state = float("inf"), None
-    for step in range(steps):
-        loss = (net(features[fit_t]) - target[fit_t]).square().mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 25 == 0 or step == steps - 1:
-            with torch.no_grad():
-                error = float((net(features[stop_t]) - target[stop_t]).square().mean())
-            if error < best:
-                best, best_state = error, {name: value.clone() for name, value in net.state_dict().items()}
-    net.load_state_dict(best_state)
-    return net.eval()
-
-
 def _rows(height: int, width: int, span) -> np.ndarray:
     rows = np.arange(height)[:, None].repeat(width, 1).ravel()
     return (rows >= span[0] * height) & (rows < span[1] * height)
@@ -169,7 +132,13 @@ def _rows(height: int, width: int, span) -> np.ndarray:
 
 def _predicted(net: PixelCorrection, room: CaseRoom, shape) -> torch.Tensor:
     with torch.no_grad():
-        return net(room.features).T.reshape(-1, *shape).double()
+        return net.layers(room.features).T.reshape(-1, *shape).double()
+
+
+def _fit(features: torch.Tensor, target: torch.Tensor, fit: np.ndarray, stop: np.ndarray, hidden: int, steps: int,
+         seed: int) -> PixelCorrection:
+    # The scene correction's own network and fit, on this probe's rows and with every pixel.
+    return fit_on_pixels(features, target, np.flatnonzero(fit), np.flatnonzero(stop), seed, steps, hidden)
 
 
 def reduced_pair(case, statistics, subspace_dim: int) -> CaseRoom:
@@ -181,9 +150,8 @@ def reduced_pair(case, statistics, subspace_dim: int) -> CaseRoom:
 
     s, psf = case.scale, case.degradation
     rows, cols = case.lr_hsi.shape[1] // s * s, case.lr_hsi.shape[2] // s * s
-    reference = np.ascontiguousarray(case.lr_hsi[:, :rows, :cols])
-    lr = blur_and_decimate(reference, psf).astype(np.float32)
-    msi = blur_and_decimate(case.hr_msi[:, : rows * s, : cols * s], psf).astype(np.float32)
+    msi_at_lr = blur_and_decimate(case.hr_msi[:, : rows * s, : cols * s], psf)
+    reference, lr, msi = reduce_pair(case.lr_hsi, msi_at_lr, psf)
     reduced = SceneStatistics.estimate(lr, blur_and_decimate(msi, psf), subspace_dim)
     reduced.degradation = psf
     return case_room(lr, msi, reduced, subspace_dim, reference, basis_from=statistics)
@@ -208,8 +176,8 @@ def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500
     scored = slice(int(np.ceil(SCORE_ROWS[0] * height)), height)
     in_scene = []
     for seed in seeds:
-        net = fit_pixel_correction(room.features, target, _rows(height, width, FIT_ROWS),
-                                   _rows(height, width, STOP_ROWS), hidden, steps, seed)
+        net = _fit(room.features, target, _rows(height, width, FIT_ROWS), _rows(height, width, STOP_ROWS), hidden,
+                   steps, seed)
         learnt = room.corrected(_predicted(net, room, (height, width))).numpy()
         in_scene.append(psnr(reference[:, scored], learnt[:, scored]) - psnr(reference[:, scored], base[:, scored]))
     result = {
@@ -226,8 +194,8 @@ def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500
         small_target = small.target.reshape(subspace_dim, -1).T.float()
         gains, angles = [], []
         for seed in seeds:
-            net = fit_pixel_correction(small.features, small_target, _rows(small_rows, small_cols, (0.0, 0.8)),
-                                       _rows(small_rows, small_cols, (0.8, 1.0)), hidden, steps, seed)
+            net = _fit(small.features, small_target, _rows(small_rows, small_cols, (0.0, 0.8)),
+                       _rows(small_rows, small_cols, (0.8, 1.0)), hidden, steps, seed)
             adapted = room.corrected(_predicted(net, room, (height, width))).numpy()
             gains.append(psnr(reference, adapted) - psnr(reference, base))
             angles.append(sam(reference, adapted) - sam(reference, base))

@@ -169,7 +169,6 @@ def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS,
     least squared error on the bottom :data:`STOP_FRACTION` of the rows (checked every 25 steps,
     as ``cancelled`` is: None when it says so)."""
     generator = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     channels, rows, cols = pair.features.shape[1:]
     k = pair.target.shape[1]
     features = pair.features[0].reshape(channels, -1).T
@@ -181,9 +180,20 @@ def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS,
         fit_idx = generator.choice(fit_idx, max_pixels, replace=False)
     if stop_idx.size > max_pixels // 4:
         stop_idx = generator.choice(stop_idx, max_pixels // 4, replace=False)
+    return fit_on_pixels(features, target, fit_idx, stop_idx, seed, steps, hidden, cancelled)
+
+
+def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndarray, stop_idx: np.ndarray, seed: int = 0,
+                  steps: int = FIT_STEPS, hidden: int = HIDDEN,
+                  cancelled: Callable[[], bool] = lambda: False) -> Optional[PixelCorrection]:
+    """A :class:`PixelCorrection` fitted by full-batch Adam (1e-3, weight decay 1e-5) to
+    ``target`` (P, K) from ``features`` (P, C) on the pixels ``fit_idx``, keeping the state of
+    least squared error on the pixels ``stop_idx`` (checked every 25 steps, as ``cancelled`` is:
+    None when it says so). The network starts from torch's generator seeded with ``seed``."""
+    torch.manual_seed(seed)
     fit_x, fit_y = features[fit_idx], target[fit_idx]
     stop_x, stop_y = features[stop_idx], target[stop_idx]
-    net = PixelCorrection(channels, k, hidden)
+    net = PixelCorrection(features.shape[1], target.shape[1], hidden)
     optimiser = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-5)
     best, best_state = float("inf"), None
     for step in range(steps):
