@@ -189,41 +189,104 @@ def adaptation(budgets=ADAPTATION_BUDGETS, data_dir=None) -> Dict:
 # Scales at which the validation cubes are large enough to check the scene correction
 # (scene_correction.min_window: 32 HSI pixels a side at ×2, 54 at ×3; the cubes have 25–43).
 SCENE_CORRECTION_SCALES = (2,)
+# The corpus's laboratory scenes (512²) are large enough to check the correction at these scales.
+LABORATORY_SCALES = (3, 4)
+
+
+def scene_correction_cases(data_dir=None) -> List[Dict]:
+    """The Wald cases the scene correction is measured on, as {"set", "psf", "case"} dicts.
+
+    "validation": the validation cubes at :data:`SCENE_CORRECTION_SCALES` under Wald's PSF and
+    every realistic PSF variant (datasets.validation_psfs), with every validation MSI.
+    "held out": the training corpus (datasets.corpus_cubes), which no choice of the scene
+    correction was made on: its Earth-observation cubes at ×2 under the same PSFs, with
+    Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where band centres are known and
+    one band-group MSI per cube (datasets.band_group_response, seeded by the cube's name) where
+    they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box
+    aggregation with RGB. Cubes too small to check the correction at a scale
+    (scene_correction.min_window) are left out."""
+    import zlib
+
+    from .datasets import (LABORATORY_WEIGHT, band_group_response, corpus_cubes, make_wald_case, validation_cubes,
+                           validation_psfs, validation_sensors)
+    from .psf import wald
+    from .scene_correction import min_window
+
+    sensors = validation_sensors()
+    found = []
+
+    def add(set_name, cube, scale, psfs, msis):
+        for psf_name, psf in psfs.items():
+            for label, sensor, response in msis(psf_name):
+                case = make_wald_case(cube, sensor, scale, psf=psf, response=response)
+                case.sensor = label
+                found.append({"set": set_name, "psf": psf_name, "case": case})
+
+    def every_psf(scale):
+        return {"Wald's Gaussian": wald(scale), **validation_psfs(scale)}
+
+    for cube in validation_cubes(data_dir):
+        for scale in SCENE_CORRECTION_SCALES:
+            add("validation", cube, scale, every_psf(scale), lambda _: [(k, v, None) for k, v in sensors.items()])
+    for cube in corpus_cubes(data_dir):
+        laboratory = cube.weight == LABORATORY_WEIGHT
+        for scale in LABORATORY_SCALES if laboratory else SCENE_CORRECTION_SCALES:
+            if min(cube.data.shape[1:]) // scale < min_window(scale):
+                continue
+            psfs = every_psf(scale)
+            if laboratory:
+                add("held out", cube, scale, {k: psfs[k] for k in ("Wald's Gaussian", "box")}, lambda _: [("RGB", sensors["RGB"], None)])
+            elif cube.wavelengths_nm is None:
+                response, label = band_group_response(cube.data.shape[0], np.random.default_rng(zlib.crc32(cube.name.encode())))
+                add("held out", cube, scale, psfs, lambda _: [(label, "band groups", response)])
+            else:
+                add("held out", cube, scale, psfs, lambda psf_name: [
+                    (k, v, None) for k, v in sensors.items() if k != "RGB" or psf_name == "Wald's Gaussian"])
+    return found
 
 
 def scene_correction_gain(data_dir=None) -> Dict:
     """The scene correction (scene_correction.py) on Wald cases with a known truth where the
-    validation cubes are large enough to check it (every cube and validation MSI at
-    :data:`SCENE_CORRECTION_SCALES`), fused as users fuse (PSF estimated) with and without it:
-    PSNR/SAM against the truth, and what the log said."""
+    cubes are large enough to check it (:func:`scene_correction_cases`), fused as users fuse
+    (PSF estimated) with and without it: PSNR/SAM against the truth, and what the log said."""
     from .api import fuse_case, load_model
     from .bundle import default_model_path
-    from .datasets import validation_cases
     from .train import _metrics
 
     student, _ = load_model(default_model_path(), "cpu")
     rows = []
-    for case in validation_cases(data_dir, scales=SCENE_CORRECTION_SCALES):
-        said = []
-        row = {"cube": case.cube, "sensor": case.sensor, "scale": case.scale,
+    for item in scene_correction_cases(data_dir):
+        case, said = item["case"], []
+        row = {"set": item["set"], "psf": item["psf"], "cube": case.cube, "sensor": case.sensor, "scale": case.scale,
                "off": _metrics(case, fuse_case(case, model=student, scene_correction=False)),
                "on": _metrics(case, fuse_case(case, model=student, scene_correction=True, log=said.append))}
         row["log"] = next((m for m in reversed(said) if m.startswith("scene correction:")), "")
         rows.append(row)
-        print(f"  {case.cube} ×{case.scale} {case.sensor}: off {row['off']['psnr']:.2f}, on {row['on']['psnr']:.2f} dB",
-              flush=True)
+        print(f"  {item['set']}: {case.cube} ×{case.scale} {item['psf']} {case.sensor}: off {row['off']['psnr']:.2f}, "
+              f"on {row['on']['psnr']:.2f} dB", flush=True)
     return {"cases": rows}
 
 
 def scene_correction_lines(result: Dict) -> List[str]:
-    rows = result["cases"]
-    gain = np.array([r["on"]["psnr"] - r["off"]["psnr"] for r in rows])
-    sam = np.array([r["on"]["sam"] - r["off"]["sam"] for r in rows])
-    applied = sum(r["log"].startswith("scene correction: applied") for r in rows)
-    return [f"scene correction on {len(rows)} ×{'/'.join(map(str, SCENE_CORRECTION_SCALES))} Wald cases: applied on "
-            f"{applied}; full-resolution PSNR {gain.mean():+.2f} dB on average against without, better on "
-            f"{int(np.sum(gain > 0.005))}, worse on {int(np.sum(gain < -0.005))}, worst {gain.min():+.2f} dB; SAM "
-            f"{sam.mean():+.3f}° on average"]
+    """One line per set of :func:`scene_correction_gain`'s cases, and per PSF within it."""
+    lines = []
+    for set_name in dict.fromkeys(r.get("set", "validation") for r in result["cases"]):
+        rows = [r for r in result["cases"] if r.get("set", "validation") == set_name]
+        groups = {"": rows}
+        for psf_name in dict.fromkeys(r.get("psf", "Wald's Gaussian") for r in rows):
+            groups[psf_name] = [r for r in rows if r.get("psf", "Wald's Gaussian") == psf_name]
+        for psf_name, group in groups.items():
+            if psf_name and len(groups) == 2:
+                continue
+            gain = np.array([r["on"]["psnr"] - r["off"]["psnr"] for r in group])
+            sam = np.array([r["on"]["sam"] - r["off"]["sam"] for r in group])
+            applied = sum(r["log"].startswith("scene correction: applied") for r in group)
+            scales = "/".join(map(str, sorted({r["scale"] for r in group})))
+            what = f"{set_name}, {len(group)} ×{scales} Wald cases" + (f", PSF {psf_name}" if psf_name else "")
+            lines.append(f"{'  ' if psf_name else ''}scene correction on {what}: applied on {applied}; full-resolution "
+                         f"PSNR {gain.mean():+.2f} dB on average against without, better on {int(np.sum(gain > 0.005))}, "
+                         f"worse on {int(np.sum(gain < -0.005))}, worst {gain.min():+.2f} dB; SAM {sam.mean():+.3f}° on average")
+    return lines
 
 
 def _adaptation_lines(result: Dict) -> List[str]:
@@ -723,7 +786,8 @@ def print_report(results: Dict) -> None:
     if results.get("scene_correction"):
         print("\n2d. Scene correction (SCENE_CORRECTION) on Wald cases, full resolution against the truth (PSNR dB / SAM °)")
         for row in results["scene_correction"]["cases"]:
-            print(f"{row['cube'][:24]:24s} {row['sensor'][:16]:16s} ×{row['scale']}  off {row['off']['psnr']:6.2f}/"
+            print(f"{row.get('set', ''):10s} {row['cube'][:24]:24s} {row['sensor'][:16]:16s} ×{row['scale']} "
+                  f"{row.get('psf', '')[:34]:34s} off {row['off']['psnr']:6.2f}/"
                   f"{row['off']['sam']:5.2f}  on {row['on']['psnr']:6.2f}/{row['on']['sam']:5.2f}")
         for line in scene_correction_lines(results["scene_correction"]):
             print(line)
@@ -786,8 +850,11 @@ def markdown(results: Dict) -> str:
         out += [""] + [f"- {line}" for line in network_gain_lines(results["network_gain"])]
     if results.get("scene_correction"):
         out += ["", "Scene correction (`SCENE_CORRECTION`) on Wald cases large enough to check it, full resolution "
-                "against the truth — PSNR dB / SAM °:", "", "| cube | MSI | scale | off | on |", "|---|---|---|---|---|"]
+                "against the truth — PSNR dB / SAM ° (the validation cubes under Wald's PSF; every case in "
+                "`build/bench/results.json`):", "", "| cube | MSI | scale | off | on |", "|---|---|---|---|---|"]
         for row in results["scene_correction"]["cases"]:
+            if row.get("set", "validation") != "validation" or row.get("psf", "Wald's Gaussian") != "Wald's Gaussian":
+                continue
             out.append(f"| {row['cube']} | {row['sensor']} | {row['scale']} | {row['off']['psnr']:.2f} / "
                        f"{row['off']['sam']:.2f} | {row['on']['psnr']:.2f} / {row['on']['sam']:.2f} |")
         out += [""] + [f"- {line}" for line in scene_correction_lines(results["scene_correction"])]

@@ -148,3 +148,29 @@ def test_cancelling_while_it_fits_stops_the_fusion(validation_cube):
     with pytest.raises(FusionCancelled, match="fusion cancelled while fitting the scene correction"):
         fuse_case(case, model=model, log=log, cancelled=lambda: bool(fitting))
     assert fitting
+
+
+def test_the_benchmark_measures_it_on_cubes_it_was_not_tuned_on(shared_data_dir):
+    """`make bench`'s scene-correction cases: the validation cubes at ×2 under every PSF, and a
+    held-out set from the training corpus that holds no validation cube, only cases large enough
+    to check the correction, every realistic PSF, and an MSI for cubes without band centres."""
+    from csakd_qgis.bench import scene_correction_cases, scene_correction_lines
+    from csakd_qgis.datasets import validation_cubes
+    from csakd_qgis.scene_correction import min_window
+
+    cases = scene_correction_cases(shared_data_dir)
+    held_out = [c for c in cases if c["set"] == "held out"]
+    validation = {cube.name for cube in validation_cubes(shared_data_dir)}
+    assert {c["case"].cube for c in cases if c["set"] == "validation"} == validation
+    assert held_out and not validation & {c["case"].cube for c in held_out}
+    assert all(min(c["case"].lr_hsi.shape[1:]) >= min_window(c["case"].scale) for c in cases)
+    assert {"box", "Gaussian σ 0.80", "Wald's Gaussian"} <= {c["psf"] for c in held_out}
+    assert any(c["case"].sensor.endswith("band groups") for c in held_out)
+    assert {c["case"].scale for c in held_out} == {2, 3, 4}
+    # The report: one line per set, then one per PSF, from what the log said.
+    rows = [{"set": c["set"], "psf": c["psf"], "scale": c["case"].scale, "log": "scene correction: applied; …",
+             "on": {"psnr": 30.2, "sam": 2.0}, "off": {"psnr": 30.0, "sam": 2.1}} for c in cases]
+    lines = scene_correction_lines({"cases": rows})
+    assert lines[0].startswith(f"scene correction on validation, {len(cases) - len(held_out)} ×2 Wald cases: applied on "
+                               f"{len(cases) - len(held_out)}; full-resolution PSNR +0.20 dB"), lines[0]
+    assert sum(line.startswith("scene correction on held out") for line in lines) == 1
