@@ -43,86 +43,36 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .metrics import psnr, sam
-from .scene_correction import PixelCorrection, fit_on_pixels, reduce_pair
+from .psf import wald
+from .scene_correction import LevelPair, PixelCorrection, fit_on_pixels, level_pair, reduce_pair
 
 # Fractions of the rows: fitted on the top, stopped early on a band below, scored at the bottom
 # (a gap of a tenth between them so that the MSI's blur does not leak the fitted rows).
 FIT_ROWS, STOP_ROWS, SCORE_ROWS = (0.0, 0.4), (0.45, 0.55), (0.6, 1.0)
 
 
-@dataclass
-class CaseRoom:
-    """One Wald case's base and the student's reach, in the case's scene subspace.
-
-    ``base`` (B,H,W) float64: the untrained student's output (the classical base), in the
-    reference's units. ``basis`` (B,K), ``band_mean`` (B,), ``rho``: the scene statistics'
-    subspace, so that a spectrum x has coefficients basisᵀ·(x − band_mean)/rho.
-    ``within_reach(c)`` maps coefficients (K,H,W) onto what the student's correction can add
-    (MSI null space, then I − P·D). ``features`` (H·W, M+K) float32: the standardised MSI pixel
-    and the base's coefficients. ``target`` (K,H,W): the reference's error within reach, or None
-    for a reduced pair built without it."""
-
-    base: torch.Tensor
-    basis: torch.Tensor
-    band_mean: torch.Tensor
-    rho: float
-    within_reach: Callable[[torch.Tensor], torch.Tensor]
-    features: torch.Tensor
-    target: Optional[torch.Tensor]
-
-    def corrected(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """The base plus ``coefficients`` (K,H,W) taken within reach, as a (B,H,W) spectrum."""
-        return self.base + self.rho * torch.einsum("bk,khw->bhw", self.basis, self.within_reach(coefficients))
-
-    def error(self, reference: np.ndarray) -> torch.Tensor:
-        """The reference's (B,H,W) error relative to the base as coefficients (K,H,W)."""
-        return torch.einsum("bk,bhw->khw", self.basis, torch.from_numpy(reference).double() - self.base) / self.rho
-
-
-def case_room(lr_hsi: np.ndarray, hr_msi: np.ndarray, statistics, subspace_dim: int, reference: Optional[np.ndarray] = None,
-              basis_from=None) -> CaseRoom:
-    """The :class:`CaseRoom` of one pair: LR-HSI (B,h,w), HR-MSI (M,H,W) at H = s·h, the scene
-    statistics fitted on them (model.SceneStatistics, with its degradation). ``basis_from``: the
-    statistics whose subspace, band mean, scale and MSI standardisation to use instead (a reduced
-    pair is expressed in its full scene's, so that a network fitted there applies unchanged)."""
-    from .interpolation import upsample_lr
-    from .model import SubspaceFusionModel, msi_null_projector, scene_degradation, spectral_consistency_gain
-    from .psf import degrade_torch
+def base_model(subspace_dim: int):
+    """The untrained student (model.SubspaceFusionModel with train.student_config): exactly the
+    classical base, whose output the probes measure from."""
+    from .model import SubspaceFusionModel
     from .train import student_config
 
-    k = subspace_dim
-    frame = basis_from or statistics
-    model = SubspaceFusionModel(student_config(subspace_dim=k)).eval()
-    stats = statistics.to_tensors()
-    scale = hr_msi.shape[1] // lr_hsi.shape[1]
-    with torch.no_grad():
-        base = model(torch.from_numpy(lr_hsi)[None], torch.from_numpy(hr_msi)[None], stats).image[0].double()
-    degradation = scene_degradation(stats, scale)
-    frame_stats = frame.to_tensors()
-    null = msi_null_projector(spectral_consistency_gain(frame_stats, k, degradation)[0])[0].double()
+    return SubspaceFusionModel(student_config(subspace_dim=subspace_dim)).eval()
 
-    def within_reach(c: torch.Tensor) -> torch.Tensor:
-        x = torch.einsum("kj,jhw->khw", null, c)[None]
-        return (x - upsample_lr(degrade_torch(x, degradation), degradation, "consistent"))[0]
 
-    basis = torch.from_numpy(frame.basis[:, :k]).double()
-    band_mean = torch.from_numpy(frame.band_mean).double()
-    rho = float(frame.scale)
-    msi = (torch.from_numpy(hr_msi).double() - torch.from_numpy(frame.msi_mean).double()[:, None, None]) / torch.from_numpy(
-        frame.msi_std).double()[:, None, None]
-    coefficients = torch.einsum("bk,bhw->khw", basis, base - band_mean[:, None, None]) / rho
-    features = torch.cat([msi, coefficients]).reshape(msi.shape[0] + k, -1).T.float()
-    room = CaseRoom(base, basis, band_mean, rho, within_reach, features, None)
-    if reference is not None:
-        room.target = within_reach(room.error(reference))
-    return room
+def case_room(case, statistics, subspace_dim: int) -> LevelPair:
+    """The scene_correction.LevelPair of one Wald case (datasets.WaldCase, with its
+    degradation): the base fused with ``statistics`` (model.SceneStatistics fitted on the case)
+    and expressed in them; its target the reference's error within the student's reach."""
+    degradation = statistics.degradation if statistics.degradation is not None else wald(case.scale)
+    return level_pair(base_model(subspace_dim), case.lr_hsi, case.hr_msi, statistics, degradation, case.reference,
+                      refit=False)
 
 
 def _rows(height: int, width: int, span) -> np.ndarray:
@@ -130,31 +80,34 @@ def _rows(height: int, width: int, span) -> np.ndarray:
     return (rows >= span[0] * height) & (rows < span[1] * height)
 
 
-def _predicted(net: PixelCorrection, room: CaseRoom, shape) -> torch.Tensor:
+def _pixels(tensor: torch.Tensor) -> torch.Tensor:
+    """(1,C,H,W) → (H·W, C), the pixels as rows, as the pixel-wise network is fitted."""
+    return tensor[0].reshape(tensor.shape[1], -1).T
+
+
+def _predicted(net: PixelCorrection, room: LevelPair) -> torch.Tensor:
     with torch.no_grad():
-        return net.layers(room.features).T.reshape(-1, *shape).double()
+        return net(room.features).double()
 
 
-def _fit(features: torch.Tensor, target: torch.Tensor, fit: np.ndarray, stop: np.ndarray, hidden: int, steps: int,
-         seed: int) -> PixelCorrection:
+def _fit(room: LevelPair, fit: np.ndarray, stop: np.ndarray, hidden: int, steps: int, seed: int) -> PixelCorrection:
     # The scene correction's own network and fit, on this probe's rows and with every pixel.
-    return fit_on_pixels(features, target, np.flatnonzero(fit), np.flatnonzero(stop), seed, steps, hidden)
+    return fit_on_pixels(_pixels(room.features), _pixels(room.target), np.flatnonzero(fit), np.flatnonzero(stop), seed,
+                         steps, hidden)
 
 
-def reduced_pair(case, statistics, subspace_dim: int) -> CaseRoom:
-    """The :class:`CaseRoom` of a Wald case's own reduced pair (LR-HSI degraded once more by the
-    scene's PSF against the MSI degraded onto the LR grid; the LR-HSI is its reference), in the
-    full scene's subspace. Rows and columns are cut to multiples of the scale first."""
+def reduced_pair(case, statistics, subspace_dim: int) -> LevelPair:
+    """The scene_correction.LevelPair of a Wald case's own reduced pair (LR-HSI degraded once
+    more by the scene's PSF against the MSI degraded onto the LR grid; the LR-HSI is its
+    reference), fused with statistics fitted on it and expressed in the full scene's
+    ``statistics``. Rows and columns are cut to multiples of the scale first."""
     from .degradation import blur_and_decimate
-    from .model import SceneStatistics
 
     s, psf = case.scale, case.degradation
     rows, cols = case.lr_hsi.shape[1] // s * s, case.lr_hsi.shape[2] // s * s
     msi_at_lr = blur_and_decimate(case.hr_msi[:, : rows * s, : cols * s], psf)
     reference, lr, msi = reduce_pair(case.lr_hsi, msi_at_lr, psf)
-    reduced = SceneStatistics.estimate(lr, blur_and_decimate(msi, psf), subspace_dim)
-    reduced.degradation = psf
-    return case_room(lr, msi, reduced, subspace_dim, reference, basis_from=statistics)
+    return level_pair(base_model(subspace_dim), lr, msi, statistics, psf, reference, refit=True)
 
 
 def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500, reduced: bool = True,
@@ -168,17 +121,15 @@ def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500
     from .datasets import case_statistics
 
     statistics = case_statistics(case, subspace_dim)
-    room = case_room(case.lr_hsi, case.hr_msi, statistics, subspace_dim, case.reference)
-    reference, base = case.reference, room.base.numpy()
+    room = case_room(case, statistics, subspace_dim)
+    reference, base = case.reference, room.image.numpy()
     height, width = reference.shape[1:]
     reach = room.corrected(room.error(reference)).numpy()
-    target = room.target.reshape(subspace_dim, -1).T.float()
     scored = slice(int(np.ceil(SCORE_ROWS[0] * height)), height)
     in_scene = []
     for seed in seeds:
-        net = _fit(room.features, target, _rows(height, width, FIT_ROWS), _rows(height, width, STOP_ROWS), hidden,
-                   steps, seed)
-        learnt = room.corrected(_predicted(net, room, (height, width))).numpy()
+        net = _fit(room, _rows(height, width, FIT_ROWS), _rows(height, width, STOP_ROWS), hidden, steps, seed)
+        learnt = room.corrected(_predicted(net, room)).numpy()
         in_scene.append(psnr(reference[:, scored], learnt[:, scored]) - psnr(reference[:, scored], base[:, scored]))
     result = {
         "base": psnr(reference, base),
@@ -190,13 +141,12 @@ def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500
     }
     if reduced:
         small = reduced_pair(case, statistics, subspace_dim)
-        small_rows, small_cols = small.base.shape[1:]
-        small_target = small.target.reshape(subspace_dim, -1).T.float()
+        small_rows, small_cols = small.image.shape[1:]
         gains, angles = [], []
         for seed in seeds:
-            net = _fit(small.features, small_target, _rows(small_rows, small_cols, (0.0, 0.8)),
-                       _rows(small_rows, small_cols, (0.8, 1.0)), hidden, steps, seed)
-            adapted = room.corrected(_predicted(net, room, (height, width))).numpy()
+            net = _fit(small, _rows(small_rows, small_cols, (0.0, 0.8)), _rows(small_rows, small_cols, (0.8, 1.0)), hidden,
+                       steps, seed)
+            adapted = room.corrected(_predicted(net, room)).numpy()
             gains.append(psnr(reference, adapted) - psnr(reference, base))
             angles.append(sam(reference, adapted) - sam(reference, base))
         result["reduced_pair"], result["reduced_pair_sam"] = float(np.mean(gains)), float(np.mean(angles))

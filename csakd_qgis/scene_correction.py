@@ -95,17 +95,33 @@ class SceneCorrectionReport:
 
 @dataclass
 class LevelPair:
-    """One level of a scene's reduced pairs, expressed in the full scene's subspace.
+    """One pair of a scene (the scene itself, or one of its reduced pairs) fused by a model and
+    expressed in a frame's subspace (model.SceneStatistics: the full scene's, whose subspace,
+    band mean, scale and MSI standardisation a correction works in).
 
-    ``features`` (1, M+K, H, W): the MSI standardised with the full scene's statistics and the
-    model's fused subspace coefficients; ``target`` (1, K, H, W) or None: the reference's error
-    taken the way a correction acts (MSI null space, then I − P·D); ``image`` (B, H, W): the
-    model's fused spectrum; ``corrected(c)`` that spectrum plus the correction c (1, K, H, W)."""
+    ``image`` (B,H,W) float64: the model's fused spectrum. ``basis`` (B,K) float64, ``band_mean``
+    (B,), ``rho``: the frame's subspace, so that a spectrum x has the coefficients
+    basisᵀ·(x − band_mean)/rho. ``within_reach(c)`` maps coefficients (N,K,H,W) onto what a
+    correction can add (the MSI's null space, then I − P·D), which neither what the MSI nor what
+    the LR-HSI sees changes. ``features`` (1, M+K, H, W) float32: the MSI standardised in the
+    frame and the fused spectrum's coefficients. ``target`` (1,K,H,W) float32 or None: the
+    reference's error taken within reach."""
 
+    image: torch.Tensor
+    basis: torch.Tensor
+    band_mean: torch.Tensor
+    rho: float
+    within_reach: Callable[[torch.Tensor], torch.Tensor]
     features: torch.Tensor
     target: Optional[torch.Tensor]
-    image: torch.Tensor
-    corrected: Callable[[torch.Tensor], torch.Tensor]
+
+    def corrected(self, c: torch.Tensor) -> torch.Tensor:
+        """The fused spectrum (B,H,W) plus the correction ``c`` (1,K,H,W) taken within reach."""
+        return self.image + self.rho * torch.einsum("bk,khw->bhw", self.basis, self.within_reach(c.double())[0])
+
+    def error(self, reference: np.ndarray) -> torch.Tensor:
+        """The reference's (B,H,W) error relative to the fused spectrum as coefficients (1,K,H,W)."""
+        return (torch.einsum("bk,bhw->khw", self.basis, torch.from_numpy(reference).double() - self.image) / self.rho)[None]
 
 
 def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation, reference: Optional[np.ndarray] = None,
@@ -113,8 +129,9 @@ def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation
     """The :class:`LevelPair` of the pair LR-HSI (B,h,w) / HR-MSI (M,s·h,s·w) under
     ``degradation`` (psf.SpatialDegradation at that scale), fused by ``model`` with scene
     statistics fitted on the pair itself (``refit``; else ``frame``'s), expressed in ``frame``
-    (model.SceneStatistics of the full scene, whose subspace, band mean, scale and MSI
-    standardisation the correction works in). ``reference`` (B,s·h,s·w): the known truth."""
+    (model.SceneStatistics of the full scene). ``reference`` (B,s·h,s·w): the known truth."""
+    from dataclasses import replace
+
     from .degradation import blur_and_decimate
     from .interpolation import upsample_lr
     from .model import SceneStatistics, msi_null_projector, spectral_consistency_gain
@@ -127,8 +144,6 @@ def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation
         # A model on the wavelength grid needs the bands' centres, which the pair shares with its scene.
         statistics.grid_from_bands, statistics.bands_from_grid = frame.grid_from_bands, frame.bands_from_grid
     else:
-        from dataclasses import replace
-
         statistics = replace(frame, degradation=degradation)
     frame_tensors = frame.to_tensors()
     device = next(model.parameters()).device
@@ -150,15 +165,11 @@ def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation
         x = torch.einsum("kj,njhw->nkhw", null.to(c.dtype), c)
         return x - upsample_lr(degrade_torch(x, degradation), degradation, "consistent")
 
-    def corrected(c: torch.Tensor) -> torch.Tensor:
-        return image + rho * torch.einsum("bk,khw->bhw", basis, within_reach(c.double())[0])
-
-    target = None
+    pair = LevelPair(image, basis, mean, rho, within_reach, features, None)
     if reference is not None:
         with torch.no_grad():
-            error = torch.einsum("bk,bhw->khw", basis, torch.from_numpy(reference).double() - image) / rho
-            target = within_reach(error[None]).float()
-    return LevelPair(features, target, image, corrected)
+            pair.target = within_reach(pair.error(reference)).float()
+    return pair
 
 
 def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS, hidden: int = HIDDEN,

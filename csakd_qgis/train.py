@@ -588,14 +588,18 @@ def best_trained_epoch(state: Dict, role: str = "student") -> Optional[Dict]:
     return {"epoch": top["epoch"], "step": top["step"], "gain_db": round(top[role]["psnr"] - history[0][role]["psnr"], 4)}
 
 
+def shipped_gain_db(state: Dict) -> float:
+    """The shipped student's (state["best"]) mean validation PSNR over the untrained base (epoch 0), dB."""
+    return state["best"]["student"]["psnr"] - state["history"][0]["student"]["psnr"]
+
+
 def shipping_decision(state: Dict, checkpoint: Path) -> str:
     """One line saying which student the bundles hold and why: a trained epoch when it beat the
     untrained base by MIN_GAIN_DB on the validation mean, else the base, with the best trained
     epoch's gain and where its last weights are kept (the checkpoint)."""
     shipped, reached = state["best"]["epoch"], best_trained_epoch(state)
     if shipped > 0:
-        gain = state["best"]["student"]["psnr"] - state["history"][0]["student"]["psnr"]
-        return f"the student bundle holds epoch {shipped} (step {state['best']['step']}): {gain:+.3f} dB mean validation PSNR over the untrained base"
+        return f"the student bundle holds epoch {shipped} (step {state['best']['step']}): {shipped_gain_db(state):+.3f} dB mean validation PSNR over the untrained base"
     if reached is None:
         return "the student bundle holds the untrained base (epoch 0): no epoch was trained"
     return (
@@ -622,7 +626,7 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
         learning_rate=run.lr,
         schedule="AdamW, cosine decay to 5 % of the learning rate over the budget (co_train)",
         # What training bought over the untrained base (epoch 0), mean validation PSNR.
-        gain_over_base_db=round(best["student"]["psnr"] - state["history"][0]["student"]["psnr"], 4),
+        gain_over_base_db=round(shipped_gain_db(state), 4),
         # What the best trained epoch reached, shipped or not (MIN_GAIN_DB decides).
         best_trained=best_trained_epoch(state),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} on {torch.get_num_threads()}"

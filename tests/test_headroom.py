@@ -33,20 +33,20 @@ def test_the_reach_is_what_a_students_correction_can_add(sentinel2_case):
 
     case, k = sentinel2_case, 16
     statistics = case_statistics(case, k)
-    room = case_room(case.lr_hsi, case.hr_msi, statistics, k, case.reference)
+    room = case_room(case, statistics, k)
     stats = statistics.to_tensors()
     lr, hr = torch.from_numpy(case.lr_hsi)[None], torch.from_numpy(case.hr_msi)[None]
     with torch.no_grad():
         trained = randomise_head(SubspaceFusionModel(student_config(subspace_dim=k)), seed=4).eval()
-        added = trained(lr, hr, stats).image[0].double() - room.base
-    coefficients = torch.einsum("bk,bhw->khw", room.basis, added) / room.rho
+        added = trained(lr, hr, stats).image[0].double() - room.image
+    coefficients = (torch.einsum("bk,bhw->khw", room.basis, added) / room.rho)[None]
     assert coefficients.norm() > 1e-3
     # Within 1.2 % (measured): the consistent interpolator is not an exact inverse of the
     # degradation, so (I − P·D) taken twice differs a little from once (by 0.25 %).
     assert (room.within_reach(coefficients) - coefficients).norm() < 0.03 * coefficients.norm()
     inner = (slice(None), slice(12, -12), slice(12, -12))
 
-    reach = room.corrected(room.error(case.reference)) - room.base
+    reach = room.corrected(room.error(case.reference)) - room.image
     seen_by_lr = degrade_torch(reach[None], case.degradation)[0]
     assert seen_by_lr[inner].norm() < 0.05 * reach[inner].norm()
     response, _ = spectral_response_matrix(validation_sensors()["Sentinel-2 10 m"], case.wavelengths_nm)
