@@ -697,8 +697,16 @@ def _fusion_against_gdalwarp(folder: Path, size: int, lr_path: Path, hr_path: Pa
 
 
 def criteria(results: Dict) -> List[str]:
-    """The bundled student against the better of GSA and bicubic, case by case."""
-    table = results["quality"]["cases"]
+    """The bundled student against the better of GSA and bicubic, case by case, and the other
+    sections' criteria, for the sections ``results`` holds."""
+    lines = []
+    if results.get("quality"):
+        lines += _quality_criteria(results["quality"])
+    return lines + _other_criteria(results)
+
+
+def _quality_criteria(quality_: Dict) -> List[str]:
+    table = quality_["cases"]
     n = len(table["student"])
     lines = []
     for role in ("student", "teacher"):
@@ -709,9 +717,14 @@ def criteria(results: Dict) -> List[str]:
         lines.append(f"{role}: PSNR ≥ 1 dB above the better of GSA and bicubic on {n - len(ahead)}/{n} cases"
                      + (f" (not on: {short})" if short else "") + f"; SAM no higher than the better of the two on {sam_ok}/{n}")
     teacher_ahead = sum(t["psnr"] > s["psnr"] for t, s in zip(table["teacher"], table["student"]))
-    summary = results["quality"]["summary"]
+    summary = quality_["summary"]
     lines.append(f"teacher against student: mean PSNR {summary['teacher']['psnr']:.2f} vs {summary['student']['psnr']:.2f} dB, "
                  f"SAM {summary['teacher']['sam']:.2f} vs {summary['student']['sam']:.2f}°; higher PSNR on {teacher_ahead}/{n} cases")
+    return lines
+
+
+def _other_criteria(results: Dict) -> List[str]:
+    lines = []
     if results.get("psf_variants"):
         rows = results["psf_variants"]["cases"]
         n = len(rows)
@@ -741,28 +754,44 @@ def criteria(results: Dict) -> List[str]:
 
 def print_report(results: Dict) -> None:
     print(f"\nmachine: {results['machine']}\n")
+    if results.get("costs"):
+        _print_costs(results["costs"])
+    if results.get("quality"):
+        _print_quality(results["quality"])
+    for line in _other_criteria(results):
+        print(line)
+    _print_sections(results)
+
+
+def _print_costs(costs_: List[Dict]) -> None:
     print("1. Network size and cost (per 256×256 output tile, 172 bands, 4-band MSI, ×4)")
     print(f"{'model':16s} {'params':>10s} {'GMAC':>8s} {'s/tile':>8s}   paper: params / GMAC / s on this CPU")
-    for row in results["costs"]:
+    for row in costs_:
         paper = PAPER.get(row["model"])
         ref = f"{paper['params_m']} M / {paper['gmacs']} G / {paper['seconds']} s" if paper else ""
         print(f"{row['model']:16s} {row['params'] / 1e6:9.2f}M {row['macs'] / 1e9:8.1f} {row['seconds']:8.3f}   {ref}")
-    costs = {r["model"]: r for r in results["costs"]}
+    costs = {r["model"]: r for r in costs_}
     if "paper student" in costs and "bundled student" in costs:
         print(f"bundled student is {costs['paper student']['seconds'] / costs['bundled student']['seconds']:.1f}× faster "
               "than the paper's student configuration on the same tile")
+
+
+def _print_quality(quality_: Dict) -> None:
     print("\n2. Quality, Wald protocol on validation cubes never trained on (PSNR dB / SAM ° / ERGAS)")
-    table = results["quality"]["cases"]
+    table = quality_["cases"]
     methods = ["bicubic", "gsa", "teacher", "student"]
     print(f"{'cube':24s} {'sensor':16s} {'s':>2s}  " + "  ".join(f"{m:>20s}" for m in methods))
     for i, case in enumerate(table["bicubic"]):
         cells = "  ".join(f"{table[m][i]['psnr']:6.2f}/{table[m][i]['sam']:5.2f}/{table[m][i]['ergas']:5.2f}" for m in methods)
         print(f"{case['cube'][:24]:24s} {case['sensor'][:16]:16s} {case['scale']:2d}  {cells}")
-    summary = results["quality"]["summary"]
+    summary = quality_["summary"]
     cells = "  ".join(f"{summary[m]['psnr']:6.2f}/{summary[m]['sam']:5.2f}/{summary[m]['ergas']:5.2f}" for m in methods)
     print(f"{'mean':24s} {'':16s} {'':2s}  {cells}")
-    for line in criteria(results):
+    for line in _quality_criteria(quality_):
         print(line)
+
+
+def _print_sections(results: Dict) -> None:
     if results.get("robustness"):
         print("\n2b. Robustness, scale 4, Sentinel-2 10 m (PSNR dB / SAM °)")
         print(f"{'cube':24s} {'variant':18s} " + "  ".join(f"{m:>14s}" for m in ("bicubic", "gsa", "student")))
@@ -813,21 +842,24 @@ def print_report(results: Dict) -> None:
 
 def markdown(results: Dict) -> str:
     """The same tables in Markdown, for the README."""
-    out = [f"Measured {results['date']} on {results['machine']} (`make bench`).", ""]
-    out += ["| model | parameters | GMAC per 256² tile | seconds per 256² tile (172 bands) | paper |", "|---|---|---|---|---|"]
-    for row in results["costs"]:
-        paper = PAPER.get(row["model"])
-        ref = f"{paper['params_m']} M, {paper['gmacs']} G, {paper['seconds']} s" if paper else ""
-        out.append(f"| {row['model']} | {row['params'] / 1e6:.2f} M | {row['macs'] / 1e9:.1f} | {row['seconds']:.3f} | {ref} |")
-    table = results["quality"]["cases"]
-    methods = ["bicubic", "gsa", "teacher", "student"]
-    out += ["", "Wald protocol on validation cubes never trained on — PSNR dB / SAM ° / ERGAS:", "",
-            "| cube | MSI | scale | bicubic | GSA | teacher | student |", "|---|---|---|---|---|---|---|"]
-    for i, case in enumerate(table["bicubic"]):
-        cells = " | ".join(f"{table[m][i]['psnr']:.2f} / {table[m][i]['sam']:.2f} / {table[m][i]['ergas']:.2f}" for m in methods)
-        out.append(f"| {case['cube']} | {case['sensor']} | {case['scale']} | {cells} |")
-    summary = results["quality"]["summary"]
-    out.append("| **mean** | | | " + " | ".join(f"**{summary[m]['psnr']:.2f} / {summary[m]['sam']:.2f} / {summary[m]['ergas']:.2f}**" for m in methods) + " |")
+    command = "make bench" if not results.get("sections") else f"python -m csakd_qgis.bench --only {' '.join(results['sections'])}"
+    out = [f"Measured {results['date']} on {results['machine']} (`{command}`).", ""]
+    if results.get("costs"):
+        out += ["| model | parameters | GMAC per 256² tile | seconds per 256² tile (172 bands) | paper |", "|---|---|---|---|---|"]
+        for row in results["costs"]:
+            paper = PAPER.get(row["model"])
+            ref = f"{paper['params_m']} M, {paper['gmacs']} G, {paper['seconds']} s" if paper else ""
+            out.append(f"| {row['model']} | {row['params'] / 1e6:.2f} M | {row['macs'] / 1e9:.1f} | {row['seconds']:.3f} | {ref} |")
+    if results.get("quality"):
+        table = results["quality"]["cases"]
+        methods = ["bicubic", "gsa", "teacher", "student"]
+        out += ["", "Wald protocol on validation cubes never trained on — PSNR dB / SAM ° / ERGAS:", "",
+                "| cube | MSI | scale | bicubic | GSA | teacher | student |", "|---|---|---|---|---|---|---|"]
+        for i, case in enumerate(table["bicubic"]):
+            cells = " | ".join(f"{table[m][i]['psnr']:.2f} / {table[m][i]['sam']:.2f} / {table[m][i]['ergas']:.2f}" for m in methods)
+            out.append(f"| {case['cube']} | {case['sensor']} | {case['scale']} | {cells} |")
+        summary = results["quality"]["summary"]
+        out.append("| **mean** | | | " + " | ".join(f"**{summary[m]['psnr']:.2f} / {summary[m]['sam']:.2f} / {summary[m]['ergas']:.2f}**" for m in methods) + " |")
     if results.get("robustness"):
         out += ["", "Robustness (scale 4, Sentinel-2 10 m) — PSNR dB / SAM °:", "", "| cube | variant | bicubic | GSA | student |", "|---|---|---|---|---|"]
         for row in results["robustness"]["cases"]:
@@ -880,14 +912,32 @@ def markdown(results: Dict) -> str:
     return "\n".join(out) + "\n"
 
 
+# The sections of one run, in the order they run: everything timed first, while the machine is
+# at its quietest. name → (what is printed while it runs, the results' key).
+SECTIONS = {
+    "costs": ("measuring network costs…", "costs"),
+    "end-to-end": ("measuring end-to-end fusion against gdalwarp…", "end_to_end"),
+    "throughput": ("measuring batch throughput on 1 and 2 workers…", "throughput"),
+    "quality": ("measuring quality on the validation cubes…", "quality"),
+    "robustness": ("measuring noisy and misregistered inputs…", "robustness"),
+    "psf-variants": ("measuring realistic PSF variants…", "psf_variants"),
+    "network-gain": ("measuring what the trained networks add…", "network_gain"),
+    "scene-correction": ("measuring the scene correction…", "scene_correction"),
+    "adaptation": ("measuring scene adaptation…", "adaptation"),
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 2048], help="end-to-end output sizes")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 2048], help="end-to-end output sizes (none = skip)")
     parser.add_argument("--adapt-minutes", type=float, nargs="*", default=list(ADAPTATION_BUDGETS),
                         help="scene adaptation budgets to compare (none = skip)")
     parser.add_argument("--data", default=None)
     parser.add_argument("--no-oracles", action="store_true", help="skip the slow CNMF and HySure oracles")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
+                        help=f"run these sections alone ({', '.join(SECTIONS)}); saved beside the full run's results as "
+                             "results-<sections>.json, which a full run's results are never replaced by")
     parser.add_argument("--throughput-only", action="store_true",
                         help="measure and print only the batch throughput on 1 and 2 workers (nothing saved)")
     args = parser.parse_args(argv)
@@ -897,36 +947,40 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    chosen = [name for name in SECTIONS if name in (args.only or SECTIONS)]
+    if not args.sizes and "end-to-end" in chosen:
+        chosen.remove("end-to-end")
+    if not args.adapt_minutes and "adaptation" in chosen:
+        chosen.remove("adaptation")
+    oracle_baselines = not args.no_oracles
+    run = {
+        "costs": lambda: network_costs(args.repeats),
+        "end-to-end": lambda: end_to_end(args.sizes, args.data),
+        "throughput": lambda: throughput(data_dir=args.data),
+        "quality": lambda: quality(args.data),
+        "robustness": lambda: robustness(args.data),
+        "psf-variants": lambda: psf_variants(args.data, oracle_baselines=oracle_baselines),
+        "network-gain": lambda: network_gain(args.data, oracle_baselines=oracle_baselines),
+        "scene-correction": lambda: scene_correction_gain(args.data),
+        "adaptation": lambda: adaptation(args.adapt_minutes, args.data),
+    }
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), {platform.python_version()}",
     }
-    # Everything timed comes first, while the machine is at its quietest.
-    print("measuring network costs…", flush=True)
-    results["costs"] = network_costs(args.repeats)
-    if args.sizes:
-        print("measuring end-to-end fusion against gdalwarp…", flush=True)
-        results["end_to_end"] = end_to_end(args.sizes, args.data)
-    print("measuring batch throughput on 1 and 2 workers…", flush=True)
-    results["throughput"] = throughput(data_dir=args.data)
-    print("measuring quality on the validation cubes…", flush=True)
-    results["quality"] = quality(args.data)
-    results["robustness"] = robustness(args.data)
-    print("measuring realistic PSF variants…", flush=True)
-    results["psf_variants"] = psf_variants(args.data, oracle_baselines=not args.no_oracles)
-    print("measuring what the trained networks add…", flush=True)
-    results["network_gain"] = network_gain(args.data, oracle_baselines=not args.no_oracles)
-    print("measuring the scene correction…", flush=True)
-    results["scene_correction"] = scene_correction_gain(args.data)
-    if args.adapt_minutes:
-        print(f"scene adaptation at {', '.join(f'{m:g}' for m in args.adapt_minutes)} minutes…", flush=True)
-        results["adaptation"] = adaptation(args.adapt_minutes, args.data)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(results))
+    if args.only:
+        results["sections"] = chosen
+    for name in chosen:
+        message, key = SECTIONS[name]
+        print(message, flush=True)
+        results[key] = run[name]()
+    path = RESULTS if not args.only else RESULTS.with_name(f"results-{'-'.join(chosen)}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(results))
     print_report(results)
-    print(f"\nsaved {RESULTS.relative_to(ROOT)}")
+    print(f"\nsaved {path.relative_to(ROOT)}")
     return 0
 
 
