@@ -12,7 +12,13 @@
 4. Batch throughput: scenes per hour for 4 equal scenes on a Dask LocalCluster of 1 and of 2
    single-threaded workers (`python -m csakd_qgis.bench --throughput-only` runs this alone).
 
-Results are printed and saved to build/bench/results.json.
+Also: what the networks add over their untrained base against CNMF and HySure, realistic PSFs,
+noisy and misregistered inputs, the scene correction on and off (on the validation cubes and on
+cubes held out from every choice it makes) and scene adaptation.
+
+Results are printed and saved to build/bench/results.json; each section's as it ends, in
+build/bench/results.partial.json, so a stopped run keeps what it measured. ``--only SECTION …``
+runs sections alone (build/bench/results-<sections>.json).
 """
 
 from __future__ import annotations
@@ -971,13 +977,17 @@ def main(argv=None) -> int:
     }
     if args.only:
         results["sections"] = chosen
+    path = RESULTS if not args.only else RESULTS.with_name(f"results-{'-'.join(chosen)}.json")
+    # A full run takes about two hours: what each section measured is saved as it ends, in a
+    # file of its own (``.partial``) that replaces the results only once every section is done.
+    partial = path.with_name(path.stem + ".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         message, key = SECTIONS[name]
         print(message, flush=True)
         results[key] = run[name]()
-    path = RESULTS if not args.only else RESULTS.with_name(f"results-{'-'.join(chosen)}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+    partial.replace(path)
     path.with_suffix(".md").write_text(markdown(results))
     print_report(results)
     print(f"\nsaved {path.relative_to(ROOT)}")
