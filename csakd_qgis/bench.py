@@ -895,7 +895,8 @@ def markdown(results: Dict) -> str:
                 continue
             out.append(f"| {row['cube']} | {row['sensor']} | {row['scale']} | {row['off']['psnr']:.2f} / "
                        f"{row['off']['sam']:.2f} | {row['on']['psnr']:.2f} / {row['on']['sam']:.2f} |")
-        out += [""] + [f"- {line}" for line in scene_correction_lines(results["scene_correction"])]
+        out += [""] + [f"  - {line.strip()}" if line.startswith("  ") else f"- {line}"
+                       for line in scene_correction_lines(results["scene_correction"])]
     if results.get("adaptation"):
         a = results["adaptation"]
         out += ["", "Scene adaptation (`ADAPT_MINUTES`) on Wald cases, full resolution against the truth — PSNR dB / SAM °:", "",
