@@ -16,9 +16,10 @@ Also: what the networks add over their untrained base against CNMF and HySure, r
 noisy and misregistered inputs, the scene correction on and off (on the validation cubes and on
 cubes held out from every choice it makes) and scene adaptation.
 
-Results are printed and saved to build/bench/results.json; each section's as it ends, in
-build/bench/results.partial.json, so a stopped run keeps what it measured. ``--only SECTION …``
-runs sections alone (build/bench/results-<sections>.json).
+Results are printed and saved to build/bench/results.json and results.md; each section's as it
+ends in results.partial.json, which replaces the results only once every section is done, so a
+stopped run keeps what it measured. ``--only SECTION …`` runs sections alone, into
+results-<sections>.json (and .partial.json, .md) beside them.
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
     Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where band centres are known and
     one band-group MSI per cube (datasets.band_group_response, seeded by the cube's name) where
     they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box
-    aggregation with RGB. Cubes too small to check the correction at a scale
-    (scene_correction.min_window) are left out."""
+    aggregation with RGB. Corpus cubes too small to check the correction at a scale
+    (scene_correction.min_window) are left out; the validation cubes are large enough at ×2."""
     import zlib
 
     from .datasets import (LABORATORY_WEIGHT, band_group_response, corpus_cubes, make_wald_case, validation_cubes,
@@ -274,7 +275,8 @@ def scene_correction_gain(data_dir=None) -> Dict:
 
 
 def scene_correction_lines(result: Dict) -> List[str]:
-    """One line per set of :func:`scene_correction_gain`'s cases, and per PSF within it."""
+    """One line per set of :func:`scene_correction_gain`'s cases, and one per PSF within a set
+    that holds more than one."""
     lines = []
     for set_name in dict.fromkeys(r.get("set", "validation") for r in result["cases"]):
         rows = [r for r in result["cases"] if r.get("set", "validation") == set_name]
@@ -819,7 +821,7 @@ def _print_sections(results: Dict) -> None:
         for line in network_gain_lines(results["network_gain"]):
             print(line)
     if results.get("scene_correction"):
-        print("\n2d. Scene correction (SCENE_CORRECTION) on Wald cases, full resolution against the truth (PSNR dB / SAM °)")
+        print("\n2f. Scene correction (SCENE_CORRECTION) on Wald cases, full resolution against the truth (PSNR dB / SAM °)")
         for row in results["scene_correction"]["cases"]:
             print(f"{row.get('set', ''):10s} {row['cube'][:24]:24s} {row['sensor'][:16]:16s} ×{row['scale']} "
                   f"{row.get('psf', '')[:34]:34s} off {row['off']['psnr']:6.2f}/"
@@ -828,7 +830,7 @@ def _print_sections(results: Dict) -> None:
             print(line)
     if results.get("adaptation"):
         a = results["adaptation"]
-        print("\n2c. Scene adaptation (ADAPT_MINUTES) on Wald cases, full resolution against the truth (PSNR dB / SAM °)")
+        print("\n2g. Scene adaptation (ADAPT_MINUTES) on Wald cases, full resolution against the truth (PSNR dB / SAM °)")
         for row in a["cases"]:
             print(f"{row['cube'][:24]:24s} ×{row['scale']}  " + "  ".join(
                 f"{b}: {row[b]['psnr']:6.2f}/{row[b]['sam']:5.2f}" for b in a["budgets"]))
@@ -889,7 +891,7 @@ def markdown(results: Dict) -> str:
     if results.get("scene_correction"):
         out += ["", "Scene correction (`SCENE_CORRECTION`) on Wald cases large enough to check it, full resolution "
                 "against the truth — PSNR dB / SAM ° (the validation cubes under Wald's PSF; every case in "
-                "`build/bench/results.json`):", "", "| cube | MSI | scale | off | on |", "|---|---|---|---|---|"]
+                f"`build/bench/{results_path(results.get('sections')).name}`):", "", "| cube | MSI | scale | off | on |", "|---|---|---|---|---|"]
         for row in results["scene_correction"]["cases"]:
             if row.get("set", "validation") != "validation" or row.get("psf", "Wald's Gaussian") != "Wald's Gaussian":
                 continue
@@ -932,6 +934,12 @@ SECTIONS = {
     "scene-correction": ("measuring the scene correction…", "scene_correction"),
     "adaptation": ("measuring scene adaptation…", "adaptation"),
 }
+
+
+def results_path(sections=None) -> Path:
+    """Where a run's results go: build/bench/results.json for a full run, results-<sections>.json
+    for sections run alone (``--only``), which a full run's results are never replaced by."""
+    return RESULTS if not sections else RESULTS.with_name(f"results-{'-'.join(sections)}.json")
 
 
 def main(argv=None) -> int:
@@ -978,7 +986,9 @@ def main(argv=None) -> int:
     }
     if args.only:
         results["sections"] = chosen
-    path = RESULTS if not args.only else RESULTS.with_name(f"results-{'-'.join(chosen)}.json")
+    if not chosen:
+        parser.error("no section left to run: --only names sections that --sizes or --adapt-minutes turned off")
+    path = results_path(chosen if args.only else None)
     # A full run takes about two hours: what each section measured is saved as it ends, in a
     # file of its own (``.partial``) that replaces the results only once every section is done.
     partial = path.with_name(path.stem + ".partial.json")

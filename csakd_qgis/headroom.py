@@ -66,7 +66,7 @@ def base_model(subspace_dim: int):
     return SubspaceFusionModel(student_config(subspace_dim=subspace_dim)).eval()
 
 
-def case_room(case, statistics, subspace_dim: int) -> LevelPair:
+def case_pair(case, statistics, subspace_dim: int) -> LevelPair:
     """The scene_correction.LevelPair of one Wald case (datasets.WaldCase, with its
     degradation): the base fused with ``statistics`` (model.SceneStatistics fitted on the case)
     and expressed in them; its target the reference's error within the student's reach."""
@@ -121,7 +121,7 @@ def probe_case(case, subspace_dim: int = 16, hidden: int = 64, steps: int = 1500
     from .datasets import case_statistics
 
     statistics = case_statistics(case, subspace_dim)
-    room = case_room(case, statistics, subspace_dim)
+    room = case_pair(case, statistics, subspace_dim)
     reference, base = case.reference, room.image.numpy()
     height, width = reference.shape[1:]
     reach = room.corrected(room.error(reference)).numpy()

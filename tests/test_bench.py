@@ -58,3 +58,12 @@ def test_the_sections_done_are_kept_when_a_run_stops(tmp_path, monkeypatch, shar
     assert kept["quality"]["summary"]["student"]["psnr"] > 30 and "robustness" not in kept
     assert json.loads(full.read_text()) == {"a full run": True}
     assert not (tmp_path / "results-quality-robustness.json").exists()
+
+
+def test_nothing_left_to_run_is_a_usage_error(capsys):
+    from csakd_qgis import bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--only", "adaptation", "--adapt-minutes"])
+    assert stop.value.code == 2
+    assert "no section left to run" in capsys.readouterr().err

@@ -25,7 +25,7 @@ def test_the_reach_is_what_a_students_correction_can_add(sentinel2_case):
     corrections), and the reach's own correction changes neither what the LR-HSI nor what the
     MSI sees."""
     from csakd_qgis.datasets import case_statistics, validation_sensors
-    from csakd_qgis.headroom import case_room
+    from csakd_qgis.headroom import case_pair
     from csakd_qgis.model import SubspaceFusionModel
     from csakd_qgis.psf import degrade_torch
     from csakd_qgis.srf import spectral_response_matrix
@@ -33,7 +33,7 @@ def test_the_reach_is_what_a_students_correction_can_add(sentinel2_case):
 
     case, k = sentinel2_case, 16
     statistics = case_statistics(case, k)
-    room = case_room(case, statistics, k)
+    room = case_pair(case, statistics, k)
     stats = statistics.to_tensors()
     lr, hr = torch.from_numpy(case.lr_hsi)[None], torch.from_numpy(case.hr_msi)[None]
     with torch.no_grad():
