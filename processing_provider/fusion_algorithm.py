@@ -233,7 +233,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "classical subspace fusion, see the README).\n"
             "<b>Scene correction</b> (advanced, on by default): a small pixel-wise network fitted on the scene's own "
             "reduced pair, applied only where a check one scale further down gains; the log and the output's "
-            "CSAKD_SCENE_CORRECTION metadata say whether it was applied and why. About 10 s per scene. Off: "
+            "CSAKD_SCENE_CORRECTION metadata say whether it was applied and why. About 3 s per scene. Off: "
             "SCENE_CORRECTION=false.\n"
             "<b>Tile size / overlap</b> (advanced): output pixels per tile and how far neighbouring tiles overlap "
             "and cross-fade; rounded to multiples of the working scale. Larger tiles are a little faster and use "
