@@ -35,8 +35,8 @@ And in ``make bench`` (bench.scene_correction_gain; PSNR change at full resoluti
 * Cubes no choice made here was tuned on (the training corpus: 16 airborne cubes at ×2 under
   the same seven PSFs, with Sentinel-2 10 m, WorldView-2 (and RGB under Wald's PSF) or
   band-group MSIs; the CAVE scenes at ×3 and ×4 under Wald's PSF and box aggregation with RGB;
-  152 cases): applied on 90, +0.17 dB on average, better on 80, worse on 10, six of
-  them by 0.04 dB at most and four (one ROSIS scene) by 0.05–0.11 dB.
+  152 cases): applied on 82, +0.15 dB on average, better on 75, worse on 6, five of them by
+  0.054 dB at most and one (ROSIS Pavia, box PSF, WorldView-2) by 0.115 dB.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ from torch import nn
 MIN_FIT_PIXELS = 256
 # What the check must gain (PSNR on the once-reduced pair against the LR-HSI) to apply the
 # correction; the nine ×2 validation cases' checks read +0.10 to +1.60 dB. Not higher: the check
-# moves by up to about 0.4 dB with the fit's seed (HyMap02 Berlin, RGB, ×2: +0.12, −0.18, +0.18), the one held-out scene that lost 0.05–0.11 dB
-# (ROSIS Pavia) read up to +0.26 under other seeds, and 0.15 would have cost 0.05 dB on average
-# on both of make bench's sets (validation and held out).
+# moves by up to about 0.4 dB with the fit's seed (HyMap02 Berlin, RGB, ×2: +0.12, −0.18,
+# +0.18), the one held-out scene that lost 0.05–0.11 dB (ROSIS Pavia) read up to +0.26 under
+# other seeds, and 0.15 would have cost 0.05 dB on average on both of make bench's sets
+# (validation and held out).
 MIN_CHECK_GAIN_DB = 0.05
 # Pixels drawn for one fit, its full-batch Adam steps (1e-3) at most, and the steps without a
 # better error on the held-out rows after which it stops. The fits were most of a small scene's
