@@ -193,6 +193,9 @@ def adaptation(budgets=ADAPTATION_BUDGETS, data_dir=None) -> Dict:
     return {"budgets": [f"{b:g} min" for b in budgets], "cases": rows}
 
 
+# The label of the Wald protocol's Gaussian among the scene correction's PSFs (results written
+# before the PSF was recorded were all made with it).
+WALD_PSF = "Wald's Gaussian"
 # Scales at which the validation cubes are large enough to check the scene correction
 # (scene_correction.min_window: 32 HSI pixels a side at ×2, 54 at ×3; the cubes have 25–43).
 SCENE_CORRECTION_SCALES = (2,)
@@ -230,7 +233,7 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
                 found.append({"set": set_name, "psf": psf_name, "case": case})
 
     def every_psf(scale):
-        return {"Wald's Gaussian": wald(scale), **validation_psfs(scale)}
+        return {WALD_PSF: wald(scale), **validation_psfs(scale)}
 
     for cube in validation_cubes(data_dir):
         for scale in SCENE_CORRECTION_SCALES:
@@ -242,13 +245,13 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
                 continue
             psfs = every_psf(scale)
             if laboratory:
-                add("held out", cube, scale, {k: psfs[k] for k in ("Wald's Gaussian", "box")}, lambda _: [("RGB", sensors["RGB"], None)])
+                add("held out", cube, scale, {k: psfs[k] for k in (WALD_PSF, "box")}, lambda _: [("RGB", sensors["RGB"], None)])
             elif cube.wavelengths_nm is None:
                 response, label = band_group_response(cube.data.shape[0], np.random.default_rng(zlib.crc32(cube.name.encode())))
                 add("held out", cube, scale, psfs, lambda _: [(label, "band groups", response)])
             else:
                 add("held out", cube, scale, psfs, lambda psf_name: [
-                    (k, v, None) for k, v in sensors.items() if k != "RGB" or psf_name == "Wald's Gaussian"])
+                    (k, v, None) for k, v in sensors.items() if k != "RGB" or psf_name == WALD_PSF])
     return found
 
 
@@ -281,8 +284,8 @@ def scene_correction_lines(result: Dict) -> List[str]:
     for set_name in dict.fromkeys(r.get("set", "validation") for r in result["cases"]):
         rows = [r for r in result["cases"] if r.get("set", "validation") == set_name]
         groups = {"": rows}
-        for psf_name in dict.fromkeys(r.get("psf", "Wald's Gaussian") for r in rows):
-            groups[psf_name] = [r for r in rows if r.get("psf", "Wald's Gaussian") == psf_name]
+        for psf_name in dict.fromkeys(r.get("psf", WALD_PSF) for r in rows):
+            groups[psf_name] = [r for r in rows if r.get("psf", WALD_PSF) == psf_name]
         for psf_name, group in groups.items():
             if psf_name and len(groups) == 2:
                 continue
@@ -893,7 +896,7 @@ def markdown(results: Dict) -> str:
                 "against the truth — PSNR dB / SAM ° (the validation cubes under Wald's PSF; every case in "
                 f"`build/bench/{results_path(results.get('sections')).name}`):", "", "| cube | MSI | scale | off | on |", "|---|---|---|---|---|"]
         for row in results["scene_correction"]["cases"]:
-            if row.get("set", "validation") != "validation" or row.get("psf", "Wald's Gaussian") != "Wald's Gaussian":
+            if row.get("set", "validation") != "validation" or row.get("psf", WALD_PSF) != WALD_PSF:
                 continue
             out.append(f"| {row['cube']} | {row['sensor']} | {row['scale']} | {row['off']['psnr']:.2f} / "
                        f"{row['off']['sam']:.2f} | {row['on']['psnr']:.2f} / {row['on']['sam']:.2f} |")
@@ -922,17 +925,23 @@ def markdown(results: Dict) -> str:
 
 
 # The sections of one run, in the order they run: everything timed first, while the machine is
-# at its quietest. name → (what is printed while it runs, the results' key).
+# at its quietest. name → (what is printed while it runs, the results' key, how it runs given
+# main's parsed arguments).
 SECTIONS = {
-    "costs": ("measuring network costs…", "costs"),
-    "end-to-end": ("measuring end-to-end fusion against gdalwarp…", "end_to_end"),
-    "throughput": ("measuring batch throughput on 1 and 2 workers…", "throughput"),
-    "quality": ("measuring quality on the validation cubes…", "quality"),
-    "robustness": ("measuring noisy and misregistered inputs…", "robustness"),
-    "psf-variants": ("measuring realistic PSF variants…", "psf_variants"),
-    "network-gain": ("measuring what the trained networks add…", "network_gain"),
-    "scene-correction": ("measuring the scene correction…", "scene_correction"),
-    "adaptation": ("measuring scene adaptation…", "adaptation"),
+    "costs": ("measuring network costs…", "costs", lambda args: network_costs(args.repeats)),
+    "end-to-end": ("measuring end-to-end fusion against gdalwarp…", "end_to_end",
+                   lambda args: end_to_end(args.sizes, args.data)),
+    "throughput": ("measuring batch throughput on 1 and 2 workers…", "throughput",
+                   lambda args: throughput(data_dir=args.data)),
+    "quality": ("measuring quality on the validation cubes…", "quality", lambda args: quality(args.data)),
+    "robustness": ("measuring noisy and misregistered inputs…", "robustness", lambda args: robustness(args.data)),
+    "psf-variants": ("measuring realistic PSF variants…", "psf_variants",
+                     lambda args: psf_variants(args.data, oracle_baselines=not args.no_oracles)),
+    "network-gain": ("measuring what the trained networks add…", "network_gain",
+                     lambda args: network_gain(args.data, oracle_baselines=not args.no_oracles)),
+    "scene-correction": ("measuring the scene correction…", "scene_correction",
+                         lambda args: scene_correction_gain(args.data)),
+    "adaptation": ("measuring scene adaptation…", "adaptation", lambda args: adaptation(args.adapt_minutes, args.data)),
 }
 
 
@@ -967,18 +976,6 @@ def main(argv=None) -> int:
         chosen.remove("end-to-end")
     if not args.adapt_minutes and "adaptation" in chosen:
         chosen.remove("adaptation")
-    oracle_baselines = not args.no_oracles
-    run = {
-        "costs": lambda: network_costs(args.repeats),
-        "end-to-end": lambda: end_to_end(args.sizes, args.data),
-        "throughput": lambda: throughput(data_dir=args.data),
-        "quality": lambda: quality(args.data),
-        "robustness": lambda: robustness(args.data),
-        "psf-variants": lambda: psf_variants(args.data, oracle_baselines=oracle_baselines),
-        "network-gain": lambda: network_gain(args.data, oracle_baselines=oracle_baselines),
-        "scene-correction": lambda: scene_correction_gain(args.data),
-        "adaptation": lambda: adaptation(args.adapt_minutes, args.data),
-    }
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} "
@@ -994,9 +991,9 @@ def main(argv=None) -> int:
     partial = path.with_name(path.stem + ".partial.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     for name in chosen:
-        message, key = SECTIONS[name]
+        message, key, measure = SECTIONS[name]
         print(message, flush=True)
-        results[key] = run[name]()
+        results[key] = measure(args)
         partial.write_text(json.dumps(results, indent=2) + "\n")
     partial.replace(path)
     path.with_suffix(".md").write_text(markdown(results))

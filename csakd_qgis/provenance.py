@@ -95,6 +95,16 @@ def recipe(lr_hsi_path, hr_msi_path, options: Dict) -> Dict:
     return json.loads(json.dumps(made_of, sort_keys=True, default=str))
 
 
+def record_recipe(output_path: Union[str, Path], made_of: Dict) -> None:
+    """Writes the recipe ``made_of`` (:func:`recipe`) into the raster's dataset metadata under
+    :data:`RECIPE_TAG`, as JSON, where :func:`recorded_recipe` reads it back. Raises what
+    rasterio raises when the file cannot be opened for update."""
+    import rasterio
+
+    with rasterio.open(output_path, "r+") as dataset:
+        dataset.update_tags(**{RECIPE_TAG: json.dumps(made_of, sort_keys=True)})
+
+
 def recorded_recipe(output_path: Union[str, Path]) -> Optional[Dict]:
     """The recipe recorded in an output, or None (no file, not a raster, no recipe)."""
     import rasterio
@@ -143,8 +153,6 @@ def fuse_recorded(
     Raises FusionInputError on bad input (as fuse_files), also when the output would replace
     one of the inputs.
     """
-    import rasterio
-
     from .api import fuse_files
     from .georaster import FusionInputError
 
@@ -172,8 +180,7 @@ def fuse_recorded(
             progress=progress,
             **options,
         )
-        with rasterio.open(staged, "r+") as dataset:
-            dataset.update_tags(**{RECIPE_TAG: json.dumps(made_of, sort_keys=True)})
+        record_recipe(staged, made_of)
         os.replace(staged, output_path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -222,8 +222,9 @@ def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndar
     """A :class:`PixelCorrection` fitted by full-batch Adam (1e-3, weight decay 1e-5) to
     ``target`` (P, K) from ``features`` (P, C) on the pixels ``fit_idx``, keeping the state of
     least squared error on the pixels ``stop_idx`` (checked every 25 steps, as ``cancelled`` is:
-    None when it says so), for ``steps`` at most and until :data:`PATIENCE_STEPS` pass without
-    a better one. The network starts from torch's generator seeded with ``seed``."""
+    None when it says so), for ``steps`` at most and until ``patience`` steps pass without a
+    better one (None: all ``steps``; default :data:`PATIENCE_STEPS`). The network starts from
+    torch's generator seeded with ``seed``."""
     torch.manual_seed(seed)
     fit_x, fit_y = features[fit_idx], target[fit_idx]
     stop_x, stop_y = features[stop_idx], target[stop_idx]

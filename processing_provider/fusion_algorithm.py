@@ -160,16 +160,10 @@ def record_recipe(output: str, lr_path: str, hr_path: str, options: dict, log) -
     """Writes what made ``output`` into its metadata (CSAKD_RECIPE: inputs, model and options,
     as the command line and batches record it, provenance.py), so that a Processing output says
     how it was made too. A failure to write it is said in the log; the output stays as written."""
-    import json
-
-    from ..csakd_qgis.provenance import RECIPE_TAG, recipe
+    from ..csakd_qgis import provenance
 
     try:
-        import rasterio
-
-        made_of = recipe(lr_path, hr_path, options)
-        with rasterio.open(output, "r+") as dataset:
-            dataset.update_tags(**{RECIPE_TAG: json.dumps(made_of, sort_keys=True)})
+        provenance.record_recipe(output, provenance.recipe(lr_path, hr_path, options))
     except Exception as error:  # the output is complete; only its record is missing
         log(f"warning: could not record what made the output in its metadata ({error})")
 
