@@ -73,6 +73,7 @@ MAX_FIT_PIXELS = 2048
 FIT_STEPS = 1000
 PATIENCE_STEPS = 150
 HIDDEN = 64
+MEMBERS = 4
 # Rows of a pair: fitted on the top 80 %, the state of least error on the rest kept.
 STOP_FRACTION = 0.2
 # How much of the MSI (degraded onto the LR grid) the LR-HSI must explain (R², the PSF
@@ -90,19 +91,49 @@ def min_window(scale: int) -> int:
 
 
 class PixelCorrection(nn.Module):
-    """(N, M+K, H, W) → (N, K, H, W): per pixel, an MLP of two GELU hidden layers of ``hidden``
-    units mapping the standardised MSI values (M) and the fused spectrum's subspace coefficients
-    (K) onto a correction of those coefficients. ``layers`` takes pixels as rows, (P, M+K) →
-    (P, K), which is how it is fitted (as 1×1 convolutions over pixels given as a batch, a fit
-    took several times longer)."""
+    """(N, M+K, H, W) → (N, K, H, W): per pixel, the mean of ``members`` MLPs, each of two GELU
+    hidden layers of ``hidden`` units, mapping the standardised MSI values (M) and the fused
+    spectrum's subspace coefficients (K) onto a correction of those coefficients.
 
-    def __init__(self, inputs: int, outputs: int, hidden: int = HIDDEN):
+    The members are held as one batch of weights ((E, in, out) per layer, initialised as
+    ``nn.Linear`` is) and fitted and applied together, in one batched product per layer.
+    :meth:`member_outputs` takes pixels as rows, which is how they are fitted (as 1×1
+    convolutions over pixels given as a batch, a fit took several times longer)."""
+
+    def __init__(self, inputs: int, outputs: int, hidden: int = HIDDEN, members: int = MEMBERS):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                    nn.Linear(hidden, outputs))
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in ((inputs, hidden), (hidden, hidden), (hidden, outputs)):
+            bound = 1 / np.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound)))
+
+    @property
+    def members(self) -> int:
+        return self.weights[0].shape[0]
+
+    def member_outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(P, M+K), the same pixels for every member, or (E, P, M+K) → (E, P, K)."""
+        x = pixels.expand(self.members, *pixels.shape) if pixels.dim() == 2 else pixels
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if layer < len(self.weights) - 1:
+                x = nn.functional.gelu(x)
+        return x
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features.movedim(1, -1)).movedim(-1, 1)
+        n, channels, rows, cols = features.shape
+        pixels = features.movedim(1, -1).reshape(-1, channels)
+        # One member at a time: a tile of 100,000 pixels would hold E × 25 MB per hidden layer.
+        total = 0
+        for member in range(self.members):
+            x = pixels
+            for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+                x = torch.addmm(bias[member], x, weight[member])
+                if layer < len(self.weights) - 1:
+                    x = nn.functional.gelu(x)
+            total = total + x
+        return (total / self.members).reshape(n, rows, cols, -1).movedim(-1, 1)
 
 
 @dataclass
@@ -195,12 +226,13 @@ def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation
 
 
 def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS, hidden: int = HIDDEN,
-                         max_pixels: int = MAX_FIT_PIXELS,
+                         max_pixels: int = MAX_FIT_PIXELS, members: int = MEMBERS,
                          cancelled: Callable[[], bool] = lambda: False) -> Optional[PixelCorrection]:
-    """A :class:`PixelCorrection` fitted to ``pair.target`` by full-batch Adam (1e-3, weight
-    decay 1e-5) on up to ``max_pixels`` pixels drawn from the top rows, keeping the state of
-    least squared error on the bottom :data:`STOP_FRACTION` of the rows (checked every 25 steps,
-    as ``cancelled`` is: None when it says so)."""
+    """A :class:`PixelCorrection` of ``members`` networks fitted to ``pair.target`` by full-batch
+    Adam (1e-3, weight decay 1e-5), each on its own draw of up to ``max_pixels`` pixels from the
+    top rows, each keeping its state of least squared error on the bottom :data:`STOP_FRACTION`
+    of the rows (at most ``max_pixels`` // 4 of them; checked every 25 steps, as ``cancelled``
+    is: None when it says so). Seeded by ``seed``: the same pair and seed give the same network."""
     generator = np.random.default_rng(seed)
     channels, rows, cols = pair.features.shape[1:]
     k = pair.target.shape[1]
@@ -209,30 +241,36 @@ def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS,
     row_of = np.repeat(np.arange(rows), cols)
     stop_rows = row_of >= (1 - STOP_FRACTION) * rows
     fit_idx, stop_idx = np.flatnonzero(~stop_rows), np.flatnonzero(stop_rows)
-    if fit_idx.size > max_pixels:
-        fit_idx = generator.choice(fit_idx, max_pixels, replace=False)
+    # Each member its own draw (bagging), so that their errors differ and average out.
+    fit_idx = np.stack([generator.choice(fit_idx, max_pixels, replace=False) if fit_idx.size > max_pixels else fit_idx
+                        for _ in range(members)])
     if stop_idx.size > max_pixels // 4:
         stop_idx = generator.choice(stop_idx, max_pixels // 4, replace=False)
-    return fit_on_pixels(features, target, fit_idx, stop_idx, seed, steps, hidden, cancelled)
+    return fit_on_pixels(features, target, fit_idx, stop_idx, seed, steps, hidden, cancelled, members=members)
 
 
 def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndarray, stop_idx: np.ndarray, seed: int = 0,
                   steps: int = FIT_STEPS, hidden: int = HIDDEN, cancelled: Callable[[], bool] = lambda: False,
-                  patience: Optional[int] = PATIENCE_STEPS) -> Optional[PixelCorrection]:
-    """A :class:`PixelCorrection` fitted by full-batch Adam (1e-3, weight decay 1e-5) to
-    ``target`` (P, K) from ``features`` (P, C) on the pixels ``fit_idx``, keeping the state of
-    least squared error on the pixels ``stop_idx`` (checked every 25 steps, as ``cancelled`` is:
-    None when it says so), for ``steps`` at most and until ``patience`` steps pass without a
-    better one (None: all ``steps``; default :data:`PATIENCE_STEPS`). The network starts from
-    torch's generator seeded with ``seed``."""
+                  patience: Optional[int] = PATIENCE_STEPS, members: int = 1) -> Optional[PixelCorrection]:
+    """A :class:`PixelCorrection` of ``members`` networks fitted by full-batch Adam (1e-3, weight
+    decay 1e-5) to ``target`` (P, K) from ``features`` (P, C): member e on the pixels
+    ``fit_idx[e]`` (``fit_idx`` (E, n), or (n,) shared by all), each keeping its state of least
+    squared error on the pixels ``stop_idx`` (checked every 25 steps, as ``cancelled`` is: None
+    when it says so), for ``steps`` at most and until ``patience`` steps pass in which no member
+    found a better one (None: all ``steps``; default :data:`PATIENCE_STEPS`). The networks start
+    from torch's generator seeded with ``seed``."""
     torch.manual_seed(seed)
+    fit_idx = torch.from_numpy(np.array(np.broadcast_to(fit_idx, (members, fit_idx.shape[-1]))))
     fit_x, fit_y = features[fit_idx], target[fit_idx]
     stop_x, stop_y = features[stop_idx], target[stop_idx]
-    net = PixelCorrection(features.shape[1], target.shape[1], hidden)
+    net = PixelCorrection(features.shape[1], target.shape[1], hidden, members)
     optimiser = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-5)
-    best, best_state, best_step = float("inf"), None, 0
+    best = torch.full((members,), float("inf"))
+    best_state = [p.detach().clone() for p in net.parameters()]
+    best_step = 0
     for step in range(steps):
-        loss = (net.layers(fit_x) - fit_y).square().mean()
+        # Summed over members: each member's gradient is its own mean squared error's.
+        loss = (net.member_outputs(fit_x) - fit_y).square().mean((1, 2)).sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -240,13 +278,17 @@ def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndar
             if cancelled():
                 return None
             with torch.no_grad():
-                error = float((net.layers(stop_x) - stop_y).square().mean())
-            if error < best:
-                best, best_step = error, step
-                best_state = {name: value.clone() for name, value in net.state_dict().items()}
-            elif patience is not None and step - best_step >= patience:
-                break
-    net.load_state_dict(best_state)
+                error = (net.member_outputs(stop_x) - stop_y).square().mean((1, 2))
+                better = error < best
+                if better.any():
+                    best, best_step = torch.where(better, error, best), step
+                    for kept, value in zip(best_state, net.parameters()):
+                        kept[better] = value[better]
+                elif patience is not None and step - best_step >= patience:
+                    break
+    with torch.no_grad():
+        for value, kept in zip(net.parameters(), best_state):
+            value.copy_(kept)
     return net.eval()
 
 

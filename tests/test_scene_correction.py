@@ -174,3 +174,27 @@ def test_the_benchmark_measures_it_on_cubes_it_was_not_tuned_on(shared_data_dir)
     assert lines[0].startswith(f"scene correction on validation, {len(cases) - len(held_out)} ×2 Wald cases: applied on "
                                f"{len(cases) - len(held_out)}; full-resolution PSNR +0.20 dB"), lines[0]
     assert sum(line.startswith("scene correction on held out") for line in lines) == 1
+
+
+def test_its_networks_are_fitted_apart_and_averaged():
+    """The correction is the mean of its members' outputs; each member is fitted on its own draw
+    of pixels, so they differ; and one seed gives the same networks again."""
+    from csakd_qgis.scene_correction import MEMBERS, PixelCorrection, fit_on_pixels
+
+    assert MEMBERS > 1
+    generator = np.random.default_rng(0)
+    features = torch.from_numpy(generator.normal(size=(600, 5)).astype(np.float32))
+    target = torch.tanh(features[:, :3] * features[:, 1:4])  # a non-linear function of the pixel
+    draws = np.stack([generator.choice(500, 300, replace=False) for _ in range(MEMBERS)])
+    nets = [fit_on_pixels(features, target, draws, np.arange(500, 600), seed=3, steps=200, members=MEMBERS) for _ in range(2)]
+    assert isinstance(nets[0], PixelCorrection) and nets[0].members == MEMBERS
+    image = features.T.reshape(1, 5, 20, 30)
+    with torch.no_grad():
+        members = nets[0].member_outputs(features)
+        averaged = nets[0](image)
+        assert torch.equal(averaged, nets[1](image))
+    assert torch.allclose(averaged.reshape(3, -1).T, members.mean(0), atol=1e-6)
+    assert all(not torch.allclose(members[0], members[e], atol=1e-3) for e in range(1, MEMBERS))
+    held_out = [float((m[500:] - target[500:]).square().mean()) for m in members]
+    assert max(held_out) < 0.5 * float(target[500:].square().mean()), held_out
+
