@@ -112,12 +112,14 @@ class PixelCorrection(nn.Module):
     def members(self) -> int:
         return self.weights[0].shape[0]
 
-    def member_outputs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(P, M+K), the same pixels for every member, or (E, P, M+K) → (E, P, K)."""
-        x = pixels.expand(self.members, *pixels.shape) if pixels.dim() == 2 else pixels
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+    def member_outputs(self, pixels: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
+        """(P, M+K), the same pixels for every member, or (E, P, M+K) → (E, P, K); ``members``
+        selects which of them run."""
+        weights, biases = [w[members] for w in self.weights], [b[members] for b in self.biases]
+        x = pixels.expand(weights[0].shape[0], *pixels.shape) if pixels.dim() == 2 else pixels
+        for layer, (weight, bias) in enumerate(zip(weights, biases)):
             x = torch.baddbmm(bias, x, weight)
-            if layer < len(self.weights) - 1:
+            if layer < len(weights) - 1:
                 x = nn.functional.gelu(x)
         return x
 
@@ -125,14 +127,7 @@ class PixelCorrection(nn.Module):
         n, channels, rows, cols = features.shape
         pixels = features.movedim(1, -1).reshape(-1, channels)
         # One member at a time: a tile of 100,000 pixels would hold E × 25 MB per hidden layer.
-        total = 0
-        for member in range(self.members):
-            x = pixels
-            for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-                x = torch.addmm(bias[member], x, weight[member])
-                if layer < len(self.weights) - 1:
-                    x = nn.functional.gelu(x)
-            total = total + x
+        total = sum(self.member_outputs(pixels, slice(m, m + 1))[0] for m in range(self.members))
         return (total / self.members).reshape(n, rows, cols, -1).movedim(-1, 1)
 
 
