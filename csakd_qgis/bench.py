@@ -208,9 +208,10 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
 
     "validation": the validation cubes at :data:`SCENE_CORRECTION_SCALES` under Wald's PSF and
     every realistic PSF variant (datasets.validation_psfs), with every validation MSI.
-    "held out": the training corpus (datasets.corpus_cubes), which no choice of the scene
-    correction was made on: its Earth-observation cubes at ×2 under the same PSFs, with
-    Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where band centres are known and
+    "held out": the training corpus (datasets.corpus_cubes), which the scene correction's
+    method and threshold were not chosen on (its fits' budget and number of networks were
+    compared on quarters of these cases): its Earth-observation cubes at ×2 under the same
+    PSFs, with Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where band centres are known and
     one band-group MSI per cube (datasets.band_group_response, seeded by the cube's name) where
     they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box
     aggregation with RGB. Corpus cubes too small to check the correction at a scale
