@@ -230,12 +230,14 @@ def level_pair(model, lr_hsi: np.ndarray, hr_msi: np.ndarray, frame, degradation
 
 def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS, hidden: int = HIDDEN,
                          max_pixels: int = MAX_FIT_PIXELS, members: int = MEMBERS,
-                         cancelled: Callable[[], bool] = lambda: False) -> Optional[PixelCorrection]:
+                         cancelled: Callable[[], bool] = lambda: False,
+                         progress: Callable[[float], None] = lambda fraction: None) -> Optional[PixelCorrection]:
     """A :class:`PixelCorrection` of ``members`` networks fitted to ``pair.target`` by full-batch
     Adam (1e-3, weight decay 1e-5), each on its own draw of up to ``max_pixels`` pixels from the
     top rows, each keeping its state of least squared error on the bottom :data:`STOP_FRACTION`
     of the rows (at most ``max_pixels`` // 4 of them; checked every 25 steps, as ``cancelled``
-    is: None when it says so). Seeded by ``seed``: the same pair and seed give the same network."""
+    is: None when it says so, and when ``progress`` is told the fraction of ``steps`` done).
+    Seeded by ``seed``: the same pair and seed give the same network."""
     generator = np.random.default_rng(seed)
     channels, rows, cols = pair.features.shape[1:]
     k = pair.target.shape[1]
@@ -249,17 +251,19 @@ def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS,
                         for _ in range(members)])
     if stop_idx.size > max_pixels // 4:
         stop_idx = generator.choice(stop_idx, max_pixels // 4, replace=False)
-    return fit_on_pixels(features, target, fit_idx, stop_idx, seed, steps, hidden, cancelled, members=members)
+    return fit_on_pixels(features, target, fit_idx, stop_idx, seed, steps, hidden, cancelled, members=members,
+                         progress=progress)
 
 
 def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndarray, stop_idx: np.ndarray, seed: int = 0,
                   steps: int = FIT_STEPS, hidden: int = HIDDEN, cancelled: Callable[[], bool] = lambda: False,
-                  patience: Optional[int] = PATIENCE_STEPS, members: int = 1) -> Optional[PixelCorrection]:
+                  patience: Optional[int] = PATIENCE_STEPS, members: int = 1,
+                  progress: Callable[[float], None] = lambda fraction: None) -> Optional[PixelCorrection]:
     """A :class:`PixelCorrection` of ``members`` networks fitted by full-batch Adam (1e-3, weight
     decay 1e-5) to ``target`` (P, K) from ``features`` (P, C): member e on the pixels
     ``fit_idx[e]`` (``fit_idx`` (E, n), or (n,) shared by all), each keeping its state of least
     squared error on the pixels ``stop_idx`` (checked every 25 steps, as ``cancelled`` is: None
-    when it says so), for ``steps`` at most and until ``patience`` steps pass in which no member
+    when it says so; ``progress`` is told the fraction of ``steps`` done then and 1 at the end), for ``steps`` at most and until ``patience`` steps pass in which no member
     found a better one (None: all ``steps``; default :data:`PATIENCE_STEPS`). The networks start
     from torch's generator seeded with ``seed``."""
     torch.manual_seed(seed)
@@ -280,6 +284,7 @@ def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndar
         if step % 25 == 0 or step == steps - 1:
             if cancelled():
                 return None
+            progress(step / steps)
             with torch.no_grad():
                 error = (net.member_outputs(stop_x) - stop_y).square().mean((1, 2))
                 better = error < best
@@ -292,6 +297,7 @@ def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndar
     with torch.no_grad():
         for value, kept in zip(net.parameters(), best_state):
             value.copy_(kept)
+    progress(1.0)
     return net.eval()
 
 
@@ -313,7 +319,9 @@ CHECK = "its check (fitted on the scene reduced twice, tested on the scene reduc
 
 def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, statistics,
                          log: Callable[[str], None] = lambda message: None,
-                         cancelled: Callable[[], bool] = lambda: False) -> Tuple[Optional[PixelCorrection], SceneCorrectionReport]:
+                         cancelled: Callable[[], bool] = lambda: False,
+                         progress: Callable[[float], None] = lambda fraction: None,
+                         ) -> Tuple[Optional[PixelCorrection], SceneCorrectionReport]:
     """The scene's :class:`PixelCorrection`, or None, and what was done.
 
     ``lr_hsi`` (B,h,w) and ``msi_at_lr`` (M,h,w): a window of the scene (no gaps) and the MSI
@@ -322,7 +330,9 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     once (level 1) and twice (level 2) are made by Wald's protocol with the same PSF; a
     network fitted on level 2 must improve level 1 against its reference (the LR-HSI) by
     :data:`MIN_CHECK_GAIN_DB` before the one fitted on level 1 is returned. ``cancelled`` is
-    asked during the fits; when it says so, (None, a report saying so) is returned."""
+    asked during the fits; when it says so, (None, a report saying so) is returned.
+    ``progress`` is told the fraction done: the check's fit is the first half, the second fit
+    the rest; 1 once it is decided."""
     from .metrics import psnr
 
     degradation = statistics.degradation.at_scale(statistics.degradation.scale)
@@ -340,7 +350,8 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     log(f"scene correction: fitting on the scene's reduced pairs ({lr_hsi.shape[2]}×{lr_hsi.shape[1]} hyperspectral pixels)…")
     reference1, lr1, msi1 = reduce_pair(lr_hsi, msi_at_lr, degradation)
     reference2, lr2, msi2 = reduce_pair(lr1, _msi_one_down(msi1, degradation), degradation)
-    check = fit_pixel_correction(level_pair(model, lr2, msi2, statistics, degradation, reference2), cancelled=cancelled)
+    check = fit_pixel_correction(level_pair(model, lr2, msi2, statistics, degradation, reference2), cancelled=cancelled,
+                                 progress=lambda fraction: progress(fraction / 2))
     if check is None:
         return None, SceneCorrectionReport(False, float("nan"), "scene correction: cancelled")
     level1 = level_pair(model, lr1, msi1, statistics, degradation, reference1)
@@ -348,9 +359,10 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
         checked = level1.corrected(check(level1.features)).numpy()
     gain = psnr(reference1, checked) - psnr(reference1, level1.image.numpy())
     if not gain >= MIN_CHECK_GAIN_DB:
+        progress(1.0)
         return None, SceneCorrectionReport(False, gain, (
             f"scene correction: not applied, {CHECK} changed it by {gain:+.2f} dB PSNR (needs +{MIN_CHECK_GAIN_DB})"))
-    net = fit_pixel_correction(level1, cancelled=cancelled)
+    net = fit_pixel_correction(level1, cancelled=cancelled, progress=lambda fraction: progress((1 + fraction) / 2))
     if net is None:
         return None, SceneCorrectionReport(False, gain, "scene correction: cancelled")
     return net, SceneCorrectionReport(True, gain, (

@@ -20,15 +20,18 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
     """EnMAP Potsdam block B as a ×2 Wald pair (60 m LR-HSI, Sentinel-2 at 30 m): with the
     default the log says the correction was applied and what its check gained, the output is
     closer to the truth than with SCENE_CORRECTION off, and what it added is invisible to the
-    LR-HSI and to the MSI."""
+    LR-HSI and to the MSI. The progress bar moves while the correction is fitted."""
     from csakd_qgis.psf import degrade_torch, wald
     from csakd_qgis.srf import load_srf, spectral_response_matrix
 
     pair = wald_pair_factory("enmap_potsdam_blockB_128x64.tif", scale=2, lr_holes=())
     good = ~pair.bad_bands
-    fused, said, recorded = {}, {}, {}
+    fused, said, recorded, events = {}, {}, {}, []
     for name, switch in (("on", None), ("off", False)):
         feedback = make_feedback()
+        if name == "on":
+            # (messages so far, progress %) at every progress update
+            feedback.progressChanged.connect(lambda value, f=feedback: events.append((len(f.messages), value)))
         options = {} if switch is None else {"SCENE_CORRECTION": switch}
         run_fusion(feedback=feedback, LRHSI=str(pair.lr_path), HRMSI=str(pair.hr_path),
                    OUTPUT=str(tmp_path / f"{name}.tif"), **options)
@@ -39,6 +42,12 @@ def test_processing_applies_it_where_its_check_passes_and_it_changes_neither_inp
             made_of = json.loads(output.tags()["CSAKD_RECIPE"])
             assert made_of["options"]["scene_correction"] is (name == "on"), made_of
         said[name] = [m for m in feedback.messages if m.startswith("scene correction:")]
+        if name == "on":
+            fitting = next(i for i, m in enumerate(feedback.messages) if m.startswith("scene correction: fitting"))
+            applied = next(i for i, m in enumerate(feedback.messages) if m.startswith("scene correction: applied"))
+            during = [value for count, value in events if fitting < count <= applied]
+            assert len(during) >= 3 and during == sorted(during) and during[-1] > during[0] + 10, events
+            assert events[-1][1] == pytest.approx(100.0), events
     assert said["on"][0].startswith("scene correction: fitting on the scene's reduced pairs"), said
     assert len(said["on"]) == 2 and said["on"][1].startswith("scene correction: applied; its check"), said
     assert said["off"] == ["scene correction: off"], said
