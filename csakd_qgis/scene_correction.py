@@ -119,6 +119,7 @@ class PixelCorrection(nn.Module):
 
     @property
     def members(self) -> int:
+        """E, the number of networks averaged."""
         return self.weights[0].shape[0]
 
     def member_outputs(self, pixels: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
