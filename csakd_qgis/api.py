@@ -25,8 +25,8 @@ DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 32
 # Fit the scene's own pixel-wise correction on its reduced pairs and apply it where the check
 # one scale further down passes (scene_correction.py): on the 63 ×2 cases of the validation
-# cubes (seven PSFs, three MSIs) it passed on all and gained +0.55 dB on average (+0.05 to
-# +1.22, make bench); where a scene is too small to check it is left as it is.
+# cubes (seven PSFs, three MSIs) it passed on 61 and gained +0.54 dB on average (up to +1.22,
+# make bench), worse on none; where a scene is too small to check it is left as it is.
 SCENE_CORRECTION = True
 DEFAULT_HALO_LR = 4
 from .pipeline import SUBSPACE_FIT_PIXELS  # noqa: E402  (one limit for every fit)
@@ -38,9 +38,9 @@ RESAMPLE_CACHE_BYTES = 256 * 1024 * 1024
 WRITE_CACHE_BYTES = 64 * 1024 * 1024
 RESAMPLE_SHARE = 0.1  # of the progress bar: resampling the LR-HSI onto the working grid
 # The scene correction's fits take about as long, whatever the scene's size, as fusing this many
-# output pixels (224 bands, 2 cores): 7 s of fits against 3.7 s for the rest of a 512² output
-# and 57 s for a 2048² one, about 14 µs per output pixel.
-SCENE_CORRECTION_PROGRESS_PIXELS = 500_000
+# output pixels (224 bands, 2 cores): 3.7 s of fits against 3.5 s for the rest of a 512² output
+# and about 57 s for a 2048² one, about 14 µs per output pixel.
+SCENE_CORRECTION_PROGRESS_PIXELS = 250_000
 
 
 class FusionCancelled(Exception):
@@ -591,7 +591,7 @@ def scene_correction_share(output_shape: Tuple[int, int]) -> float:
     """The part (0–1) of a fusion's progress after resampling that the scene correction's fits
     take, for an output of ``output_shape`` (H, W) pixels: their fixed cost
     (:data:`SCENE_CORRECTION_PROGRESS_PIXELS`) against the tiles', which grows with the output
-    (about 0.66 for a 512² output, 0.11 for 2048²)."""
+    (about 0.49 for a 512² output, 0.06 for 2048²)."""
     pixels = output_shape[0] * output_shape[1]
     return SCENE_CORRECTION_PROGRESS_PIXELS / (SCENE_CORRECTION_PROGRESS_PIXELS + pixels)
 

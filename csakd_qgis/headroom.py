@@ -92,9 +92,10 @@ def _predicted(net: PixelCorrection, room: LevelPair) -> torch.Tensor:
 
 def _fit(room: LevelPair, fit: np.ndarray, stop: np.ndarray, hidden: int, steps: int, seed: int) -> PixelCorrection:
     # The scene correction's own network and fit, on this probe's rows and with every pixel, for
-    # all its steps (the probe measures what the network can find, not what a quick fit does).
+    # all its steps (the probe measures what the network can find, not what a quick fit does),
+    # at the step its recorded numbers were measured with.
     return fit_on_pixels(_pixels(room.features), _pixels(room.target), np.flatnonzero(fit), np.flatnonzero(stop), seed,
-                         steps, hidden, patience=None)
+                         steps, hidden, patience=None, learning_rate=1e-3)
 
 
 def reduced_pair(case, statistics, subspace_dim: int) -> LevelPair:

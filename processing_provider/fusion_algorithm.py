@@ -229,7 +229,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "own reduced pair and averaged, applied only where a check one scale further down gains; the log and "
             "the output's CSAKD_SCENE_CORRECTION metadata say whether it was applied and what its check gained, or "
             "why not. Scenes too small to check are left as they are (under about 32×32 hyperspectral pixels at "
-            "×2, 64×64 at ×4, 256×256 at ×8). About 7 s per scene on two cores. Off: "
+            "×2, 64×64 at ×4, 256×256 at ×8). About 4 s per scene on two cores. Off: "
             "SCENE_CORRECTION=false.\n"
             "<b>Tile size / overlap</b> (advanced): output pixels per tile and how far neighbouring tiles overlap "
             "and cross-fade; rounded to multiples of the working scale. Larger tiles are a little faster and use "
