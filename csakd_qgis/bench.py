@@ -209,8 +209,8 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
     "validation": the validation cubes at :data:`SCENE_CORRECTION_SCALES` under Wald's PSF and
     every realistic PSF variant (datasets.validation_psfs), with every validation MSI.
     "held out": the training corpus (datasets.corpus_cubes), on which the scene correction's
-    threshold was not chosen (its fits' budget and number of networks were compared on
-    quarters of these cases, beside validation ones): its Earth-observation cubes at ×2 under the same
+    threshold was not chosen (its fits' budget and step and number of networks were compared
+    on quarters of these cases, beside validation ones): its Earth-observation cubes at ×2 under the same
     PSFs, with Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where band centres are known and
     one band-group MSI per cube (datasets.band_group_response, seeded by the cube's name) where
     they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box

@@ -26,8 +26,8 @@ PSNR change at full resolution against the same fusion without it):
   PSFs, with Sentinel-2 10 m, WorldView-2 and RGB (63 cases): applied on 61, +0.54 dB on
   average (up to +1.22), worse on none, SAM −0.25°. One network had been applied on 60,
   +0.47 dB.
-* Cubes the method was not designed on (the training corpus; only the fits' budget and the
-  number of networks were compared on quarters of these cases, the threshold was not): 16
+* Cubes the method was not designed on (the training corpus; only the fits' budget and step
+  and the number of networks were compared on quarters of these cases, the threshold was not): 16
   airborne cubes at ×2 under the same seven PSFs, with Sentinel-2 10 m, WorldView-2 (and RGB
   under Wald's PSF) or band-group MSIs; the CAVE scenes at ×3 and ×4 under Wald's PSF and box
   aggregation with RGB; 152 cases. Applied on 114, +0.26 dB on average, better on 108, worse
