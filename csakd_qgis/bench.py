@@ -210,10 +210,10 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
     every realistic PSF variant (datasets.validation_psfs), with every validation MSI.
     "held out": the training corpus (datasets.corpus_cubes), on which the scene correction's
     threshold was not chosen (its fits' budget and step and number of networks were compared
-    on quarters of these cases, beside validation ones): its Earth-observation cubes at ×2 under the same
-    PSFs, with Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where band centres are known and
-    one band-group MSI per cube (datasets.band_group_response, seeded by the cube's name) where
-    they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box
+    on quarters of these cases, beside validation ones): its Earth-observation cubes at ×2
+    under the same PSFs, with Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where
+    band centres are known and one band-group MSI per cube (datasets.band_group_response,
+    seeded by the cube's name) where they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box
     aggregation with RGB. Corpus cubes too small to check the correction at a scale
     (scene_correction.min_window) are left out; the validation cubes are large enough at ×2."""
     import zlib

@@ -27,8 +27,8 @@ PSNR change at full resolution against the same fusion without it):
   average (up to +1.22), worse on none, SAM −0.25°. One network had been applied on 60,
   +0.47 dB.
 * Cubes the method was not designed on (the training corpus; only the fits' budget and step
-  and the number of networks were compared on quarters of these cases, the threshold was not): 16
-  airborne cubes at ×2 under the same seven PSFs, with Sentinel-2 10 m, WorldView-2 (and RGB
+  and the number of networks were compared on quarters of these cases, the threshold was
+  not): 16 airborne cubes at ×2 under the same seven PSFs, with Sentinel-2 10 m, WorldView-2 (and RGB
   under Wald's PSF) or band-group MSIs; the CAVE scenes at ×3 and ×4 under Wald's PSF and box
   aggregation with RGB; 152 cases. Applied on 114, +0.26 dB on average, better on 108, worse
   on 3, all on one scene (ROSIS Pavia: −0.065, −0.021 and −0.006 dB). One network had been
@@ -59,14 +59,14 @@ MIN_FIT_PIXELS = 256
 # of the 63 ×2 cases (+0.542 dB on average) and 0.10 on 60 (+0.536). On the held-out corpus
 # 0.10 would have avoided two of its three losses (ROSIS Pavia, at worst −0.065 dB) and 0.12
 # all three, for 0.014 and 0.021 dB less on average (+0.241 and +0.234 against +0.255); the
-# threshold was not moved on that set, so that its losses stay a fair measure. The check itself moves with the fit's seed (one network:
-# HyMap02 Berlin, RGB, ×2: +0.12, −0.18, +0.18).
+# threshold was not moved on that set, so that its losses stay a fair measure. The check
+# itself moves with the fit's seed (one network: HyMap02 Berlin, RGB, ×2: +0.12, −0.18, +0.18).
 MIN_CHECK_GAIN_DB = 0.05
 # Pixels drawn for one fit, its full-batch Adam steps at most, and the steps without a better
 # error on the held-out rows after which it stops, chosen first for one network at a step of
 # 1e-3. The fits were most of a small scene's fusion time (a 512² output: 15 s with the
-# correction, 6 s without). On 58 of make bench's
-# cases (×2–×4, Wald's PSF and box, validation and held out), against 4096 pixels and 1000
+# correction, 6 s without). On 58 of make bench's cases (×2–×4, Wald's PSF and box,
+# validation and held out), against 4096 pixels and 1000
 # steps always (+0.328 dB on average, worst −0.036): 2048 pixels +0.318 (worst −0.054); 2048
 # pixels stopping after 150 steps without progress +0.320 (worst −0.054, the fits about four
 # times faster); 4096 stopping after 200 +0.323 but −0.257 on one laboratory scene (its best
@@ -244,10 +244,11 @@ def fit_pixel_correction(pair: LevelPair, seed: int = 0, steps: int = FIT_STEPS,
                          cancelled: Callable[[], bool] = lambda: False,
                          progress: Callable[[float], None] = lambda fraction: None) -> Optional[PixelCorrection]:
     """A :class:`PixelCorrection` of ``members`` networks fitted to ``pair.target`` by full-batch
-    Adam (:data:`LEARNING_RATE`, weight decay 1e-5), each on its own draw of up to ``max_pixels`` pixels from the
-    top rows, each keeping its state of least squared error on the bottom :data:`STOP_FRACTION`
-    of the rows (at most ``max_pixels`` // 4 of them; checked every 25 steps, as ``cancelled``
-    is: None when it says so, and when ``progress`` is told the fraction of ``steps`` done).
+    Adam (:data:`LEARNING_RATE`, weight decay 1e-5), each on its own draw of up to
+    ``max_pixels`` pixels from the top rows, each keeping its state of least squared error on
+    the bottom :data:`STOP_FRACTION` of the rows (at most ``max_pixels`` // 4 of them; checked
+    every 25 steps, as ``cancelled`` is: None when it says so, and when ``progress`` is told
+    the fraction of ``steps`` done).
     Seeded by ``seed``: the same pair and seed give the same network."""
     generator = np.random.default_rng(seed)
     channels, rows, cols = pair.features.shape[1:]
@@ -271,12 +272,14 @@ def fit_on_pixels(features: torch.Tensor, target: torch.Tensor, fit_idx: np.ndar
                   patience: Optional[int] = PATIENCE_STEPS, members: int = 1,
                   progress: Callable[[float], None] = lambda fraction: None,
                   learning_rate: float = LEARNING_RATE) -> Optional[PixelCorrection]:
-    """A :class:`PixelCorrection` of ``members`` networks fitted by full-batch Adam (``learning_rate``, weight
-    decay 1e-5) to ``target`` (P, K) from ``features`` (P, C): member e on the pixels
-    ``fit_idx[e]`` (``fit_idx`` (E, n), or (n,) shared by all), each keeping its state of least
-    squared error on the pixels ``stop_idx`` (checked every 25 steps, as ``cancelled`` is: None
-    when it says so; ``progress`` is told the fraction of ``steps`` done then and 1 at the end), for ``steps`` at most and until ``patience`` steps pass in which no member
-    found a better one (None: all ``steps``; default :data:`PATIENCE_STEPS`). The networks start
+    """A :class:`PixelCorrection` of ``members`` networks fitted by full-batch Adam
+    (``learning_rate``, weight decay 1e-5) to ``target`` (P, K) from ``features`` (P, C):
+    member e on the pixels ``fit_idx[e]`` (``fit_idx`` (E, n), or (n,) shared by all), each
+    keeping its state of least squared error on the pixels ``stop_idx`` (checked every 25
+    steps, as ``cancelled`` is: None when it says so; ``progress`` is told the fraction of
+    ``steps`` done then, and 1 at the end), for ``steps`` at most and until ``patience`` steps
+    pass in which no member found a better one (None: all ``steps``; default
+    :data:`PATIENCE_STEPS`). The networks start
     from torch's generator seeded with ``seed``."""
     torch.manual_seed(seed)
     fit_idx = torch.from_numpy(np.array(np.broadcast_to(fit_idx, (members, fit_idx.shape[-1]))))
