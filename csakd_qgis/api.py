@@ -26,7 +26,8 @@ DEFAULT_OVERLAP = 32
 # Fit the scene's own pixel-wise correction on its reduced pairs and apply it where the check
 # one scale further down passes (scene_correction.py): on the 63 ×2 cases of the validation
 # cubes (seven PSFs, three MSIs) it passed on 61 and gained +0.54 dB on average (up to +1.22,
-# make bench), worse on none; where a scene is too small to check it is left as it is.
+# make bench), worse on none; a scene too small to be reduced by its own scale is reduced ×2
+# (scene_correction.FALLBACK_REDUCTION), and one under about 32 HSI pixels a side left as it is.
 SCENE_CORRECTION = True
 DEFAULT_HALO_LR = 4
 from .pipeline import SUBSPACE_FIT_PIXELS  # noqa: E402  (one limit for every fit)
@@ -583,7 +584,8 @@ ADAPTATION_WINDOW = 384  # LR pixels per side: enough texture to adapt on, bound
 
 
 # The largest central window (LR pixels a side) the scene correction is fitted on: enough for
-# its check up to ×12 (scene_correction.min_window: 576), 640² × 224 bands of float32 = 370 MB.
+# its check at the scene's own scale up to ×12 (scene_correction.check_window: 576; above, its
+# pairs are reduced ×2), 640² × 224 bands of float32 = 370 MB.
 SCENE_CORRECTION_MAX_WINDOW = 640
 
 
@@ -603,7 +605,7 @@ def _scene_correction(model, stats, estimate, pair, log, cancelled, wanted: bool
     answer) and the LR-HSI explains the MSI well enough for the check to be trusted;
     ``progress`` is told the fraction of the fits done."""
     from .georaster import FusionInputError
-    from .scene_correction import MIN_PAIR_FIT, fit_scene_correction, min_window
+    from .scene_correction import MIN_PAIR_FIT, check_window, fit_scene_correction
 
     log = log or (lambda message: None)
 
@@ -619,7 +621,8 @@ def _scene_correction(model, stats, estimate, pair, log, cancelled, wanted: bool
     if np.isfinite(fit) and fit < MIN_PAIR_FIT:
         return said(f"scene correction: not applied, the hyperspectral image explains only {100 * fit:.1f} % of the "
                     f"multispectral image (its check needs {100 * MIN_PAIR_FIT:.0f} %): are they the same place and date?")
-    side = min(SCENE_CORRECTION_MAX_WINDOW, max(ADAPTATION_WINDOW, min_window(stats.degradation.scale)))
+    # Large enough to reduce by the scene's own scale where the scene is (else it falls back to ×2).
+    side = min(SCENE_CORRECTION_MAX_WINDOW, max(ADAPTATION_WINDOW, check_window(stats.degradation.scale)))
     try:
         hsi, msi = _central_pair(pair, stats, side, "the centre area lacks data in both images")
     except FusionInputError as error:

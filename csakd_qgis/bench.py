@@ -196,11 +196,12 @@ def adaptation(budgets=ADAPTATION_BUDGETS, data_dir=None) -> Dict:
 # The label of the Wald protocol's Gaussian among the scene correction's PSFs (results written
 # before the PSF was recorded were all made with it).
 WALD_PSF = "Wald's Gaussian"
-# Scales at which the validation cubes are large enough to check the scene correction
-# (scene_correction.min_window: 32 HSI pixels a side at ×2, 54 at ×3; the cubes have 25–43).
-SCENE_CORRECTION_SCALES = (2,)
-# The corpus's laboratory scenes (512²) are large enough to check the correction at these scales.
-LABORATORY_SCALES = (3, 4)
+# Scales at which the scene correction is measured on the validation cubes and the corpus's
+# airborne cubes: at ×3 only the cubes of 32 or more HSI pixels a side (scene_correction.min_window)
+# can check it (AVIRIS Jasper Ridge and fourteen of the corpus), reduced ×2 (too small for ×3).
+SCENE_CORRECTION_SCALES = (2, 3)
+# The corpus's laboratory scenes (512²): checked at their own scale at ×3 and ×4, reduced ×2 at ×8.
+LABORATORY_SCALES = (3, 4, 8)
 
 
 def scene_correction_cases(data_dir=None) -> List[Dict]:
@@ -210,12 +211,13 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
     every realistic PSF variant (datasets.validation_psfs), with every validation MSI.
     "held out": the training corpus (datasets.corpus_cubes), on which the scene correction's
     threshold was not chosen (its fits' budget and step and number of networks were compared
-    on quarters of these cases, beside validation ones): its Earth-observation cubes at ×2
-    under the same PSFs, with Sentinel-2 10 m and WorldView-2 (and RGB under Wald's PSF) where
-    band centres are known and one band-group MSI per cube (datasets.band_group_response,
-    seeded by the cube's name) where they are not; its laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box
-    aggregation with RGB. Corpus cubes too small to check the correction at a scale
-    (scene_correction.min_window) are left out; the validation cubes are large enough at ×2."""
+    on quarters of these cases, beside validation ones): its Earth-observation cubes at
+    :data:`SCENE_CORRECTION_SCALES` under the same PSFs, with Sentinel-2 10 m and WorldView-2
+    (and RGB under Wald's PSF) where band centres are known and one band-group MSI per cube
+    (datasets.band_group_response, seeded by the cube's name) where they are not; its
+    laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box aggregation with
+    RGB. Cubes too small to check the correction at a scale (scene_correction.min_window) are
+    left out there."""
     import zlib
 
     from .datasets import (LABORATORY_WEIGHT, band_group_response, corpus_cubes, make_wald_case, validation_cubes,
@@ -236,13 +238,17 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
     def every_psf(scale):
         return {WALD_PSF: wald(scale), **validation_psfs(scale)}
 
+    def too_small(cube, scale):
+        return min(cube.data.shape[1:]) // scale < min_window(scale)
+
     for cube in validation_cubes(data_dir):
         for scale in SCENE_CORRECTION_SCALES:
-            add("validation", cube, scale, every_psf(scale), lambda _: [(k, v, None) for k, v in sensors.items()])
+            if not too_small(cube, scale):
+                add("validation", cube, scale, every_psf(scale), lambda _: [(k, v, None) for k, v in sensors.items()])
     for cube in corpus_cubes(data_dir):
         laboratory = cube.weight == LABORATORY_WEIGHT
         for scale in LABORATORY_SCALES if laboratory else SCENE_CORRECTION_SCALES:
-            if min(cube.data.shape[1:]) // scale < min_window(scale):
+            if too_small(cube, scale):
                 continue
             psfs = every_psf(scale)
             if laboratory:
@@ -279,23 +285,25 @@ def scene_correction_gain(data_dir=None) -> Dict:
 
 
 def scene_correction_lines(result: Dict) -> List[str]:
-    """One line per set of :func:`scene_correction_gain`'s cases, and one per PSF within a set
-    that holds more than one."""
+    """One line per set of :func:`scene_correction_gain`'s cases, then one per scale and one per
+    PSF within a set that holds more than one."""
     lines = []
     for set_name in dict.fromkeys(r.get("set", "validation") for r in result["cases"]):
         rows = [r for r in result["cases"] if r.get("set", "validation") == set_name]
         groups = {"": rows}
-        for psf_name in dict.fromkeys(r.get("psf", WALD_PSF) for r in rows):
-            groups[psf_name] = [r for r in rows if r.get("psf", WALD_PSF) == psf_name]
-        for psf_name, group in groups.items():
-            if psf_name and len(groups) == 2:
-                continue
+        for kind, key in (("scale", lambda r: r["scale"]), ("PSF", lambda r: r.get("psf", WALD_PSF))):
+            values = list(dict.fromkeys(key(r) for r in rows))
+            if len(values) > 1:
+                for value in values:
+                    groups[(kind, value)] = [r for r in rows if key(r) == value]
+        for label, group in groups.items():
             gain = np.array([r["on"]["psnr"] - r["off"]["psnr"] for r in group])
             sam = np.array([r["on"]["sam"] - r["off"]["sam"] for r in group])
             applied = sum(r["log"].startswith("scene correction: applied") for r in group)
             scales = "/".join(map(str, sorted({r["scale"] for r in group})))
-            what = f"{set_name}, {len(group)} ×{scales} Wald cases" + (f", PSF {psf_name}" if psf_name else "")
-            lines.append(f"{'  ' if psf_name else ''}scene correction on {what}: applied on {applied}; full-resolution "
+            psf = f", PSF {label[1]}" if label and label[0] == "PSF" else ""
+            what = f"{set_name}, {len(group)} ×{scales} Wald cases{psf}"
+            lines.append(f"{'  ' if label else ''}scene correction on {what}: applied on {applied}; full-resolution "
                          f"PSNR {gain.mean():+.2f} dB on average against without, better on {int(np.sum(gain > 0.005))}, "
                          f"worse on {int(np.sum(gain < -0.005))}, worst {gain.min():+.2f} dB; SAM {sam.mean():+.3f}° on average")
     return lines

@@ -82,8 +82,10 @@ def validation_cube(shared_data_dir):
 
 def test_the_engine_gains_on_a_scene_it_never_saw_and_leaves_a_small_one_alone(validation_cube):
     """AVIRIS Jasper Ridge, never trained on: at ×2 with Sentinel-2 the check passes and the
-    full resolution gains (measured +0.93 dB); at ×4 the scene (25×25 LR pixels) is too small to
-    check, the log says so and the output is bit for bit the one without."""
+    full resolution gains (measured +0.93 dB); at ×3 (33×33 LR pixels, too few to reduce twice
+    by 3) its pairs are reduced ×2, the log says so, and it gains too (measured +0.60 dB); at ×4
+    the scene (25×25 LR pixels) is too small to check, the log says so and the output is bit for
+    bit the one without."""
     from csakd_qgis.api import fuse_arrays, fuse_case, load_model
     from csakd_qgis.datasets import make_wald_case, validation_sensors
 
@@ -99,11 +101,22 @@ def test_the_engine_gains_on_a_scene_it_never_saw_and_leaves_a_small_one_alone(v
     assert any(m.startswith("scene correction: applied; its check (fitted on the scene reduced twice, tested on the "
                             "scene reduced once against the hyperspectral image) gained +") for m in said), said
 
+    smaller = make_wald_case(validation_cube["AVIRIS Jasper Ridge"], sensor, 3)
+    said = []
+    with_it = fuse_case(smaller, model=model, log=said.append)
+    gain = metrics.psnr(smaller.reference, with_it) - metrics.psnr(smaller.reference,
+                                                                   fuse_case(smaller, model=model, scene_correction=False))
+    assert gain > 0.3, gain
+    assert ("scene correction: fitting on the scene's reduced pairs (33×33 hyperspectral pixels; its pairs reduced ×2, "
+            "too few pixels to reduce by ×3)…") in said, said
+    assert any(m.startswith("scene correction: applied; its check") and m.endswith(
+        "; its pairs reduced ×2, too few pixels to reduce by ×3") for m in said), said
+
     small = make_wald_case(validation_cube["AVIRIS Jasper Ridge"], sensor, 4)
     said = []
     assert np.array_equal(fuse_case(small, model=model, log=said.append), fuse_case(small, model=model, scene_correction=False))
     assert ("scene correction: not applied, the 25×25 hyperspectral pixels it is fitted on (the image on the working "
-            "grid, or a central window of it) are too few to check it at ×4: about 64×64 are needed") in said, said
+            "grid, or a central window of it) are too few to check it: about 32×32 are needed") in said, said
 
     # An MSI that is not of that scene (noise): the check cannot be trusted, and is not run.
     noise = np.random.default_rng(0).normal(size=case.hr_msi.shape).astype(np.float32) * case.hr_msi.std() + case.hr_msi.mean()
@@ -175,14 +188,18 @@ def test_the_benchmark_measures_it_on_cubes_it_was_not_tuned_on(shared_data_dir)
     assert all(min(c["case"].lr_hsi.shape[1:]) >= min_window(c["case"].scale) for c in cases)
     assert {"box", "Gaussian σ 0.80", "Wald's Gaussian"} <= {c["psf"] for c in held_out}
     assert any(c["case"].sensor.endswith("band groups") for c in held_out)
-    assert {c["case"].scale for c in held_out} == {2, 3, 4}
+    assert {c["case"].scale for c in held_out} == {2, 3, 4, 8}
+    # At ×3 only AVIRIS Jasper Ridge (33×33 HSI pixels) of the validation cubes can check it.
+    assert {c["case"].cube for c in cases if c["set"] == "validation" and c["case"].scale == 3} == {"AVIRIS Jasper Ridge"}
     # The report: one line per set, then one per PSF, from what the log said.
     rows = [{"set": c["set"], "psf": c["psf"], "scale": c["case"].scale, "log": "scene correction: applied; …",
              "on": {"psnr": 30.2, "sam": 2.0}, "off": {"psnr": 30.0, "sam": 2.1}} for c in cases]
     lines = scene_correction_lines({"cases": rows})
-    assert lines[0].startswith(f"scene correction on validation, {len(cases) - len(held_out)} ×2 Wald cases: applied on "
+    assert lines[0].startswith(f"scene correction on validation, {len(cases) - len(held_out)} ×2/3 Wald cases: applied on "
                                f"{len(cases) - len(held_out)}; full-resolution PSNR +0.20 dB"), lines[0]
     assert sum(line.startswith("scene correction on held out") for line in lines) == 1
+    by_scale = [line for line in lines if line.startswith("  scene correction on held out") and "PSF" not in line]
+    assert [line.split(" Wald cases")[0].rsplit("×", 1)[1] for line in by_scale] == ["2", "3", "4", "8"], by_scale
 
 
 def test_its_networks_are_fitted_apart_and_averaged():
@@ -207,3 +224,27 @@ def test_its_networks_are_fitted_apart_and_averaged():
     held_out = [float((m[500:] - target[500:]).square().mean()) for m in members]
     assert max(held_out) < 0.5 * float(target[500:].square().mean()), held_out
 
+
+
+def test_small_scenes_are_reduced_by_two_and_the_networks_keep_to_the_msi_they_were_fitted_on():
+    """The reduction: the scene's own scale where its window can be reduced twice by it, else
+    ×2, else none; and the correction is zero where the MSI leaves the range it was fitted on."""
+    from csakd_qgis.scene_correction import PixelCorrection, check_window, min_window, reduction_for
+
+    assert [check_window(s) for s in (2, 3, 4, 8)] == [32, 54, 64, 256]
+    assert reduction_for(3, (54, 54)) == 3 and reduction_for(3, (33, 33)) == 2 and reduction_for(3, (40, 54)) == 2
+    assert reduction_for(8, (255, 300)) == 2 and reduction_for(8, (256, 256)) == 8
+    assert reduction_for(4, (25, 25)) is None and reduction_for(2, (31, 31)) is None
+    assert min_window(2) == min_window(8) == 32
+
+    torch.manual_seed(0)
+    net = PixelCorrection(2 + 3, 3, members=2)
+    features = torch.randn(1, 5, 6, 7)
+    free = net(features)
+    assert free.abs().min() > 0  # unbounded before a range is set
+    net.fit_range(torch.tensor([[-1.0, 1.0], [-0.5, 0.5]]))
+    bounded = net(features)
+    inside = ((features[0, 0].abs() <= 1) & (features[0, 1].abs() <= 0.5))
+    assert 0 < inside.sum() < inside.numel()
+    assert torch.equal(bounded[0][:, inside], free[0][:, inside])
+    assert torch.all(bounded[0][:, ~inside] == 0)
