@@ -26,7 +26,7 @@ DEFAULT_OVERLAP = 32
 # Fit the scene's own pixel-wise correction on its reduced pairs and apply it where the check
 # one scale further down passes (scene_correction.py): on the 63 ×2 cases of the validation
 # cubes (seven PSFs, three MSIs) it passed on 61 and gained +0.54 dB on average (up to +1.22,
-# make bench), worse on none; a scene too small to be reduced by its own scale is reduced ×2
+# make bench), worse on none; a scene too small to be reduced twice by its own scale is reduced ×2
 # (scene_correction.FALLBACK_REDUCTION), and one under about 32 HSI pixels a side left as it is.
 SCENE_CORRECTION = True
 DEFAULT_HALO_LR = 4

@@ -392,7 +392,13 @@ def reduce_pair(lr_hsi: np.ndarray, msi_at_lr: np.ndarray, degradation) -> Tuple
         msi_at_lr[:, :rows, :cols], dtype=np.float32)
 
 
-CHECK = "its check (fitted on the scene reduced twice, tested on the scene reduced once against the hyperspectral image)"
+def _check(reduction: int, scale: int) -> str:
+    """How the log names the check, saying so where the pairs are reduced ×``reduction`` for a
+    scene of ×``scale``."""
+    reduced = "" if reduction == scale else (
+        f"pairs reduced ×{reduction}, the scene being too small to reduce twice by ×{scale}: ")
+    return (f"its check ({reduced}fitted on the scene reduced twice, tested on the scene reduced once against the "
+            f"hyperspectral image)")
 
 
 def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, statistics,
@@ -420,12 +426,12 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     if reduction is None:
         side = min_window(scale)
         return None, SceneCorrectionReport(False, float("nan"), (
-            f"scene correction: not applied, the {lr_hsi.shape[2]}×{lr_hsi.shape[1]} hyperspectral pixels it is fitted on "
-            f"(the image on the working grid, or a central window of it) are too few to check it: about {side}×{side} "
-            f"are needed"))
+            f"scene correction: not applied, {lr_hsi.shape[2]}×{lr_hsi.shape[1]} hyperspectral pixels (on the "
+            f"working grid) are too few to check it, even with its pairs reduced ×{FALLBACK_REDUCTION}: about "
+            f"{side}×{side} are needed"))
     degradation = statistics.degradation.at_scale(reduction)
-    # Said where the pairs are not made at the scene's own scale.
-    reduced = "" if reduction == scale else f"; its pairs reduced ×{reduction}, too few pixels to reduce by ×{scale}"
+    check_name = _check(reduction, scale)
+    reduced = "" if reduction == scale else f", reduced ×{reduction}"
     log(f"scene correction: fitting on the scene's reduced pairs ({lr_hsi.shape[2]}×{lr_hsi.shape[1]} hyperspectral "
         f"pixels{reduced})…")
     reference1, lr1, msi1 = reduce_pair(lr_hsi, msi_at_lr, degradation)
@@ -441,8 +447,8 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     if not gain >= MIN_CHECK_GAIN_DB:
         progress(1.0)
         return None, SceneCorrectionReport(False, gain, (
-            f"scene correction: not applied, {CHECK} changed it by {gain:+.2f} dB PSNR "
-            f"(needs +{MIN_CHECK_GAIN_DB}){reduced}"))
+            f"scene correction: not applied, {check_name} changed it by {gain:+.2f} dB PSNR "
+            f"(needs +{MIN_CHECK_GAIN_DB})"))
     net = fit_pixel_correction(level1, cancelled=cancelled, progress=lambda fraction: progress((1 + fraction) / 2))
     if net is None:
         return None, SceneCorrectionReport(False, gain, "scene correction: cancelled")
@@ -451,8 +457,8 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
         # not test: kept to the MSI values it was fitted on (PixelCorrection.fit_range).
         net.fit_range(level1.features[0, : msi_at_lr.shape[0]])
     return net, SceneCorrectionReport(True, gain, (
-        f"scene correction: applied; {CHECK} gained {gain:+.2f} dB PSNR (the gain at full resolution cannot be measured "
-        f"without a truth){reduced}"))
+        f"scene correction: applied; {check_name} gained {gain:+.2f} dB PSNR (the gain at full resolution cannot be "
+        f"measured without a truth)"))
 
 
 def corrected_detail(correction: PixelCorrection, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, detail: torch.Tensor,

@@ -228,7 +228,7 @@ class HyperspectralFusionAlgorithm(CsakdAlgorithm):
             "<b>Scene correction</b> (advanced, on by default): four small pixel-wise networks fitted on the scene's "
             "own reduced pair and averaged, applied only where a check one scale further down gains; the log and "
             "the output's CSAKD_SCENE_CORRECTION metadata say whether it was applied and what its check gained, or "
-            "why not. A scene too small to be reduced by its own scale (under 54×54 hyperspectral pixels at ×3, "
+            "why not. A scene too small to be reduced twice by its own scale (under 54×54 hyperspectral pixels at ×3, "
             "64×64 at ×4, 256×256 at ×8) is reduced ×2 instead, and the log says so; under about 32×32 it is left "
             "as it is. About 4 s per scene on two cores. Off: "
             "SCENE_CORRECTION=false.\n"

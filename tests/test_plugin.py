@@ -422,7 +422,7 @@ def test_training_and_scene_adaptation_run_through_qgis_process_after_make_insta
     ], profile).stdout
     assert "scene adaptation:" in fusion and "held-out PSNR" in fusion, fusion
     # The scene correction is on by default; this 32×21-pixel ×3 scene is too small to check it.
-    assert "scene correction: not applied, the 32×21 hyperspectral pixels it is fitted on" in fusion, fusion
+    assert "scene correction: not applied, 32×21 hyperspectral pixels (on the working grid) are too few" in fusion, fusion
     import rasterio
 
     with rasterio.open(output) as fused:
