@@ -50,6 +50,7 @@ PSNR change at full resolution against the same fusion without it):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -120,25 +121,25 @@ STOP_FRACTION = 0.2
 MIN_PAIR_FIT = 0.8
 
 
+def _fits_twice(lr_shape: Tuple[int, int], reduction: int) -> bool:
+    """Whether a window of ``lr_shape`` (h, w) LR pixels reduced twice by ``reduction`` can be
+    fitted: at least 4 LR pixels a side, and MIN_FIT_PIXELS pixels on its high-resolution grid
+    (the once-reduced LR grid)."""
+    twice = [n // reduction // reduction for n in lr_shape]
+    return twice[0] * reduction * twice[1] * reduction >= MIN_FIT_PIXELS and min(twice) >= 4
+
+
 def check_window(reduction: int) -> int:
     """The side (LR pixels) of the smallest square window whose pair reduced twice by
-    ``reduction`` can be fitted: at least 4 LR pixels a side twice reduced, and MIN_FIT_PIXELS
-    pixels on its high-resolution grid (×2: 32, ×3: 54, ×4: 64, ×8: 256, ×10: 400)."""
-    twice = max(4, int(np.ceil(np.sqrt(MIN_FIT_PIXELS) / reduction)))
-    return twice * reduction * reduction
+    ``reduction`` can be fitted (×2: 32, ×3: 54, ×4: 64, ×8: 256, ×10: 400)."""
+    return next(side for side in itertools.count(1) if _fits_twice((side, side), reduction))
 
 
 def reduction_for(scale: int, lr_shape: Tuple[int, int]) -> Optional[int]:
     """The factor by which a window of ``lr_shape`` (h, w) LR pixels is reduced for its pairs,
     at the scene's ``scale``: the scale itself (Wald's protocol) where the twice-reduced pair
-    is large enough to fit (:func:`check_window`), else :data:`FALLBACK_REDUCTION` where that is
-    large enough, else None."""
-    for reduction in (scale, FALLBACK_REDUCTION):
-        once = [n // reduction for n in lr_shape]
-        twice = [n // reduction for n in once]
-        if twice[0] * reduction * twice[1] * reduction >= MIN_FIT_PIXELS and min(twice) >= 4:
-            return reduction
-    return None
+    is large enough to fit, else :data:`FALLBACK_REDUCTION` where that is, else None."""
+    return next((reduction for reduction in (scale, FALLBACK_REDUCTION) if _fits_twice(lr_shape, reduction)), None)
 
 
 def min_window(scale: int) -> int:
@@ -415,10 +416,9 @@ def fit_scene_correction(model, lr_hsi: np.ndarray, msi_at_lr: np.ndarray, stati
     scene's scale or, where the window is too small for that, by :data:`FALLBACK_REDUCTION`
     (:func:`reduction_for`); a network fitted on level 2 must improve level 1 against its
     reference (the LR-HSI) by :data:`MIN_CHECK_GAIN_DB` before the one fitted on level 1 is
-    returned. ``cancelled`` is
-    asked during the fits; when it says so, (None, a report saying so) is returned.
-    ``progress`` is told the fraction done: the check's fit is the first half, the second fit
-    the rest; 1 once it is decided."""
+    returned. ``cancelled`` is asked during the fits; when it says so, (None, a report saying
+    so) is returned. ``progress`` is told the fraction done: the check's fit is the first half,
+    the second fit the rest; 1 once it is decided."""
     from .metrics import psnr
 
     scale = statistics.degradation.scale
