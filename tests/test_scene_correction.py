@@ -191,7 +191,7 @@ def test_the_benchmark_measures_it_on_cubes_it_was_not_tuned_on(shared_data_dir)
     assert {c["case"].scale for c in held_out} == {2, 3, 4, 8}
     # At ×3 only AVIRIS Jasper Ridge (33×33 HSI pixels) of the validation cubes can check it.
     assert {c["case"].cube for c in cases if c["set"] == "validation" and c["case"].scale == 3} == {"AVIRIS Jasper Ridge"}
-    # The report: one line per set, then one per PSF, from what the log said.
+    # The report: one line per set, then one per scale and one per PSF, from what the log said.
     rows = [{"set": c["set"], "psf": c["psf"], "scale": c["case"].scale, "log": "scene correction: applied; …",
              "on": {"psnr": 30.2, "sam": 2.0}, "off": {"psnr": 30.0, "sam": 2.1}} for c in cases]
     lines = scene_correction_lines({"cases": rows})
@@ -223,7 +223,6 @@ def test_its_networks_are_fitted_apart_and_averaged():
     assert all(not torch.allclose(members[0], members[e], atol=1e-3) for e in range(1, MEMBERS))
     held_out = [float((m[500:] - target[500:]).square().mean()) for m in members]
     assert max(held_out) < 0.5 * float(target[500:].square().mean()), held_out
-
 
 
 def test_small_scenes_are_reduced_by_two_and_the_networks_keep_to_the_msi_they_were_fitted_on():
