@@ -197,8 +197,9 @@ def adaptation(budgets=ADAPTATION_BUDGETS, data_dir=None) -> Dict:
 # before the PSF was recorded were all made with it).
 WALD_PSF = "Wald's Gaussian"
 # Scales at which the scene correction is measured on the validation cubes and the corpus's
-# airborne cubes: at ×3 only the cubes of 32 or more HSI pixels a side (scene_correction.min_window)
-# can check it (AVIRIS Jasper Ridge and fourteen of the corpus), reduced ×2 (too small for ×3).
+# airborne cubes, where fusion can check it (scene_correction.reduction_for): at ×2 all but the
+# Salton Sea subset (25×28 HSI pixels), at ×3 AVIRIS Jasper Ridge and fourteen of the corpus,
+# reduced ×2 (all too small for ×3).
 SCENE_CORRECTION_SCALES = (2, 3)
 # The corpus's laboratory scenes (512²): checked at their own scale at ×3 and ×4, reduced ×2 at ×8.
 LABORATORY_SCALES = (3, 4, 8)
@@ -216,14 +217,14 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
     (and RGB under Wald's PSF) where band centres are known and one band-group MSI per cube
     (datasets.band_group_response, seeded by the cube's name) where they are not; its
     laboratory scenes at :data:`LABORATORY_SCALES` under Wald's PSF and box aggregation with
-    RGB. Cubes too small to check the correction at a scale (scene_correction.min_window) are
-    left out there."""
+    RGB. Cubes too small to check the correction at a scale (scene_correction.reduction_for,
+    as fusion decides) are left out there."""
     import zlib
 
     from .datasets import (LABORATORY_WEIGHT, band_group_response, corpus_cubes, make_wald_case, validation_cubes,
                            validation_psfs, validation_sensors)
     from .psf import wald
-    from .scene_correction import min_window
+    from .scene_correction import reduction_for
 
     sensors = validation_sensors()
     found = []
@@ -239,7 +240,7 @@ def scene_correction_cases(data_dir=None) -> List[Dict]:
         return {WALD_PSF: wald(scale), **validation_psfs(scale)}
 
     def too_small(cube, scale):
-        return min(cube.data.shape[1:]) // scale < min_window(scale)
+        return reduction_for(scale, tuple(n // scale for n in cube.data.shape[1:])) is None
 
     for cube in validation_cubes(data_dir):
         for scale in SCENE_CORRECTION_SCALES:
