@@ -98,7 +98,8 @@ from .bundle import save_bundle
 from .network import count_parameters
 from .model import REPRESENTATIONS, SubspaceFusionModel
 from .srf import SensorResponse
-from .train import SUBSPACE_DIM, layout_error, optimiser_step, prepare_batch, reference_loss, student_config
+from .train import (SUBSPACE_DIM, Distiller, distillation_step, layout_error, optimiser_step, prepare_batch,
+                    reference_loss, shared_statistics_dim, student_config, teacher_config)
 
 DB_PER_LOG_MSE = 10.0 / math.log(10.0)
 
@@ -110,7 +111,11 @@ class ProbeResult:
 
     ``held_out_gain_db``: (step, mean over the held-out cubes of each cube's gain) of the
     generalisation run, one per ``evaluate_every`` steps; ``held_out_gain_by_cube_db``: the same
-    steps' gain on each held-out cube by its name; ``memorised_gain_db`` and
+    steps' gain on each held-out cube by its name; ``distilled_gain_db`` and
+    ``teacher_gain_db``: (step, mean gain over the student's base) of the same student
+    co-trained with the teacher and of that teacher, empty unless ``distil`` was given (the
+    plain run is then the distilled student's control: same start, same batches), and
+    ``teacher_base_gain_db`` the untrained teacher's (its larger subspace); ``memorised_gain_db`` and
     ``memorised_held_out_gain_db``: the control run's gain on its own fixed batches and on the
     held-out ones (mean over cubes) after its last step; ``held_out_gain_ema_db``: (step, mean
     gain) of the generalisation run's exponential moving average of the weights at the same
@@ -120,6 +125,9 @@ class ProbeResult:
     steps: int
     held_out_gain_db: List[Tuple[int, float]] = field(default_factory=list)
     held_out_gain_by_cube_db: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
+    distilled_gain_db: List[Tuple[int, float]] = field(default_factory=list)
+    teacher_gain_db: List[Tuple[int, float]] = field(default_factory=list)
+    teacher_base_gain_db: float = float("nan")
     held_out_gain_ema_db: List[Tuple[int, float]] = field(default_factory=list)
     memorised_gain_db: float = float("nan")
     memorised_held_out_gain_db: float = float("nan")
@@ -157,6 +165,7 @@ def probe(
     unshuffle: int = 4,
     width: int = 32,
     save: Optional[str] = None,
+    distil: bool = False,
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -174,7 +183,12 @@ def probe(
     (model.REPRESENTATIONS; "grid" needs every cube's band centres), ``unshuffle`` and ``width``
     its layout (train.student_config; 1 is the paper's full-resolution layout). ``save``: a model
     bundle path (bundle.save_bundle) for the generalisation run's student after its last step,
-    so that fusion and the benchmark can run it. Raises ValueError when
+    so that fusion and the benchmark can run it. ``distil``: the generalisation run also
+    co-trains the bundled teacher (train.teacher_config, same channels and layout) and, from the
+    student's start, a second student with the distillation loss (train.distillation_step, as
+    ``make train`` does), on the same batches, so that the plain student is its control and
+    the held-out gains show what the teacher adds (every batch then carries the teacher's
+    subspace; the student reads its first components, exactly its own fit). Raises ValueError when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
     too small for ``scale``.
@@ -189,11 +203,13 @@ def probe(
             log(f"{cube.name} has no band centres: paired with band-group MSIs instead of {sensor.name}")
     torch.set_flush_denormal(True)
     rng = np.random.default_rng(seed)
-    statistics = WholeSceneStatistics(SUBSPACE_DIM)
+    teacher_layout = teacher_config(representation=representation, unshuffle=unshuffle)
+    dim = shared_statistics_dim(teacher_layout, config) if distil else SUBSPACE_DIM
+    statistics = WholeSceneStatistics(dim)
 
     def batch_of(cubes):
         cases = training_batch(list(cubes), [sensor], rng, batch_size, crop, scales=(scale,), statistics=statistics)
-        return prepare_batch(cases, SUBSPACE_DIM)
+        return prepare_batch(cases, dim)
 
     # Per cube, each its own fixed batches, in the order of the representation probe
     # (representation_probe.py), so that the two probes see the same held-out crops.
@@ -217,9 +233,26 @@ def probe(
         return {name: -(mean_loss(trained, batches) - base_held_out[name]) * DB_PER_LOG_MSE
                 for name, batches in held_out.items()}
 
+    def mean_gain(trained: SubspaceFusionModel) -> float:
+        return float(np.mean(list(gains(trained).values())))
+
+    distiller = None
+    if distil and steps:
+        distilled, _ = fresh_student()  # the same start as the plain student, its control
+        distiller = Distiller(SubspaceFusionModel(teacher_layout), distilled)
+        teacher_opt = torch.optim.AdamW(distiller.teacher.parameters(), lr=lr, weight_decay=1e-4)
+        distilled_opt = torch.optim.AdamW(list(distilled.parameters()) + list(distiller.adapter.parameters()), lr=lr,
+                                          weight_decay=1e-4)
+        result.teacher_base_gain_db = mean_gain(distiller.teacher)
+        log(f"distillation: the untrained teacher ({teacher_layout.subspace_dim} components) starts at "
+            f"{_db(result.teacher_base_gain_db)} dB against the student's base")
+
     started = time.time()
     for step in range(1, steps + 1):
-        optimiser_step(optimiser, reference_loss(model, batch_of(train_cubes)), model)
+        batch = batch_of(train_cubes)
+        optimiser_step(optimiser, reference_loss(model, batch), model)
+        if distiller is not None:
+            distillation_step(distiller, teacher_opt, distilled_opt, batch)
         if averaged is not None:
             averaged.update_parameters(model)
         if step % evaluate_every == 0 or step == steps:
@@ -231,8 +264,13 @@ def probe(
                     + "".join(f"{name} {_db(value)}  " for name, value in by_cube.items() if len(by_cube) > 1)
                     + f"mean {_db(result.held_out_gain_db[-1][1])} dB")
             if averaged is not None:
-                result.held_out_gain_ema_db.append((step, float(np.mean(list(gains(averaged.module).values())))))
+                result.held_out_gain_ema_db.append((step, mean_gain(averaged.module)))
                 line += f", averaged weights {_db(result.held_out_gain_ema_db[-1][1])} dB"
+            if distiller is not None:
+                result.distilled_gain_db.append((step, mean_gain(distiller.student)))
+                result.teacher_gain_db.append((step, mean_gain(distiller.teacher)))
+                line += (f"; distilled student {_db(result.distilled_gain_db[-1][1])} dB, "
+                         f"teacher {_db(result.teacher_gain_db[-1][1])} dB")
             log(line)
 
     if save and steps:
@@ -323,6 +361,9 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=32, help="the student's features (growth half of it)")
     parser.add_argument("--save", default=None, metavar="BUNDLE.json",
                         help="write the generalisation run's student as a model bundle after its last step")
+    parser.add_argument("--distil", action="store_true",
+                        help="also co-train the teacher and a distilled student on the same batches (the plain "
+                        "student is its control)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -345,7 +386,7 @@ def main(argv=None) -> int:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
-              unshuffle=args.unshuffle, width=args.width, save=args.save,
+              unshuffle=args.unshuffle, width=args.width, save=args.save, distil=args.distil,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

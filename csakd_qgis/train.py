@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -182,6 +182,40 @@ class Distiller(nn.Module):
         self.student = student
         t, s = teacher.config.network.width, student.config.network.width
         self.adapter = nn.Identity() if t == s else nn.Conv2d(s, t, 1)
+
+
+def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, student_opt: torch.optim.Optimizer,
+                      batch) -> Tuple[float, float]:
+    """One step of online distillation (method.md; the paper's co-training) on a prepared batch
+    (:func:`prepare_batch`): the teacher against the reference (losses.teacher_loss), then the
+    student against the reference, the teacher's detached output and its fused feature
+    (losses.student_loss, the student's feature through the distiller's adapter). Spectra are
+    divided by each scene's scale and crop borders left out, as in :func:`reference_loss`.
+    Returns the teacher's and the student's loss."""
+    lr_hsi, hr_msi, stats, reference = batch
+    norm = stats["scale"].view(-1, 1, 1, 1)
+    lr_size = lr_hsi.shape[-1]
+    (target,) = crop_interior(reference / norm, lr_size=lr_size)
+
+    def image(output):
+        return crop_interior(output.image / norm, lr_size=lr_size)[0]
+
+    teacher, student = distiller.teacher, distiller.student
+    teacher_out = teacher(lr_hsi, hr_msi, stats)
+    teacher_image = image(teacher_out)
+    t_loss = teacher_loss(teacher_image, target)
+    optimiser_step(teacher_opt, t_loss, teacher)
+
+    student_out = student(lr_hsi, hr_msi, stats)
+    s_loss = student_loss(
+        image(student_out),
+        target,
+        teacher_image.detach(),
+        distiller.adapter(student_out.fused),
+        teacher_out.fused.detach(),
+    )
+    optimiser_step(student_opt, s_loss, student)
+    return t_loss.item(), s_loss.item()
 
 
 def validate(model: SubspaceFusionModel, cases: List[WaldCase]) -> List[Dict]:
@@ -418,31 +452,10 @@ def co_train(
             for opt in optimisers:
                 for group in opt.param_groups:
                     group["lr"] = lr
-            lr_hsi, hr_msi, stats, reference = next(batches)
-            norm = stats["scale"].view(-1, 1, 1, 1)
-            lr_size = lr_hsi.shape[-1]
-            (target,) = crop_interior(reference / norm, lr_size=lr_size)
-
-            def image(output):
-                return crop_interior(output.image / norm, lr_size=lr_size)[0]
-
-            teacher_out = teacher(lr_hsi, hr_msi, stats)
-            teacher_image = image(teacher_out)
-            t_loss = teacher_loss(teacher_image, target)
-            optimiser_step(teacher_opt, t_loss, teacher)
-
-            student_out = student(lr_hsi, hr_msi, stats)
-            s_loss = student_loss(
-                image(student_out),
-                target,
-                teacher_image.detach(),
-                distiller.adapter(student_out.fused),
-                teacher_out.fused.detach(),
-            )
-            optimiser_step(student_opt, s_loss, student)
-            step_losses = [t_loss.item(), s_loss.item()]
+            batch = next(batches)
+            step_losses = list(distillation_step(distiller, teacher_opt, student_opt, batch))
             if run.control:
-                c_loss = teacher_loss(image(control(lr_hsi, hr_msi, stats)), target)
+                c_loss = reference_loss(control, batch)
                 optimiser_step(control_opt, c_loss, control)
                 step_losses.append(c_loss.item())
 

@@ -243,6 +243,32 @@ def test_the_probe_logs_its_held_out_gain_per_cube_by_steps_and_crops_seen(share
     assert [m and m.groups() for m in logged] == [("1", "3"), ("2", "6")], lines
 
 
+def test_the_probe_distils_beside_its_control_on_the_same_batches(shared_data_dir):
+    """--distil co-trains the teacher and a second student with the distillation loss (the step
+    make train takes) beside the plain student: the plain run is its control, its held-out gains
+    the same as without --distil (same start, same batches; the student reads the first of the
+    teacher's components, exactly its own fit), and the log gives all three at every evaluation."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    settings = dict(scale=4, steps=2, memorise_steps=0, held_out_batches=1, batch_size=2, crop=48, lr=1e-3,
+                    evaluate_every=1)
+    plain = learnability.probe(train_cubes, held_out, sensor, log=lambda message: None, **settings)
+    lines = []
+    distilled = learnability.probe(train_cubes, held_out, sensor, distil=True, log=lines.append, **settings)
+    assert [step for step, _ in distilled.held_out_gain_db] == [1, 2]
+    for (_, without), (_, with_) in zip(plain.held_out_gain_db, distilled.held_out_gain_db):
+        assert with_ == pytest.approx(without, abs=1e-3)
+    assert [step for step, _ in distilled.distilled_gain_db] == [step for step, _ in distilled.teacher_gain_db] == [1, 2]
+    # The distilled student took other steps than its control (the teacher's terms), from the same start.
+    assert any(abs(d - c) > 1e-6 for (_, d), (_, c) in zip(distilled.distilled_gain_db, distilled.held_out_gain_db))
+    assert math.isfinite(distilled.teacher_base_gain_db) and plain.distilled_gain_db == []
+    assert re.match(r"distillation: the untrained teacher \(32 components\) starts at [+-]\d\.\d{3} dB", lines[0]), lines
+    assert re.search(r"; distilled student [+-]\d\.\d{3} dB, teacher [+-]\d\.\d{3} dB$", lines[-1]), lines
+
+
 def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
     """--train and --held-out take any shared cube (training, validation or corpus); one named by
     both would measure memorisation as generalisation, so the probe refuses it before training."""
