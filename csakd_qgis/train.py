@@ -548,7 +548,8 @@ def train(args) -> Path:
         "datasets.training_psf); noise 30–45 dB SNR on 1/3 (HSI) and 1/4 (MSI) of batches; band-group MSIs "
         "for cubes without band centres; laboratory scenes drawn at a quarter weight",
         "loss": "band-averaged PSNR loss + 0.1 spectral angle (losses.py), crop borders of "
-        f"{LOSS_MARGIN} LR pixels left out; student: + 0.5 distance to the teacher + 0.1 feature BCE",
+        f"{LOSS_MARGIN} LR pixels left out; student: + 0.5 distance to the teacher floored at its own error "
+        "(losses.teacher_distance_loss) + 0.1 feature BCE",
         "batch_size": args.batch_size,
         "crop": args.crop,
         "seed": args.seed,

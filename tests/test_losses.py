@@ -9,6 +9,7 @@ from csakd_qgis.losses import (
     feature_distillation_loss,
     spectral_angle_loss,
     student_loss,
+    teacher_distance_loss,
     teacher_loss,
 )
 
@@ -105,17 +106,17 @@ def test_teacher_loss_is_the_weighted_sum_of_its_terms():
 
 def test_student_loss_is_the_weighted_sum_of_its_terms():
     student, target, teacher, student_feature, teacher_feature = _batch(2)
-    # The reference term + 0.5·band-PSNR distance to the teacher + 0.1·BCE(features).
+    # The reference term + 0.5·distance to the teacher (floored at its own error) + 0.1·BCE(features).
     expected = (
         teacher_loss(student, target)
-        + 0.5 * band_psnr_loss(student, teacher)
+        + 0.5 * teacher_distance_loss(student, teacher, target)
         + 0.1 * feature_distillation_loss(student_feature, teacher_feature)
     )
     result = student_loss(student, target, teacher, student_feature, teacher_feature)
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=0)
     # Every term contributes: a loss missing one of them would differ by at least this much.
     smallest_term = min(
-        abs(0.5 * band_psnr_loss(student, teacher)),
+        abs(0.5 * teacher_distance_loss(student, teacher, target)),
         0.1 * feature_distillation_loss(student_feature, teacher_feature),
         0.1 * spectral_angle_loss(student, target),
     )
@@ -131,3 +132,39 @@ def test_student_loss_does_not_train_the_teacher():
     assert teacher_feature.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert student_feature.grad is not None and student_feature.grad.abs().sum() > 0
+
+
+def test_teacher_distance_loss_by_hand():
+    # One band, two pixels: student (1, 2), teacher (2, 2), target (2, 5): distance MSE 0.5,
+    # the teacher's own MSE 4.5; ln(0.5 + 4.5).
+    student = torch.tensor([[[[1.0, 2.0]]]], dtype=torch.float64)
+    teacher = torch.tensor([[[[2.0, 2.0]]]], dtype=torch.float64)
+    target = torch.tensor([[[[2.0, 5.0]]]], dtype=torch.float64)
+    assert teacher_distance_loss(student, teacher, target).item() == pytest.approx(math.log(5.0), rel=1e-12)
+
+
+def test_the_pull_towards_the_teacher_grows_with_the_distance_and_never_outweighs_the_reference():
+    """At the start of co-training student and teacher are both near their bases, far closer to
+    each other than to the reference. The distance floored at the teacher's error pulls in
+    proportion to the student's distance from the teacher, up to about the reference term's pull
+    where that distance is the teacher's own error; the plain ln MSE(S, T) pulled hardest where
+    the student was closest, many times the reference term."""
+    g = torch.Generator().manual_seed(5)
+    target = torch.rand(1, 6, 8, 8, generator=g, dtype=torch.float64) + 0.5
+    teacher = target + 0.05 * torch.randn(1, 6, 8, 8, generator=g, dtype=torch.float64)
+    direction = torch.randn(1, 6, 8, 8, generator=g, dtype=torch.float64)
+
+    def pulls(distance):
+        student = (teacher + distance * direction).requires_grad_(True)
+        found = []
+        for loss in (band_psnr_loss(student, target), teacher_distance_loss(student, teacher, target),
+                     band_psnr_loss(student, teacher)):
+            (gradient,) = torch.autograd.grad(loss, student)
+            found.append(gradient.norm().item())
+        return found
+
+    near, nearer, far = pulls(0.01), pulls(0.002), pulls(0.05)  # the teacher's own error: 0.05
+    for reference, floored, plain in (near, nearer):
+        assert floored < 0.25 * reference and plain > 5 * reference
+    assert nearer[1] < near[1] < far[1]
+    assert 0.5 * far[0] < far[1] < 2 * far[0]
