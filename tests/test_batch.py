@@ -38,19 +38,20 @@ def pairs(wald_pair_factory):
 
 @pytest.fixture(scope="module")
 def references(pairs, fusion_model, tmp_path_factory):
-    """name → output of fuse_files run alone (torch on one thread, as on a batch worker)."""
-    import torch
-
-    from csakd_qgis.api import fuse_files
+    """name → output of fuse_files run alone, in a process of one thread as a batch worker is:
+    Dask's nanny starts each worker with OMP_NUM_THREADS, MKL_NUM_THREADS and
+    OPENBLAS_NUM_THREADS at 1. Limiting torch alone is not enough: with OpenBLAS on two threads
+    numpy's linear algebra rounds differently in the last bit."""
+    import subprocess
 
     folder = tmp_path_factory.mktemp("alone")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name, pair in pairs.items():
-            fuse_files(pair.lr_path, pair.hr_path, folder / f"{name}.tif", model=fusion_model)
-    finally:
-        torch.set_num_threads(threads)
+    code = "import sys; from csakd_qgis.api import fuse_files; fuse_files(*sys.argv[1:4], model=sys.argv[4])"
+    single = clean_env(OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1)
+    for name, pair in pairs.items():
+        done = subprocess.run([sys.executable, "-c", code, str(pair.lr_path), str(pair.hr_path), str(folder / f"{name}.tif"),
+                               str(fusion_model)], cwd=PROJECT_ROOT, env=single, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
     return {name: folder / f"{name}.tif" for name in pairs}
 
 
