@@ -124,11 +124,11 @@ class ProbeResult:
     ``teacher_gain_db``: (step, mean gain over the student's base) of the same student
     co-trained with the teacher and of that teacher, empty unless ``distil`` was given (the
     plain run is then the distilled student's control: same start, same batches), and
-    ``teacher_base_gain_db`` the untrained teacher's (its larger subspace); ``memorised_gain_db`` and
-    ``memorised_held_out_gain_db``: the control run's gain on its own fixed batches and on the
-    held-out ones (mean over cubes) after its last step; ``held_out_gain_ema_db``: (step, mean
-    gain) of the generalisation run's exponential moving average of the weights at the same
-    steps, empty unless ``ema_decay`` was given.
+    ``teacher_base_gain_db`` the untrained teacher's (its larger subspace);
+    ``memorised_gain_db`` and ``memorised_held_out_gain_db``: the memorisation run's gain on its
+    own fixed batches and on the held-out ones (mean over cubes) after its last step;
+    ``held_out_gain_ema_db``: (step, mean gain) of the generalisation run's exponential moving
+    average of the weights at the same steps, empty unless ``ema_decay`` was given.
     """
 
     steps: int
