@@ -249,9 +249,7 @@ def probe(
     if distil and steps:
         distilled, _ = fresh_student()  # the same start as the plain student, its control
         distiller = Distiller(SubspaceFusionModel(teacher_layout), distilled)
-        teacher_opt = torch.optim.AdamW(distiller.teacher.parameters(), lr=lr, weight_decay=1e-4)
-        distilled_opt = torch.optim.AdamW(list(distilled.parameters()) + list(distiller.adapter.parameters()), lr=lr,
-                                          weight_decay=1e-4)
+        teacher_opt, distilled_opt = distiller.optimisers(lr)
         result.teacher_base_gain_db = mean_gain(distiller.teacher)
         log(f"distillation: the untrained teacher ({teacher_layout.subspace_dim} components) starts at "
             f"{_db(result.teacher_base_gain_db)} dB against the student's base")

@@ -160,16 +160,24 @@ def crop_interior(*images: torch.Tensor, lr_size: int, margin: int = LOSS_MARGIN
     return tuple(image[..., cut:-cut, cut:-cut] for image in images)
 
 
-def reference_loss(model: SubspaceFusionModel, batch) -> torch.Tensor:
-    """The reference term (teacher_loss) of ``model`` on one prepared batch
-    (:func:`prepare_batch`), spectra divided by each scene's scale, crop borders left out as in
-    training (:func:`crop_interior`). Returns a scalar tensor (with gradients when enabled)."""
-    lr_hsi, hr_msi, stats, reference = batch
+def loss_view(batch) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """How every loss here sees a prepared batch (:func:`prepare_batch`): (the reference (N,B,H',W'),
+    a function taking a model's fused image (N,B,H,W) to the same view), spectra divided by each
+    scene's scale and crop borders left out (:func:`crop_interior`)."""
+    lr_hsi, _, stats, reference = batch
     norm = stats["scale"].view(-1, 1, 1, 1)
     lr_size = lr_hsi.shape[-1]
     (target,) = crop_interior(reference / norm, lr_size=lr_size)
-    (image,) = crop_interior(model(lr_hsi, hr_msi, stats).image / norm, lr_size=lr_size)
-    return teacher_loss(image, target)
+    return target, lambda image: crop_interior(image / norm, lr_size=lr_size)[0]
+
+
+def reference_loss(model: SubspaceFusionModel, batch) -> torch.Tensor:
+    """The reference term (teacher_loss) of ``model`` on one prepared batch
+    (:func:`prepare_batch`), seen as :func:`loss_view` sees it. Returns a scalar tensor (with
+    gradients when enabled)."""
+    lr_hsi, hr_msi, stats, _ = batch
+    target, view = loss_view(batch)
+    return teacher_loss(view(model(lr_hsi, hr_msi, stats).image), target)
 
 
 class Distiller(nn.Module):
@@ -183,32 +191,32 @@ class Distiller(nn.Module):
         t, s = teacher.config.network.width, student.config.network.width
         self.adapter = nn.Identity() if t == s else nn.Conv2d(s, t, 1)
 
+    def optimisers(self, lr: float) -> Tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """AdamW (weight decay 1e-4) at ``lr`` for the teacher, and for the student with the
+        adapter: the pair :func:`distillation_step` takes."""
+        return (torch.optim.AdamW(self.teacher.parameters(), lr=lr, weight_decay=1e-4),
+                torch.optim.AdamW(list(self.student.parameters()) + list(self.adapter.parameters()), lr=lr,
+                                  weight_decay=1e-4))
+
 
 def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, student_opt: torch.optim.Optimizer,
                       batch) -> Tuple[float, float]:
     """One step of online distillation (method.md; the paper's co-training) on a prepared batch
     (:func:`prepare_batch`): the teacher against the reference (losses.teacher_loss), then the
     student against the reference, the teacher's detached output and its fused feature
-    (losses.student_loss, the student's feature through the distiller's adapter). Spectra are
-    divided by each scene's scale and crop borders left out, as in :func:`reference_loss`.
-    Returns the teacher's and the student's loss."""
-    lr_hsi, hr_msi, stats, reference = batch
-    norm = stats["scale"].view(-1, 1, 1, 1)
-    lr_size = lr_hsi.shape[-1]
-    (target,) = crop_interior(reference / norm, lr_size=lr_size)
-
-    def image(output):
-        return crop_interior(output.image / norm, lr_size=lr_size)[0]
-
+    (losses.student_loss, the student's feature through the distiller's adapter), the spectra
+    seen as :func:`loss_view` sees them. Returns the teacher's and the student's loss."""
+    lr_hsi, hr_msi, stats, _ = batch
+    target, view = loss_view(batch)
     teacher, student = distiller.teacher, distiller.student
     teacher_out = teacher(lr_hsi, hr_msi, stats)
-    teacher_image = image(teacher_out)
+    teacher_image = view(teacher_out.image)
     t_loss = teacher_loss(teacher_image, target)
     optimiser_step(teacher_opt, t_loss, teacher)
 
     student_out = student(lr_hsi, hr_msi, stats)
     s_loss = student_loss(
-        image(student_out),
+        view(student_out.image),
         target,
         teacher_image.detach(),
         distiller.adapter(student_out.fused),
@@ -366,8 +374,7 @@ def co_train(
     if run.start_student is not None:
         student.load_state_dict(run.start_student)
     distiller = Distiller(teacher, student).to(device)
-    teacher_opt = torch.optim.AdamW(teacher.parameters(), lr=run.lr, weight_decay=1e-4)
-    student_opt = torch.optim.AdamW(list(student.parameters()) + list(distiller.adapter.parameters()), lr=run.lr, weight_decay=1e-4)
+    teacher_opt, student_opt = distiller.optimisers(run.lr)
     models = {"teacher": teacher, "student": student}
     optimisers = [teacher_opt, student_opt]
     if run.control:
