@@ -175,6 +175,7 @@ def probe(
     width: int = 32,
     save: Optional[str] = None,
     distil: bool = False,
+    transfer: bool = False,
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -197,13 +198,19 @@ def probe(
     student's start, a second student with the distillation loss (train.distillation_step, as
     ``make train`` does), on the same batches, so that the plain student is its control and
     the held-out gains show what the teacher adds (every batch then carries the teacher's
-    subspace; the student reads its first components, exactly its own fit). Raises ValueError when
+    subspace; the student reads its first components, exactly its own fit). ``transfer`` (with
+    ``distil``): the distilled student also learns the teacher's output on a fresh batch of the
+    held-out cubes at every step, their reference dropped (train.distillation_step's transfer
+    set), drawn by a generator of its own so that every other batch stays the same. Raises ValueError when
+    ``transfer`` is asked without ``distil``, when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
     too small for ``scale``.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
+    if transfer and not distil:
+        raise ValueError("a transfer set (transfer=True, --transfer) needs the teacher: add distil=True (--distil)")
     config = student_config(representation=representation, unshuffle=unshuffle, width=width)
     if representation == "grid":
         require_band_centres(list(train_cubes) + list(held_out_cubes))
@@ -216,9 +223,15 @@ def probe(
     dim = shared_statistics_dim(teacher_layout, config) if distil else SUBSPACE_DIM
     statistics = WholeSceneStatistics(dim)
 
-    def batch_of(cubes):
-        cases = training_batch(list(cubes), [sensor], rng, batch_size, crop, scales=(scale,), statistics=statistics)
+    def batch_of(cubes, generator=rng):
+        cases = training_batch(list(cubes), [sensor], generator, batch_size, crop, scales=(scale,),
+                               statistics=statistics)
         return prepare_batch(cases, dim)
+
+    transfer_rng = np.random.default_rng([seed, 1])
+
+    def unlabelled_batch():
+        return batch_of(held_out_cubes, transfer_rng)[:3] + (None,)
 
     # Per cube, each its own fixed batches, in the order of the representation probe
     # (representation_probe.py), so that the two probes see the same held-out crops.
@@ -259,7 +272,8 @@ def probe(
         batch = batch_of(train_cubes)
         optimiser_step(optimiser, reference_loss(model, batch), model)
         if distiller is not None:
-            distillation_step(distiller, teacher_opt, distilled_opt, batch)
+            distillation_step(distiller, teacher_opt, distilled_opt, batch,
+                              transfer=unlabelled_batch() if transfer else None)
         if averaged is not None:
             averaged.update_parameters(model)
         if step % evaluate_every == 0 or step == steps:
@@ -371,6 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--distil", action="store_true",
                         help="also co-train the teacher and a distilled student on the same batches (the plain "
                         "student is its control)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="with --distil: the distilled student also learns the teacher's output on unlabelled "
+                        "crops of the held-out cubes (their reference is not used)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -394,6 +411,7 @@ def main(argv=None) -> int:
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
               unshuffle=args.unshuffle, width=args.width, save=args.save, distil=args.distil,
+              transfer=args.transfer,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

@@ -70,9 +70,19 @@ def teacher_distance_loss(student: torch.Tensor, teacher: torch.Tensor, target: 
     (+0.212). A weight of 1 instead of DISTILLATION_WEIGHT read +0.053 at 500 steps, where 0.5
     read +0.066.
     """
-    own = (teacher - target).detach().pow(2).mean(dim=(2, 3))
+    return floored_distance_loss(student, teacher, (teacher - target).detach().pow(2).mean(dim=(2, 3)))
+
+
+def floored_distance_loss(student: torch.Tensor, teacher: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Mean over images and bands of ln(MSE_b(S, T) + floor_b), the teacher detached: student and
+    teacher (N,B,H,W), ``floor`` (N,B) or (B,) in the images' squared units → scalar.
+
+    :func:`teacher_distance_loss` with the floor given, for images without a reference (the
+    transfer set of :func:`csakd_qgis.train.distillation_step`), where the teacher's own error is
+    estimated on the labelled batch beside them.
+    """
     distance = (student - teacher.detach()).pow(2).mean(dim=(2, 3))
-    return torch.log(distance + own + 1e-12).mean()
+    return torch.log(distance + floor.detach() + 1e-12).mean()
 
 
 def student_loss(

@@ -51,7 +51,7 @@ from .datasets import (
     training_batch,
     validation_cases,
 )
-from .losses import student_loss, teacher_loss
+from .losses import DISTILLATION_WEIGHT, floored_distance_loss, student_loss, teacher_loss
 from .metrics import ergas, psnr, sam
 from .model import (
     REPRESENTATIONS,
@@ -164,11 +164,18 @@ def loss_view(batch) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tenso
     """How every loss here sees a prepared batch (:func:`prepare_batch`): (the reference (N,B,H',W'),
     a function taking a model's fused image (N,B,H,W) to the same view), spectra divided by each
     scene's scale and crop borders left out (:func:`crop_interior`)."""
-    lr_hsi, _, stats, reference = batch
+    view = image_view(batch)
+    return view(batch[3]), view
+
+
+def image_view(batch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`loss_view`'s view alone: (N,B,H,W) → (N,B,H',W'), each image divided by its scene's
+    scale and its crop borders left out. Reads only the batch's LR-HSI and statistics, so a batch
+    without a reference (its fourth item None) has a view too."""
+    lr_hsi, _, stats = batch[:3]
     norm = stats["scale"].view(-1, 1, 1, 1)
     lr_size = lr_hsi.shape[-1]
-    (target,) = crop_interior(reference / norm, lr_size=lr_size)
-    return target, lambda image: crop_interior(image / norm, lr_size=lr_size)[0]
+    return lambda image: crop_interior(image / norm, lr_size=lr_size)[0]
 
 
 def reference_loss(model: SubspaceFusionModel, batch) -> torch.Tensor:
@@ -200,12 +207,20 @@ class Distiller(nn.Module):
 
 
 def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, student_opt: torch.optim.Optimizer,
-                      batch) -> Tuple[float, float]:
+                      batch, transfer=None) -> Tuple[float, float]:
     """One step of online distillation (method.md; the paper's co-training) on a prepared batch
     (:func:`prepare_batch`): the teacher against the reference (losses.teacher_loss), then the
     student against the reference, the teacher's detached output and its fused feature
     (losses.student_loss, the student's feature through the distiller's adapter), the spectra
-    seen as :func:`loss_view` sees them. Returns the teacher's and the student's loss."""
+    seen as :func:`loss_view` sees them. Returns the teacher's and the student's loss.
+
+    ``transfer``: a prepared batch whose reference is not used (None allowed), Hinton et al.'s
+    transfer set (2015, "Distilling the knowledge in a neural network": the student may learn
+    the teacher's outputs on unlabelled inputs). The student's loss then also holds its distance
+    to the teacher's output there (losses.floored_distance_loss at losses.DISTILLATION_WEIGHT),
+    floored at the teacher's error per band on ``batch``; the teacher does not learn from it.
+    It needs the same bands as ``batch``.
+    """
     lr_hsi, hr_msi, stats, _ = batch
     target, view = loss_view(batch)
     teacher, student = distiller.teacher, distiller.student
@@ -222,6 +237,13 @@ def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, 
         distiller.adapter(student_out.fused),
         teacher_out.fused.detach(),
     )
+    if transfer is not None:
+        transfer_view = image_view(transfer)
+        with torch.no_grad():
+            transfer_teacher = transfer_view(teacher(*transfer[:3]).image)
+        floor = (teacher_image - target).detach().pow(2).mean(dim=(0, 2, 3))
+        s_loss = s_loss + DISTILLATION_WEIGHT * floored_distance_loss(
+            transfer_view(student(*transfer[:3]).image), transfer_teacher, floor)
     optimiser_step(student_opt, s_loss, student)
     return t_loss.item(), s_loss.item()
 

@@ -7,6 +7,7 @@ from csakd_qgis.losses import (
     PSNR_LOSS_FLOOR,
     band_psnr_loss,
     feature_distillation_loss,
+    floored_distance_loss,
     spectral_angle_loss,
     student_loss,
     teacher_distance_loss,
@@ -141,6 +142,21 @@ def test_teacher_distance_loss_by_hand():
     teacher = torch.tensor([[[[2.0, 2.0]]]], dtype=torch.float64)
     target = torch.tensor([[[[2.0, 5.0]]]], dtype=torch.float64)
     assert teacher_distance_loss(student, teacher, target).item() == pytest.approx(math.log(5.0), rel=1e-12)
+
+
+def test_the_floored_distance_with_the_teachers_own_error_is_the_teacher_distance():
+    # The transfer set's term (no reference) is the same distance, its floor given: with the
+    # teacher's own error as the floor it is teacher_distance_loss exactly; a floor per band (B,)
+    # applies to every image.
+    g = torch.Generator().manual_seed(3)
+    student, teacher, target = (torch.rand(2, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    own = (teacher - target).pow(2).mean(dim=(2, 3))
+    assert floored_distance_loss(student, teacher, own).item() == pytest.approx(
+        teacher_distance_loss(student, teacher, target).item(), rel=1e-12)
+    floor = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    distance = (student - teacher).pow(2).mean(dim=(2, 3))
+    assert floored_distance_loss(student, teacher, floor).item() == pytest.approx(
+        torch.log(distance + floor).mean().item(), rel=1e-12)
 
 
 def test_the_pull_towards_the_teacher_grows_with_the_distance_and_never_outweighs_the_reference():

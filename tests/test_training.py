@@ -269,6 +269,28 @@ def test_the_probe_distils_beside_its_control_on_the_same_batches(shared_data_di
     assert re.search(r"; distilled student [+-]\d\.\d{3} dB, teacher [+-]\d\.\d{3} dB$", lines[-1]), lines
 
 
+def test_a_transfer_set_teaches_the_student_the_teachers_output_and_leaves_the_rest(shared_data_dir):
+    """--transfer: the distilled student also learns the teacher's output on unlabelled crops of
+    the held-out cubes, drawn by a generator of their own. So the control and the teacher take
+    exactly the steps they take without it (the teacher never learns from the transfer set),
+    the distilled student other ones; and the transfer set's reference is never read (the step
+    runs with it None). Without the teacher there is nothing to transfer: refused."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    settings = dict(scale=4, steps=2, memorise_steps=0, held_out_batches=1, batch_size=2, crop=48, lr=1e-3,
+                    evaluate_every=1, distil=True, log=lambda message: None)
+    without = learnability.probe(train_cubes, held_out, sensor, **settings)
+    with_ = learnability.probe(train_cubes, held_out, sensor, transfer=True, **settings)
+    assert with_.held_out_gain_db == without.held_out_gain_db
+    assert with_.teacher_gain_db == without.teacher_gain_db
+    assert any(abs(a - b) > 1e-6 for (_, a), (_, b) in zip(with_.distilled_gain_db, without.distilled_gain_db))
+    with pytest.raises(ValueError, match="needs the teacher"):
+        learnability.probe(train_cubes, held_out, sensor, transfer=True, steps=1, memorise_steps=0, log=print)
+
+
 def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
     """--train and --held-out take any shared cube (training, validation or corpus); one named by
     both would measure memorisation as generalisation, so the probe refuses it before training."""
