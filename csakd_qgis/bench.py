@@ -14,7 +14,8 @@
 
 Also: what the networks add over their untrained base against CNMF and HySure, realistic PSFs,
 noisy and misregistered inputs, the scene correction on and off (on the validation cubes and on
-cubes held out from every choice it makes) and scene adaptation.
+cubes held out from every choice it makes), scene adaptation, and distillation within one
+scene (the teacher, the distilled student and the student trained without the teacher).
 
 Results are printed and saved to build/bench/results.json and results.md; each section's as it
 ends in results.partial.json, which replaces the results only once every section is done, so a
@@ -307,6 +308,50 @@ def scene_correction_lines(result: Dict) -> List[str]:
             lines.append(f"{'  ' if label else ''}scene correction on {what}: applied on {applied}; full-resolution "
                          f"PSNR {gain.mean():+.2f} dB on average against without, better on {int(np.sum(gain > 0.005))}, "
                          f"worse on {int(np.sum(gain < -0.005))}, worst {gain.min():+.2f} dB; SAM {sam.mean():+.3f}° on average")
+    return lines
+
+
+# Distillation where the students learn: within one large laboratory scene (no Earth-observation
+# cube here has the pixels, README 'Where it stands'), the learnability probe's within-scene
+# setting, the distilled student given the held-out part's inputs as its transfer set.
+DISTILLATION_SCENE = "cave_feathers"
+DISTILLATION_SENSOR = "RGB"
+DISTILLATION_STEPS = 1000
+DISTILLATION_EVERY = 250
+
+
+def distillation(data_dir=None, steps: int = DISTILLATION_STEPS) -> Dict:
+    """The paper's mechanism measured where training moves the students: the learnability probe
+    (learnability.probe) on the top three quarters of :data:`DISTILLATION_SCENE` (RGB MSI, ×4,
+    64-pixel crops, 1e-4), measured on its bottom quarter. The student without the teacher
+    (the control), the student co-trained with the teacher and given the bottom quarter's inputs,
+    not its reference, as its transfer set (train.distillation_step), and the teacher, all from
+    their untrained states on the same batches: (step, held-out gain over the student's base
+    in dB) every :data:`DISTILLATION_EVERY` steps. Raises FileNotFoundError without the corpus."""
+    from .datasets import corpus_cubes, validation_sensors
+    from .learnability import probe, split_rows
+
+    (cube,) = [c for c in corpus_cubes(data_dir) if DISTILLATION_SCENE in c.name]
+    train_part, held_out = split_rows(cube)
+    result = probe([train_part], [held_out], validation_sensors()[DISTILLATION_SENSOR], scale=4, steps=steps,
+                   memorise_steps=0, held_out_batches=4, crop=64, lr=1e-4, evaluate_every=DISTILLATION_EVERY,
+                   distil=True, transfer=True, log=lambda line: print(f"  {line}", flush=True))
+    return {"scene": cube.name, "sensor": DISTILLATION_SENSOR, "scale": 4, "steps": steps,
+            "control": result.held_out_gain_db, "distilled": result.distilled_gain_db,
+            "teacher": result.teacher_gain_db}
+
+
+def distillation_lines(result: Dict) -> List[str]:
+    """One line per evaluation of :func:`distillation`, then the issue's two comparisons at the last."""
+    lines = [f"step {step}: student without the teacher {control:+.3f} dB, distilled student {distilled:+.3f} dB, "
+             f"teacher {teacher:+.3f} dB"
+             for (step, control), (_, distilled), (_, teacher) in
+             zip(result["control"], result["distilled"], result["teacher"])]
+    (_, control), (_, distilled), (_, teacher) = result["control"][-1], result["distilled"][-1], result["teacher"][-1]
+    lines.append(f"distillation within {result['scene']} ({result['sensor']} ×{result['scale']}, {result['steps']} "
+                 f"steps, held-out quarter): distilled student {'ahead of' if distilled > control else 'not ahead of'} "
+                 f"the one trained without the teacher by {distilled - control:+.3f} dB; teacher "
+                 f"{'ahead of' if teacher > distilled else 'not ahead of'} the distilled student by {teacher - distilled:+.3f} dB")
     return lines
 
 
@@ -849,6 +894,10 @@ def _print_sections(results: Dict) -> None:
                 f"{b}: {row[b]['psnr']:6.2f}/{row[b]['sam']:5.2f}" for b in a["budgets"]))
         for line in _adaptation_lines(a):
             print(line)
+    if results.get("distillation"):
+        print("\n2h. Distillation within one scene: held-out gain over the student's base (dB)")
+        for line in distillation_lines(results["distillation"]):
+            print(line)
     if results.get("end_to_end"):
         print("\n3. End-to-end: 224-band scene → GeoTIFF on the MSI grid (same creation options)")
         print(f"{'output':18s} {'load':22s} {'runs':>4s} {'fusion s':>9s} {'gdalwarp s':>11s} {'ratio':>6s} {'fusion peak MB':>15s} {'gdalwarp peak MB':>17s}")
@@ -920,6 +969,11 @@ def markdown(results: Dict) -> str:
             out.append(f"| {row['cube']} | {row['scale']} | " + " | ".join(
                 f"{row[b]['psnr']:.2f} / {row[b]['sam']:.2f}" for b in a["budgets"]) + " |")
         out += [""] + [f"- {line}" for line in _adaptation_lines(a)]
+    if results.get("distillation"):
+        out += ["", "Distillation within one scene (the learnability probe's within-scene setting; the distilled "
+                "student's transfer set is the held-out quarter's inputs, not its reference) — held-out gain over "
+                "the student's base, dB:", ""]
+        out += [f"- {line}" for line in distillation_lines(results["distillation"])]
     if results.get("end_to_end"):
         out += ["", "End to end, 224-band scene → GeoTIFF on the MSI grid, against `gdalwarp -r cubic` writing the same grid "
                 "with the same creation options (medians of alternating runs where runs > 1):", "",
@@ -952,6 +1006,8 @@ SECTIONS = {
     "scene-correction": ("measuring the scene correction…", "scene_correction",
                          lambda args: scene_correction_gain(args.data)),
     "adaptation": ("measuring scene adaptation…", "adaptation", lambda args: adaptation(args.adapt_minutes, args.data)),
+    "distillation": ("measuring distillation within one scene…", "distillation",
+                     lambda args: distillation(args.data, args.distillation_steps)),
 }
 
 
@@ -968,6 +1024,8 @@ def main(argv=None) -> int:
     parser.add_argument("--adapt-minutes", type=float, nargs="*", default=list(ADAPTATION_BUDGETS),
                         help="scene adaptation budgets to compare (none = skip)")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--distillation-steps", type=int, default=DISTILLATION_STEPS,
+                        help="co-training steps of the distillation section (0: skip it)")
     parser.add_argument("--no-oracles", action="store_true", help="skip the slow CNMF and HySure oracles")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
                         help=f"run these sections alone ({', '.join(SECTIONS)}); saved beside the full run's results as "
@@ -986,6 +1044,8 @@ def main(argv=None) -> int:
         chosen.remove("end-to-end")
     if not args.adapt_minutes and "adaptation" in chosen:
         chosen.remove("adaptation")
+    if not args.distillation_steps and "distillation" in chosen:
+        chosen.remove("distillation")
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__} "
@@ -994,7 +1054,7 @@ def main(argv=None) -> int:
     if args.only:
         results["sections"] = chosen
     if not chosen:
-        parser.error("no section left to run: --only names sections that --sizes or --adapt-minutes turned off")
+        parser.error("no section left to run: --only names sections that --sizes, --adapt-minutes or --distillation-steps turned off")
     path = results_path(chosen if args.only else None)
     # A full run takes about two hours: what each section measured is saved as it ends, in a
     # file of its own (``.partial``) that replaces the results only once every section is done.

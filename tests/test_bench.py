@@ -2,6 +2,7 @@
 numbers, saved beside the full run's results and never over them."""
 
 import json
+import re
 
 import pytest
 
@@ -67,3 +68,28 @@ def test_nothing_left_to_run_is_a_usage_error(capsys):
         bench.main(["--only", "adaptation", "--adapt-minutes"])
     assert stop.value.code == 2
     assert "no section left to run" in capsys.readouterr().err
+
+
+def test_the_distillation_section_runs_alone_and_reports_all_three(tmp_path, monkeypatch, shared_data_dir, capsys):
+    """--only distillation co-trains the teacher and the distilled student beside the control
+    within one scene and reports, per evaluation and at the end, which is ahead; the step count
+    comes from --distillation-steps (0 leaves the section out)."""
+    from csakd_qgis import bench
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench, "DISTILLATION_EVERY", 1)
+    assert bench.main(["--only", "distillation", "--distillation-steps", "2", "--data", str(shared_data_dir)]) == 0
+    saved = json.loads((tmp_path / "results-distillation.json").read_text())["distillation"]
+    assert saved["steps"] == 2 and "cave_feathers" in saved["scene"]
+    for role in ("control", "distilled", "teacher"):
+        assert [step for step, _ in saved[role]] == [1, 2]
+    # The three started from one base and took different steps.
+    assert len({round(saved[role][-1][1], 6) for role in ("control", "distilled", "teacher")}) == 3
+    report = (tmp_path / "results-distillation.md").read_text()
+    assert "- step 2: student without the teacher " in report
+    assert re.search(r"distilled student (ahead of|not ahead of) the one trained without the teacher by [+-]\d\.\d{3} dB; "
+                     r"teacher (ahead of|not ahead of) the distilled student", report), report
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--only", "distillation", "--distillation-steps", "0"])
+    assert stop.value.code == 2
