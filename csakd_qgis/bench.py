@@ -321,17 +321,25 @@ DISTILLATION_EVERY = 250
 
 
 def distillation(data_dir=None, steps: int = DISTILLATION_STEPS) -> Dict:
-    """The paper's mechanism measured where training moves the students: the learnability probe
+    """Online distillation (the paper's co-training) with a transfer set (Hinton et al. 2015),
+    measured where training moves the students: the learnability probe
     (learnability.probe) on the top three quarters of :data:`DISTILLATION_SCENE` (RGB MSI, ×4,
     64-pixel crops, 1e-4), measured on its bottom quarter. The student without the teacher
     (the control), the student co-trained with the teacher and given the bottom quarter's inputs,
     not its reference, as its transfer set (train.distillation_step), and the teacher, all from
-    their untrained states on the same batches: (step, held-out gain over the student's base
-    in dB) every :data:`DISTILLATION_EVERY` steps. Raises FileNotFoundError without the corpus."""
+    their untrained states on the same labelled batches: (step, gain in dB on the bottom quarter
+    over the untrained student, i.e. its classical base) every :data:`DISTILLATION_EVERY` steps.
+    The distilled student has seen the bottom quarter's inputs, so its gain there is transductive.
+    Raises FileNotFoundError without the corpus, ValueError when the corpus holds no single
+    :data:`DISTILLATION_SCENE`."""
     from .datasets import corpus_cubes, validation_sensors
     from .learnability import probe, split_rows
 
-    (cube,) = [c for c in corpus_cubes(data_dir) if DISTILLATION_SCENE in c.name]
+    found = [c for c in corpus_cubes(data_dir) if DISTILLATION_SCENE in c.name]
+    if len(found) != 1:
+        raise ValueError(f"the corpus holds {len(found)} cubes named {DISTILLATION_SCENE!r}; the distillation "
+                         "section needs exactly one")
+    (cube,) = found
     train_part, held_out = split_rows(cube)
     result = probe([train_part], [held_out], validation_sensors()[DISTILLATION_SENSOR], scale=4, steps=steps,
                    memorise_steps=0, held_out_batches=4, crop=64, lr=1e-4, evaluate_every=DISTILLATION_EVERY,
@@ -342,7 +350,7 @@ def distillation(data_dir=None, steps: int = DISTILLATION_STEPS) -> Dict:
 
 
 def distillation_lines(result: Dict) -> List[str]:
-    """One line per evaluation of :func:`distillation`, then the issue's two comparisons at the last."""
+    """One line per evaluation of :func:`distillation`, then the two comparisons at the last one."""
     lines = [f"step {step}: student without the teacher {control:+.3f} dB, distilled student {distilled:+.3f} dB, "
              f"teacher {teacher:+.3f} dB"
              for (step, control), (_, distilled), (_, teacher) in
@@ -895,7 +903,8 @@ def _print_sections(results: Dict) -> None:
         for line in _adaptation_lines(a):
             print(line)
     if results.get("distillation"):
-        print("\n2h. Distillation within one scene: held-out gain over the student's base (dB)")
+        print("\n2h. Distillation within one scene: gain on the bottom quarter over the untrained student (dB; "
+              "the distilled student's transfer set is that quarter's inputs)")
         for line in distillation_lines(results["distillation"]):
             print(line)
     if results.get("end_to_end"):
@@ -971,8 +980,9 @@ def markdown(results: Dict) -> str:
         out += [""] + [f"- {line}" for line in _adaptation_lines(a)]
     if results.get("distillation"):
         out += ["", "Distillation within one scene (the learnability probe's within-scene setting; the distilled "
-                "student's transfer set is the held-out quarter's inputs, not its reference) — held-out gain over "
-                "the student's base, dB:", ""]
+                "student's transfer set is the bottom quarter's inputs, not its reference, so its figure there is "
+                "transductive) — gain in dB on the bottom quarter over the untrained student, which is the "
+                "classical base:", ""]
         out += [f"- {line}" for line in distillation_lines(results["distillation"])]
     if results.get("end_to_end"):
         out += ["", "End to end, 224-band scene → GeoTIFF on the MSI grid, against `gdalwarp -r cubic` writing the same grid "

@@ -218,8 +218,9 @@ def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, 
     transfer set (2015, "Distilling the knowledge in a neural network": the student may learn
     the teacher's outputs on unlabelled inputs). The student's loss then also holds its distance
     to the teacher's output there (losses.floored_distance_loss at losses.DISTILLATION_WEIGHT),
-    floored at the teacher's error per band on ``batch``; the teacher does not learn from it.
-    It needs the same bands as ``batch``.
+    floored at the teacher's error per band on ``batch`` (its output before this step's update;
+    its output on ``transfer`` is taken after it). The teacher does not learn from it. Raises
+    ValueError when ``transfer`` has other bands than ``batch`` (the floor is per band).
     """
     lr_hsi, hr_msi, stats, _ = batch
     target, view = loss_view(batch)
@@ -238,6 +239,9 @@ def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, 
         teacher_out.fused.detach(),
     )
     if transfer is not None:
+        if transfer[0].shape[1] != lr_hsi.shape[1]:
+            raise ValueError(f"the transfer set has {transfer[0].shape[1]} bands and the labelled batch "
+                             f"{lr_hsi.shape[1]}: the teacher's error on the one floors the distance on the other")
         transfer_view = image_view(transfer)
         with torch.no_grad():
             transfer_teacher = transfer_view(teacher(*transfer[:3]).image)

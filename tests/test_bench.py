@@ -79,11 +79,23 @@ def test_the_distillation_section_runs_alone_and_reports_all_three(tmp_path, mon
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(bench, "ROOT", tmp_path)
     monkeypatch.setattr(bench, "DISTILLATION_EVERY", 1)
+    from csakd_qgis import learnability
+
+    transfer_sets = []
+    step = learnability.distillation_step
+
+    def spied(*args, transfer=None):
+        transfer_sets.append(transfer)
+        return step(*args, transfer=transfer)
+
+    monkeypatch.setattr(learnability, "distillation_step", spied)
     assert bench.main(["--only", "distillation", "--distillation-steps", "2", "--data", str(shared_data_dir)]) == 0
     saved = json.loads((tmp_path / "results-distillation.json").read_text())["distillation"]
     assert saved["steps"] == 2 and "cave_feathers" in saved["scene"]
     for role in ("control", "distilled", "teacher"):
         assert [step for step, _ in saved[role]] == [1, 2]
+    # The distilled student was given a transfer set, without its reference, at both steps.
+    assert len(transfer_sets) == 2 and all(t is not None and t[3] is None for t in transfer_sets)
     # The three started from one base and took different steps.
     assert len({round(saved[role][-1][1], 6) for role in ("control", "distilled", "teacher")}) == 3
     report = (tmp_path / "results-distillation.md").read_text()

@@ -291,6 +291,48 @@ def test_a_transfer_set_teaches_the_student_the_teachers_output_and_leaves_the_r
         learnability.probe(train_cubes, held_out, sensor, transfer=True, steps=1, memorise_steps=0, log=print)
 
 
+def test_a_distillation_step_with_a_transfer_set_brings_the_student_to_the_teachers_output(shared_data_dir):
+    """train.distillation_step(..., transfer=batch): from the same start, five steps with a fixed
+    unlabelled batch (its reference None, so it cannot be read) leave the teacher exactly as
+    five steps without it, and the student closer to the teacher's output on that batch than
+    without it. A transfer batch with other bands than the labelled one is refused."""
+    import copy
+
+    from csakd_qgis.model import SubspaceFusionModel
+
+    rng = np.random.default_rng(4)
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    statistics = datasets.WholeSceneStatistics(train.TEACHER_SUBSPACE_DIM)
+
+    def batch(cubes):
+        cases = datasets.training_batch(cubes, [sensor], rng, 2, 48, scales=(4,), statistics=statistics)
+        return train.prepare_batch(cases, train.TEACHER_SUBSPACE_DIM)
+
+    labelled = [batch([c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]) for _ in range(5)]
+    unlabelled = batch([c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name])[:3] + (None,)
+    torch.manual_seed(0)
+    start = train.Distiller(SubspaceFusionModel(train.teacher_config()), SubspaceFusionModel(train.student_config()))
+    runs = {}
+    for transfer in (None, unlabelled):
+        distiller = copy.deepcopy(start)
+        teacher_opt, student_opt = distiller.optimisers(1e-3)
+        for step_batch in labelled:
+            train.distillation_step(distiller, teacher_opt, student_opt, step_batch, transfer=transfer)
+        runs["with" if transfer else "without"] = distiller
+    for a, b in zip(runs["with"].teacher.parameters(), runs["without"].teacher.parameters()):
+        assert torch.equal(a, b)
+    view = train.image_view(unlabelled)
+    with torch.no_grad():
+        teacher_out = view(runs["with"].teacher(*unlabelled[:3]).image)
+        distance = {name: (view(d.student(*unlabelled[:3]).image) - teacher_out).pow(2).mean().item()
+                    for name, d in runs.items()}
+    assert distance["with"] < 0.95 * distance["without"], distance  # 0.86 when written
+    other_bands = (unlabelled[0][:, :-1],) + unlabelled[1:]
+    teacher_opt, student_opt = start.optimisers(1e-3)
+    with pytest.raises(ValueError, match="the transfer set has"):
+        train.distillation_step(start, teacher_opt, student_opt, labelled[0], transfer=other_bands)
+
+
 def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
     """--train and --held-out take any shared cube (training, validation or corpus); one named by
     both would measure memorisation as generalisation, so the probe refuses it before training."""
