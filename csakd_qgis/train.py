@@ -223,6 +223,10 @@ def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, 
     ValueError when ``transfer`` has other bands than ``batch`` (the floor is per band).
     """
     lr_hsi, hr_msi, stats, _ = batch
+    # Checked before either model moves, so that a refused step leaves both as they were.
+    if transfer is not None and transfer[0].shape[1] != lr_hsi.shape[1]:
+        raise ValueError(f"the transfer set has {transfer[0].shape[1]} bands and the labelled batch "
+                         f"{lr_hsi.shape[1]}: the teacher's error on the one floors the distance on the other")
     target, view = loss_view(batch)
     teacher, student = distiller.teacher, distiller.student
     teacher_out = teacher(lr_hsi, hr_msi, stats)
@@ -239,9 +243,6 @@ def distillation_step(distiller: Distiller, teacher_opt: torch.optim.Optimizer, 
         teacher_out.fused.detach(),
     )
     if transfer is not None:
-        if transfer[0].shape[1] != lr_hsi.shape[1]:
-            raise ValueError(f"the transfer set has {transfer[0].shape[1]} bands and the labelled batch "
-                             f"{lr_hsi.shape[1]}: the teacher's error on the one floors the distance on the other")
         transfer_view = image_view(transfer)
         with torch.no_grad():
             transfer_teacher = transfer_view(teacher(*transfer[:3]).image)

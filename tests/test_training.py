@@ -329,8 +329,10 @@ def test_a_distillation_step_with_a_transfer_set_brings_the_student_to_the_teach
     assert distance["with"] < 0.95 * distance["without"], distance  # 0.86 when written
     other_bands = (unlabelled[0][:, :-1],) + unlabelled[1:]
     teacher_opt, student_opt = start.optimisers(1e-3)
+    before = copy.deepcopy(start.state_dict())
     with pytest.raises(ValueError, match="the transfer set has"):
         train.distillation_step(start, teacher_opt, student_opt, labelled[0], transfer=other_bands)
+    assert all(torch.equal(before[k], v) for k, v in start.state_dict().items())  # refused before any update
 
 
 def test_the_probe_refuses_to_hold_out_a_cube_it_trains_on(shared_data_dir):
