@@ -85,27 +85,28 @@ on bands where the teacher's error is below the student's and no transfer set, t
 plain term does (+0.065 at 500 steps against the control's +0.070). The figures move a little
 with the threads: the run above without OMP_NUM_THREADS=1 read +0.235 for the control at 1000.
 
-The transfer set passes on the teacher's held-out output, good or bad. The same command on the
-other three CAVE scenes (``--within cave_cloth`` / ``cave_oil_painting`` / ``cave_thread_spools``,
+The lead does not hold from scene to scene. The same command on the other three CAVE scenes (``--within cave_cloth`` / ``cave_oil_painting`` / ``cave_thread_spools``,
 one thread each), at 250 / 500 / 750 / 1000 steps, control → distilled student with the transfer
 set (teacher):
 
 * cloth: +0.233 / +0.228 / +0.260 / +0.236 → +0.239 / +0.240 / +0.272 / +0.240 (+0.246 /
-  +0.223 / +0.239 / +0.175): ahead by about 0.01 dB, though its teacher fell behind both;
+  +0.223 / +0.239 / +0.175): ahead by 0.004–0.012 dB, though its teacher fell behind both
+  from 500 steps on (a lead within what the thread count moves);
 * oil painting: −0.205 / −0.297 / −0.368 / −0.424 → −0.221 / −0.332 / −0.436 / −0.531
   (−0.287 / −0.383 / −0.540 / −0.601);
 * thread spools: +0.018 / −0.056 / −0.159 / −0.193 → +0.009 / −0.067 / −0.197 / −0.300
   (−0.039 / −0.174 / −0.331 / −0.487).
 
-On the last two every model loses on the bottom quarter, and more with every step, the teacher
-(the most capacity) most, and the distilled student follows it down, 0.107 dB behind its
-control at 1000 steps on both. Why is not known: by the spectral angle to 12 clusters of the
-top's spectra (median 5.6° and 8.9° against the top's own 5.3° and 6.9°) and by brightness
-(0.52 and 0.62 of the top's) their bottom quarters differ from their tops no more than
-feathers' (6.7° against 4.3°, 0.63), which gains. Over the four scenes the distilled student
-leads on two by less than 0.01 dB at 1000 steps and trails on two by 0.107; the teacher is
-ahead of both on feathers alone. So a transfer set is no default: it helps only where the
-teacher generalises better than the student, and nothing without a reference tells which.
+On the last two every model loses on the bottom quarter from 500 steps on, more with every
+step; the teacher, the largest model, loses most, and the distilled student, pulled towards
+it, ends 0.107 dB behind its control at 1000 steps on both. Why all models lose there is not
+known; it does not look like spectra the top lacks: the median spectral angle of the bottom quarter's
+pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own (5.3° and
+6.9°) by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four
+scenes, the distilled student leads on two by less than 0.01 dB and trails on two by 0.107,
+and the teacher is ahead of both on feathers alone. So a transfer set is no default: on two
+scenes of four it cost a tenth of a dB, and without a reference there is no way to tell which
+scenes those are.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
