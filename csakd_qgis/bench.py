@@ -323,16 +323,16 @@ DISTILLATION_EVERY = 250
 
 def distillation(data_dir=None, steps: int = DISTILLATION_STEPS) -> Dict:
     """Online distillation (the paper's co-training) with a transfer set (Hinton et al. 2015),
-    measured where training moves the students: the learnability probe
-    (learnability.probe) on the top three quarters of :data:`DISTILLATION_SCENE` (its MSI
-    :data:`DISTILLATION_SENSOR`, scale :data:`DISTILLATION_SCALE`, 64-pixel crops, 1e-4), measured on its bottom quarter. The student without the teacher
-    (the control), the student co-trained with the teacher and given the bottom quarter's inputs,
-    not its reference, as its transfer set (train.distillation_step), and the teacher, all from
-    their untrained states on the same labelled batches: (step, gain in dB on the bottom quarter
-    over the untrained student, i.e. its classical base) every :data:`DISTILLATION_EVERY` steps.
-    The distilled student has seen the bottom quarter's inputs, so its gain there is transductive.
-    Raises FileNotFoundError without the corpus, ValueError when the corpus holds no single
-    :data:`DISTILLATION_SCENE`."""
+    measured where training moves the students: the learnability probe (learnability.probe) on the top
+    three quarters of :data:`DISTILLATION_SCENE` (its MSI :data:`DISTILLATION_SENSOR`, scale
+    :data:`DISTILLATION_SCALE`, 64-pixel crops, 1e-4), measured on its bottom quarter. The
+    student without the teacher (the control), the student co-trained with the teacher and given
+    the bottom quarter's inputs, not its reference, as its transfer set
+    (train.distillation_step), and the teacher, all from their untrained states on the same
+    labelled batches: (step, gain in dB on the bottom quarter over the untrained student, i.e.
+    its classical base) every :data:`DISTILLATION_EVERY` steps. The distilled student has seen
+    the bottom quarter's inputs, so its gain there is transductive. Raises FileNotFoundError
+    without the corpus, ValueError when the corpus holds no single :data:`DISTILLATION_SCENE`."""
     from .datasets import corpus_cubes, validation_sensors
     from .learnability import probe, split_rows
 
@@ -342,9 +342,9 @@ def distillation(data_dir=None, steps: int = DISTILLATION_STEPS) -> Dict:
                          "section needs exactly one")
     (cube,) = found
     train_part, held_out = split_rows(cube)
-    result = probe([train_part], [held_out], validation_sensors()[DISTILLATION_SENSOR], scale=DISTILLATION_SCALE, steps=steps,
-                   memorise_steps=0, held_out_batches=4, crop=64, lr=1e-4, evaluate_every=DISTILLATION_EVERY,
-                   distil=True, transfer=True, log=lambda line: print(f"  {line}", flush=True))
+    result = probe([train_part], [held_out], validation_sensors()[DISTILLATION_SENSOR],
+                   scale=DISTILLATION_SCALE, steps=steps, memorise_steps=0, held_out_batches=4, crop=64,
+                   lr=1e-4, evaluate_every=DISTILLATION_EVERY, distil=True, transfer=True, log=lambda line: print(f"  {line}", flush=True))
     return {"scene": cube.name, "sensor": DISTILLATION_SENSOR, "scale": DISTILLATION_SCALE, "steps": steps,
             "control": result.held_out_gain_db, "distilled": result.distilled_gain_db,
             "teacher": result.teacher_gain_db}

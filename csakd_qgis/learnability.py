@@ -85,9 +85,9 @@ on bands where the teacher's error is below the student's and no transfer set, t
 plain term does (+0.065 at 500 steps against the control's +0.070). The figures move a little
 with the threads: the run above without OMP_NUM_THREADS=1 read +0.235 for the control at 1000.
 
-The lead does not hold from scene to scene. The same command on the other three CAVE scenes (``--within cave_cloth`` / ``cave_oil_painting`` / ``cave_thread_spools``,
-one thread each), at 250 / 500 / 750 / 1000 steps, control → distilled student with the transfer
-set (teacher):
+The lead does not hold from scene to scene. The same command on the other three CAVE scenes
+(``--within cave_cloth`` / ``cave_oil_painting`` / ``cave_thread_spools``, one thread each), at
+250 / 500 / 750 / 1000 steps, control → distilled student with the transfer set (teacher):
 
 * cloth: +0.233 / +0.228 / +0.260 / +0.236 → +0.239 / +0.240 / +0.272 / +0.240 (+0.246 /
   +0.223 / +0.239 / +0.175): ahead by 0.004–0.012 dB, though its teacher fell behind both
@@ -97,16 +97,16 @@ set (teacher):
 * thread spools: +0.018 / −0.056 / −0.159 / −0.193 → +0.009 / −0.067 / −0.197 / −0.300
   (−0.039 / −0.174 / −0.331 / −0.487).
 
-On the last two every model loses on the bottom quarter from 500 steps on, more with every
-step; the teacher, the largest model, loses most, and the distilled student, pulled towards
-it, ends 0.107 dB behind its control at 1000 steps on both. Why all models lose there is not
-known; it does not look like spectra the top lacks: the median spectral angle of the bottom quarter's
-pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own (5.3° and
-6.9°) by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four
-scenes, the distilled student leads on two by less than 0.01 dB and trails on two by 0.107,
-and the teacher is ahead of both on feathers alone. So a transfer set is no default: on two
-scenes of four it cost a tenth of a dB, and without a reference there is no way to tell which
-scenes those are.
+On the last two every model loses on the bottom quarter from 500 steps on, more with every step;
+the teacher, the largest model, loses most, and the distilled student, pulled towards it, ends
+0.107 dB behind its control at 1000 steps on both. Why all models lose there is not known; it
+does not look like spectra the top lacks: the median spectral angle of the bottom quarter's
+pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own (5.3° and 6.9°)
+by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four scenes,
+the distilled student leads on two by less than 0.01 dB and trails on two by 0.107, and the
+teacher is ahead of both on feathers alone. So a transfer set is no default: on two scenes of
+four it cost a tenth of a dB, and without a reference there is no way to tell which scenes those
+are.
 
 The probe's figures are gains on crops. Through fusion of whole images they keep their sign,
 not their size: the plain student after 500 steps within each CAVE scene, its bottom quarter
