@@ -150,6 +150,7 @@ from .datasets import (
     HyperspectralCube,
     WholeSceneStatistics,
     corpus_cubes,
+    make_wald_case,
     training_batch,
     training_cubes,
     validation_cubes,
@@ -160,7 +161,7 @@ from .network import count_parameters
 from .model import REPRESENTATIONS, SubspaceFusionModel
 from .srf import SensorResponse
 from .train import (SUBSPACE_DIM, Distiller, distillation_step, layout_error, optimiser_step, prepare_batch,
-                    reference_loss, shared_statistics_dim, student_config, teacher_config)
+                    reference_loss, shared_statistics_dim, student_config, teacher_config, validate)
 
 DB_PER_LOG_MSE = 10.0 / math.log(10.0)
 
@@ -181,7 +182,10 @@ class ProbeResult:
     ``memorised_gain_db`` and ``memorised_held_out_gain_db``: the memorisation run's gain on its
     own fixed batches and on the held-out ones (mean over cubes) after its last step;
     ``held_out_gain_ema_db``: (step, mean gain) of the generalisation run's exponential moving
-    average of the weights at the same steps, empty unless ``ema_decay`` was given.
+    average of the weights at the same steps, empty unless ``ema_decay`` was given;
+    ``whole_image``: held-out cube name → model ("base", "trained", and "distilled" with
+    ``distil``) → {"psnr": dB, "sam": degrees} of the whole held-out cube fused as one Wald case
+    after the last step, empty unless ``whole_image`` was given.
     """
 
     steps: int
@@ -193,6 +197,7 @@ class ProbeResult:
     held_out_gain_ema_db: List[Tuple[int, float]] = field(default_factory=list)
     memorised_gain_db: float = float("nan")
     memorised_held_out_gain_db: float = float("nan")
+    whole_image: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
 
 
 def mean_loss(model: SubspaceFusionModel, batches: Sequence) -> float:
@@ -229,6 +234,7 @@ def probe(
     save: Optional[str] = None,
     distil: bool = False,
     transfer: bool = False,
+    whole_image: bool = False,
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -254,7 +260,12 @@ def probe(
     subspace; the student reads its first components, exactly its own fit). ``transfer`` (with
     ``distil``): the distilled student also learns the teacher's output on a fresh batch of the
     held-out cubes at every step, their reference dropped (train.distillation_step's transfer
-    set), drawn by a generator of its own so that every other batch stays the same. Raises ValueError when
+    set), drawn by a generator of its own so that every other batch stays the same.
+    ``whole_image``: after the last step, also fuse each held-out cube whole as one Wald case
+    (``sensor``'s MSI, ``scale``, the Wald Gaussian PSF; train.validate, i.e. fusion with the
+    scene correction off) with the base, the trained student and the distilled one, and record
+    their PSNR and SAM: what fusion gets, where the crops' figures are the loss's change on
+    crops (a cube without band centres is skipped, said in the log). Raises ValueError when
     ``transfer`` is asked without ``distil`` or with cubes of different band counts, when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
@@ -351,6 +362,20 @@ def probe(
                          f"teacher {_db(result.teacher_gain_db[-1][1])} dB")
             log(line)
 
+    if whole_image and steps:
+        trained = {"base": fresh_student()[0], "trained": model}
+        if distiller is not None:
+            trained["distilled"] = distiller.student
+        for cube in held_out_cubes:
+            if cube.wavelengths_nm is None:
+                log(f"whole image: {cube.name} has no band centres, so no {sensor.name} MSI: skipped")
+                continue
+            case = make_wald_case(cube, sensor, scale)
+            result.whole_image[cube.name] = {
+                role: {key: row[key] for key in ("psnr", "sam")}
+                for role, row in ((role, validate(m, [case])[0]) for role, m in trained.items())}
+            log(f"whole image {cube.name} fused as one Wald case: " + ", ".join(
+                f"{role} {m['psnr']:.3f} dB / {m['sam']:.3f}°" for role, m in result.whole_image[cube.name].items()))
     if save and steps:
         card = {"name": Path(save).stem, "role": "student", "parameters": count_parameters(model),
                 "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
@@ -446,6 +471,9 @@ def main(argv=None) -> int:
                         help="with --distil: the distilled student also learns the teacher's output on unlabelled "
                         "crops of the held-out cubes (their reference is not used; the held-out gains are then "
                         "transductive). Every cube needs the same bands")
+    parser.add_argument("--whole-image", action="store_true",
+                        help="after the last step, also fuse each held-out cube whole as one Wald case with the base "
+                        "and the trained student(s), and print their PSNR and SAM")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="the shared data folder (none: ../shared/data beside the project)")
     args = parser.parse_args(argv)
@@ -469,7 +497,7 @@ def main(argv=None) -> int:
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
               unshuffle=args.unshuffle, width=args.width, save=args.save, distil=args.distil,
-              transfer=args.transfer,
+              transfer=args.transfer, whole_image=args.whole_image,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

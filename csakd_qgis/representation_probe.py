@@ -95,10 +95,14 @@ from .learnability import DB_PER_LOG_MSE, _HelpFormatter, _cubes_named, _db, req
 from .interpolation import upsample_lr
 from .losses import teacher_loss
 from .psf import degrade_torch
-from .model import REPRESENTATIONS, SubspaceFusionModel, representation_channels, wavelength_grid_maps
+from .model import SubspaceFusionModel, representation_channels, wavelength_grid_maps
 from .network import CSAKDNet
 from .srf import SensorResponse
 from .train import SUBSPACE_DIM, crop_interior, layout_error, optimiser_step, prepare_batch, student_config
+
+# This probe's plain network reads the basis or the grid directly; the student's "aligned"
+# frame (model.aligned_frame) is measured with the learnability probe.
+PROBE_REPRESENTATIONS = ("subspace", "grid")
 
 # The Earth-observation cubes of the default run: the training cubes and the corpus's AVIRIS
 # and ROSIS cubes with band centres (not the laboratory scenes, not those without centres).
@@ -122,7 +126,7 @@ def representation_maps(representation: str, wavelengths_nm, basis: np.ndarray) 
         basis = np.asarray(basis, dtype=np.float32)
         return torch.from_numpy(basis.T.copy()), torch.from_numpy(basis.copy()), torch.ones(basis.shape[1])
     if representation != "grid":
-        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+        raise ValueError(f"representation must be one of {PROBE_REPRESENTATIONS}, got {representation!r}")
     if wavelengths_nm is None:
         raise ValueError("the wavelength grid needs the cube's band centres")
     to, back = wavelength_grid_maps(wavelengths_nm)
@@ -207,7 +211,9 @@ def representation_probe(
     """
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
-    channels = representation_channels(representation, SUBSPACE_DIM)  # raises for another representation
+    if representation not in PROBE_REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {PROBE_REPRESENTATIONS}, got {representation!r}")
+    channels = representation_channels(representation, SUBSPACE_DIM)
     if representation == "grid":
         require_band_centres(list(train_cubes) + list(held_out_cubes))
     torch.set_flush_denormal(True)
@@ -277,7 +283,7 @@ def representation_probe(
 def main(argv=None) -> int:
     """The command line (see the module docstring and ``--help``); prints the probe's log."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--representation", choices=REPRESENTATIONS, default="grid",
+    parser.add_argument("--representation", choices=PROBE_REPRESENTATIONS, default="grid",
                         help="the network's channels: a fixed wavelength grid or the scene's principal components")
     parser.add_argument("--train", nargs="+", default=DEFAULT_TRAIN, help="words of the training cubes' names")
     parser.add_argument("--held-out", nargs="+", default=DEFAULT_HELD_OUT, help="words of the held-out cubes' names")

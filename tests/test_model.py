@@ -516,6 +516,87 @@ def test_a_grid_model_corrects_through_the_bands_centres_and_only_where_the_lr_h
         statistics.set_wavelengths(wavelengths[:3])
 
 
+def test_the_aligned_frame_makes_one_basis_of_any_signs_and_rotation_of_the_components():
+    """model.aligned_frame: U·R is the same for U and for U·Q (Q orthogonal within the signal
+    subspace, sign flips included), so the aligned network's channels do not depend on the
+    eigen-decomposition's conventions."""
+    from csakd_qgis.model import aligned_frame, legendre_reference
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(60, 16)))[0]
+    basis[:, 11:] = 0.0  # beyond the signal subspace, as SceneStatistics.estimate leaves them
+    rotation = np.eye(16)
+    rotation[:11, :11] = np.linalg.qr(rng.normal(size=(11, 11)))[0]
+    flips = np.diag(np.where(rng.random(16) < 0.5, -1.0, 1.0))
+    assert (flips < 0).any()
+    bases = torch.tensor(np.stack([basis, basis @ rotation, basis @ flips]))
+    frame = aligned_frame(bases)
+    torch.testing.assert_close(frame @ frame.transpose(1, 2), torch.eye(16, dtype=torch.float64).expand(3, 16, 16))
+    aligned = bases @ frame
+    torch.testing.assert_close(aligned[1], aligned[0])
+    torch.testing.assert_close(aligned[2], aligned[0])
+    assert not torch.allclose(aligned[0], bases[0])
+
+    reference = legendre_reference(60, 4)
+    np.testing.assert_allclose(reference.T @ reference, np.eye(4), atol=1e-12)
+    assert np.allclose(reference[:, 0], reference[0, 0]) and reference[0, 0] > 0  # a level
+    assert (np.diff(reference[:, 1]) > 0).all()  # a slope, rising along the bands
+    np.testing.assert_allclose(reference[:, 2], reference[::-1, 2])  # a bend
+    assert not legendre_reference(5, 8)[:, 5:].any()  # no more shapes than bands
+    with pytest.raises(ValueError, match="at least one band"):
+        legendre_reference(0, 2)
+
+
+def test_an_aligned_model_hides_the_components_signs_from_its_network_and_is_its_base_untrained():
+    """The "aligned" representation: the network sees Rᵀ·c and Rᵀ·m (model.aligned_frame), so a
+    component whose sign the eigen-decomposition flipped reaches it unchanged, where the
+    principal components' network sees it flipped; untrained, it is the same base."""
+    from dataclasses import replace
+
+    scale = 4
+    lr, hr = scene_inputs(9, 12, 12, scale, seed=5)
+    statistics = SceneStatistics.estimate(lr, blur_and_decimate(hr, scale), 4)
+    flipped = replace(statistics, basis=statistics.basis * np.array([1.0, -1.0, 1.0, 1.0]),
+                      regression=statistics.regression * np.array([1.0, -1.0, 1.0, 1.0])[:, None])
+    network = NetworkConfig(4, 4, width=8, growth=4, blocks=(1, 1, 1, 1), attention_dim=8, heads=2, unshuffle=4)
+    torch.manual_seed(0)
+    models = {name: SubspaceFusionModel(FusionModelConfig(network, 4, name)) for name in ("aligned", "subspace")}
+    models["subspace"].load_state_dict(models["aligned"].state_dict())
+    lr_t, hr_t = torch.from_numpy(lr)[None], torch.from_numpy(hr)[None]
+    seen = {}
+    for name, model in models.items():
+        randomise_head(model, 3).eval()
+        original = model.network.residual
+
+        def spy(lr_input, hr_input, name=name, original=original):
+            seen.setdefault(name, []).append((lr_input, hr_input))
+            return original(lr_input, hr_input)
+
+        model.network.residual = spy
+        with torch.no_grad():
+            for stats in (statistics, flipped):
+                model(lr_t, hr_t, stats.to_tensors())
+    (lr_a, hr_a), (lr_b, hr_b) = seen["aligned"]
+    torch.testing.assert_close(lr_b, lr_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hr_b, hr_a, atol=1e-5, rtol=0)
+    (lr_c, _), (lr_d, _) = seen["subspace"]
+    assert torch.allclose(lr_d[:, 1], -lr_c[:, 1]) and not torch.allclose(lr_d, lr_c)
+    # What the aligned network reads: the coefficients in the aligned basis U·R.
+    from csakd_qgis.model import aligned_frame
+
+    stats = statistics.to_tensors()
+    aligned_basis = (stats["basis"] @ aligned_frame(stats["basis"]))[0]
+    expected = torch.einsum("bk,bhw->khw", aligned_basis, lr_t[0] - stats["band_mean"][0, :, None, None]) / stats["scale"][0]
+    torch.testing.assert_close(lr_a[0, :, :12, :12], expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        trained = {name: model(lr_t, hr_t, stats).image for name, model in models.items()}
+        for model in models.values():
+            _zero_head(model)
+        untrained = {name: model(lr_t, hr_t, stats).image for name, model in models.items()}
+    assert not torch.allclose(trained["aligned"], trained["subspace"])
+    assert torch.equal(untrained["aligned"], untrained["subspace"])
+
+
 def test_the_representation_is_part_of_the_config_and_old_configs_are_the_subspace():
     from csakd_qgis import train
 

@@ -269,6 +269,34 @@ def test_the_probe_distils_beside_its_control_on_the_same_batches(shared_data_di
     assert re.search(r"; distilled student [+-]\d\.\d{3} dB, teacher [+-]\d\.\d{3} dB$", lines[-1]), lines
 
 
+def test_the_probe_fuses_each_held_out_cube_whole_with_the_base_and_the_trained_students(shared_data_dir):
+    """--whole-image: after the last step each held-out cube is fused whole as one Wald case
+    through fusion (train.validate: scene correction off) with the untrained base, the trained
+    student and the distilled one; the base's figures are fusion's own for that case, a trained
+    student's differ (its correction is no longer zero)."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    lines = []
+    result = learnability.probe(train_cubes, held_out, sensor, scale=4, steps=2, memorise_steps=0, held_out_batches=1,
+                                batch_size=2, crop=48, lr=1e-3, distil=True, whole_image=True, log=lines.append)
+    from csakd_qgis.model import SubspaceFusionModel
+
+    (name, figures), = result.whole_image.items()
+    assert name == held_out[0].name and list(figures) == ["base", "trained", "distilled"]
+    case = datasets.make_wald_case(held_out[0], sensor, 4)
+    base = train.validate(SubspaceFusionModel(train.student_config()), [case])[0]
+    assert figures["base"] == pytest.approx({"psnr": base["psnr"], "sam": base["sam"]})
+    assert 25 < figures["base"]["psnr"] < 60
+    assert figures["trained"]["psnr"] != figures["base"]["psnr"] != figures["distilled"]["psnr"]
+    assert re.match(rf"whole image {re.escape(name)} fused as one Wald case: base \d+\.\d{{3}} dB / \d+\.\d{{3}}°, "
+                    r"trained .*, distilled .*°$", lines[-1]), lines
+    assert learnability.probe(train_cubes, held_out, sensor, steps=1, memorise_steps=0, held_out_batches=1,
+                              batch_size=2, crop=48, log=lambda message: None).whole_image == {}
+
+
 def test_a_transfer_set_teaches_the_student_the_teachers_output_and_leaves_the_rest(shared_data_dir):
     """--transfer: the distilled student also learns the teacher's output on unlabelled crops of
     the held-out cubes, drawn by a generator of their own. So the control and the teacher take
