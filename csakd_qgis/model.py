@@ -31,14 +31,19 @@ the scene.
   a noisy scene keeps fewer than K.
 * The full spectrum is bicubic(LR-HSI) + ρ·U·(detail): everything of the LR-HSI outside the
   subspace is kept as bicubic upsampling, so no band's information is thrown away.
-* The network's channels are either those K components (``representation`` "subspace", the
-  shipped student), which mean something else in every scene, or the base's spectrum on a fixed
-  wavelength grid (``"grid"``, :data:`WAVELENGTH_GRID_NM`), whose channels mean the same in every
-  scene, so that what it learns from some scenes can carry to others (a plain network does:
+* The network's channels are one of three representations. The K components themselves
+  (``"subspace"``, the shipped student) mean something else in every scene, and in every part
+  of one: their signs are a convention and components of similar variance mix. The same K
+  components rotated towards fixed shapes along the bands (``"aligned"``, :func:`aligned_frame`)
+  keep the base and the subspace and hide those conventions from the network, so that a
+  correction learnt on one part of a scene holds on another (learnability.py); the user's own
+  training (user_training.py) uses it. The base's spectrum on a fixed wavelength grid
+  (``"grid"``, :data:`WAVELENGTH_GRID_NM`) means the same in every scene, so that what the
+  network learns from some scenes can carry to others (a plain network does:
   representation_probe.py; the student's does in the paper's full-resolution layout, not in
   the bundled space-to-depth one: learnability.py); its correction is resampled onto the bands
   and projected onto the subspace, where it goes through the same (I − P·D) and consistency
-  step. Only the subspace is trained and shipped.
+  step. The bundled models are in the subspace.
 * The scene's spatial degradation (psf.SpatialDegradation: the PSF estimated from the pair or
   given by the user, and a measured misregistration, registration.py) is part of the
   statistics: D and the interpolators then blur as the sensor did and sample the LR pixels

@@ -29,11 +29,16 @@ HOLDOUT_FRACTION = 0.2
 MIN_LR_PIXELS = 4  # per side, of a training or validation crop after degradation
 
 STUDENT_SIZES = ("small", "medium", "paper")
+# What the networks trained on the user's scenes see (model.REPRESENTATIONS): their validation
+# is the last fifth of the same scenes, where the aligned frame (model.aligned_frame) is what
+# lets a correction learnt on one part of a scene hold on another (README, 'Where it stands').
+USER_REPRESENTATION = "aligned"
 
 
-def student_config_for(size: str, subspace_dim: Optional[int] = None):
+def student_config_for(size: str, subspace_dim: Optional[int] = None, representation: str = USER_REPRESENTATION):
     """The student's config by size name: small = the bundled student, medium = wider and
-    deeper, paper = the paper's student layout (nf 86, gc 43, blocks 1/4/4/1) — slow on a CPU."""
+    deeper, paper = the paper's student layout (nf 86, gc 43, blocks 1/4/4/1) — slow on a CPU;
+    its channels in ``representation`` (model.REPRESENTATIONS, "subspace" or "aligned")."""
     from dataclasses import replace
 
     from .model import FusionModelConfig
@@ -41,14 +46,18 @@ def student_config_for(size: str, subspace_dim: Optional[int] = None):
     from .train import SUBSPACE_DIM, student_config
 
     subspace_dim = subspace_dim or SUBSPACE_DIM
+    if representation not in ("subspace", "aligned"):
+        raise ValueError(f"a student trained on the user's scenes works in the subspace, 'subspace' or 'aligned', "
+                         f"not {representation!r}")
     if size == "small":
-        return student_config(subspace_dim)
+        return student_config(subspace_dim, representation)
     if size == "medium":
-        return FusionModelConfig(replace(student_config(subspace_dim).network, width=48, growth=24, blocks=(1, 3, 3, 1), attention_dim=48), subspace_dim)
+        return FusionModelConfig(replace(student_config(subspace_dim).network, width=48, growth=24, blocks=(1, 3, 3, 1),
+                                         attention_dim=48), subspace_dim, representation)
     if size == "paper":
         return FusionModelConfig(
             NetworkConfig(subspace_dim, subspace_dim, width=86, growth=43, blocks=(1, 4, 4, 1), attention_dim=64, heads=4, unshuffle=1),
-            subspace_dim,
+            subspace_dim, representation,
         )
     raise ValueError(f"student size must be one of {', '.join(STUDENT_SIZES)}, not {size!r}")
 
@@ -217,6 +226,7 @@ def train_on_scenes(
     output_card: Path,
     minutes: float,
     student_size: str = "small",
+    representation: str = USER_REPRESENTATION,
     start_model: Optional[Path] = None,
     report_path: Optional[Path] = None,
     checkpoint: Optional[Path] = None,
@@ -228,8 +238,15 @@ def train_on_scenes(
     cancelled: Callable[[], bool] = lambda: False,
     progress: Optional[Callable[[float], None]] = None,
 ) -> UserTrainingResult:
-    """Co-train teacher and student on the scenes' training parts; write the best student."""
+    """Co-train teacher and student on the scenes' training parts; write the best student.
+
+    The student is ``student_size`` (:func:`student_config_for`) in ``representation``; a
+    ``start_model`` of the same network starts it, in its own representation when it has learnt
+    a correction (which means something only in that frame), in ``representation`` when it has
+    not (the bundled student). Raises FusionInputError for no scene or a budget that is not
+    positive, ValueError for another representation, and what train.co_train raises."""
     import tempfile
+    from dataclasses import replace
 
     import torch
 
@@ -245,18 +262,29 @@ def train_on_scenes(
     parts = [scene.split() for scene in scenes]
     training = [p[0] for p in parts]
     validation = [p[1].case(p[1].reference, p[1].msi) for p in parts]
-    student = student_config_for(student_size)
+    student = student_config_for(student_size, representation=representation)
     start_state = None
     if start_model is not None:
         model, card = load_bundle(start_model)
-        if model.config == student:
+        name = card.get("name", Path(start_model).stem)
+        same_network = replace(model.config, representation=student.representation) == student
+        if same_network and model.config.representation != student.representation:
+            if model.correction_is_zero():
+                # Untrained (the bundled student is its epoch 0): no correction learnt in its frame to keep.
+                log(f"{name} has learnt no correction yet: its weights start a student in the {student.representation} "
+                    "representation")
+            else:
+                # A trained correction means something only in the frame it was learnt in.
+                student = model.config
+                log(f"{name} was trained in the {student.representation} representation: training continues in it")
+        if same_network:
             start_state = model.state_dict()
-            log(f"starting the student from {card.get('name', Path(start_model).stem)}")
+            log(f"starting the student from {name}")
         else:
             log(f"the starting model's architecture differs from the '{student_size}' student: training from scratch")
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="csakd-train-") as folder:
-        teacher = teacher_config(max(TEACHER_SUBSPACE_DIM, student.subspace_dim))
+        teacher = teacher_config(max(TEACHER_SUBSPACE_DIM, student.subspace_dim), student.representation)
         whole = [whole_scene_statistics(scene, shared_statistics_dim(teacher, student)) for scene in training]
 
         def sample_batch(rng):
@@ -286,6 +314,7 @@ def train_on_scenes(
             "sensors": sorted({"own MSI" if s.msi is not None else s.sensor.name for s in scenes}),
             "scales": sorted({s.scale for s in scenes}),
             "student_size": student_size,
+            "representation": student.representation,
             "started_from": str(start_model) if start_state is not None else "scratch",
             "batch_size": batch_size,
             "crop": crop,

@@ -60,6 +60,11 @@ def test_training_writes_a_bundle_a_report_and_progress(trained_on_block_a):
     model, card = load_bundle(card_path)
     assert card["role"] == "student"
     assert card["training"]["scales"] == [3]
+    # Trained on the user's scenes, the student works in the aligned frame (user_training.py); the
+    # bundled student, untrained, lends it its weights.
+    assert model.config.representation == card["training"]["representation"] == "aligned"
+    assert any("has learnt no correction yet: its weights start a student in the aligned representation" in m
+               for m in feedback.messages), feedback.messages
     summary = card["validation"]["summary"]
     assert summary["student"]["psnr"] > summary["bicubic"]["psnr"]
     assert any("epoch" in m and "GSA" in m and "teacher" in m for m in feedback.messages)
