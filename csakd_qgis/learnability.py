@@ -99,10 +99,10 @@ The lead does not hold from scene to scene. The same command on the other three 
 
 On the last two every model loses on the bottom quarter from 500 steps on, more with every step;
 the teacher, the largest model, loses most, and the distilled student, pulled towards it, ends
-0.107 dB behind its control at 1000 steps on both. Why all models lose there is not known; it
-does not look like spectra the top lacks: the median spectral angle of the bottom quarter's
-pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own (5.3° and 6.9°)
-by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four scenes,
+0.107 dB behind its control at 1000 steps on both. Why all models lose there is the
+components' frame (below), not spectra the top lacks: the median spectral angle of the bottom
+quarter's pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own
+(5.3° and 6.9°) by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four scenes,
 the distilled student leads on two by less than 0.01 dB and trails on two by 0.107, and the
 teacher is ahead of both on feathers alone. So a transfer set is no default: on two scenes of
 four it cost a tenth of a dB, and without a reference there is no way to tell which scenes those
@@ -113,6 +113,29 @@ not their size: the plain student after 500 steps within each CAVE scene, its bo
 fused as one RGB ×4 Wald case (scene correction off), gained +0.155 / +0.007 / −0.108 /
 −0.255 dB PSNR on cloth / feathers / oil painting / thread spools, where its crops read
 +0.228 / +0.070 / −0.297 / −0.056.
+
+The losses on oil painting and thread spools come from the student's channels. They are each
+part's own principal components, fitted on that part as fusion fits them on each scene; the
+subspaces of top and bottom agree (principal cosines of the first five components ≥ 0.99 in all
+four scenes), their coordinates do not: on cloth and feathers the first five components'
+signed cosines between the parts are ≥ 0.95, on oil painting the second is flipped (−0.88) and
+the next three mixed (0.72–0.81), on thread spools the second to fourth are flipped (−0.80,
+−0.61, −0.66). ``--representation aligned`` (model.aligned_frame) gives the network the same
+components rotated towards fixed shapes along the bands, whose frames agree between the parts
+(≥ 0.95 on the first nine components in all four scenes), and leaves the base as it is. The
+plain student, one thread, 500 steps, its crops' gain at 125 / 250 / 375 / 500 steps and the
+whole bottom quarter's (``--whole-image``), against the principal components' (crops at 500
+steps; whole image):
+
+* cloth: +0.214 / +0.327 / +0.341 / +0.360 dB, whole +0.242 dB (+0.228; +0.155);
+* feathers: +0.001 / +0.002 / +0.026 / +0.078, whole +0.002 (+0.070; +0.007);
+* oil painting: +0.521 / +0.543 / +0.593 / +0.597, whole +0.700 (−0.297; −0.108);
+* thread spools: −0.004 / +0.007 / +0.069 / +0.075, whole +0.175 (−0.056; −0.255).
+
+Between scenes it changes nothing: from the ten Earth-observation cubes below to EnMAP Potsdam
+block C / HyMap02 Berlin / AVIRIS Jasper Ridge (Sentinel-2 10 m, ×4, 1e-4, one thread) the
+aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the principal components'
+−0.108 / −0.041 / +0.038.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
@@ -131,6 +154,9 @@ quarter (e.g. a 512×512 CAVE laboratory scene: more pixels of one kind than any
     OMP_NUM_THREADS=1 python -m csakd_qgis.learnability --within cave_feathers --sensor RGB --crop 64 \\
         --lr 1e-4 --distil --transfer --steps 1000 --evaluate-every 250 --memorise-steps 0 \\
         --held-out-batches 4 --threads 1
+    OMP_NUM_THREADS=1 python -m csakd_qgis.learnability --representation aligned --within cave_oil_painting \\
+        --sensor RGB --crop 64 --lr 1e-4 --steps 500 --evaluate-every 125 --memorise-steps 0 \\
+        --held-out-batches 4 --threads 1 --whole-image
 """
 
 from __future__ import annotations
@@ -158,7 +184,7 @@ from .datasets import (
 )
 from .bundle import save_bundle
 from .network import count_parameters
-from .model import REPRESENTATIONS, SubspaceFusionModel
+from .model import REPRESENTATIONS, SubspaceFusionModel, aligned_frame
 from .srf import SensorResponse
 from .train import (SUBSPACE_DIM, Distiller, distillation_step, layout_error, optimiser_step, prepare_batch,
                     reference_loss, shared_statistics_dim, student_config, teacher_config, validate)
@@ -183,8 +209,8 @@ class ProbeResult:
     own fixed batches and on the held-out ones (mean over cubes) after its last step;
     ``held_out_gain_ema_db``: (step, mean gain) of the generalisation run's exponential moving
     average of the weights at the same steps, empty unless ``ema_decay`` was given;
-    ``whole_image``: held-out cube name → model ("base", "trained", and "distilled" with
-    ``distil``) → {"psnr": dB, "sam": degrees} of the whole held-out cube fused as one Wald case
+    ``whole_image``: held-out cube name → model ("base", "trained", and "distilled" and
+    "teacher" with ``distil``) → {"psnr": dB, "sam": degrees} of the whole held-out cube fused as one Wald case
     after the last step, empty unless ``whole_image`` was given.
     """
 
@@ -263,7 +289,7 @@ def probe(
     set), drawn by a generator of its own so that every other batch stays the same.
     ``whole_image``: after the last step, also fuse each held-out cube whole as one Wald case
     (``sensor``'s MSI, ``scale``, the Wald Gaussian PSF; train.validate, i.e. fusion with the
-    scene correction off) with the base, the trained student and the distilled one, and record
+    scene correction off) with the base, the trained student, the distilled one and the teacher, and record
     their PSNR and SAM: what fusion gets, where the crops' figures are the loss's change on
     crops (a cube without band centres is skipped, said in the log). Raises ValueError when
     ``transfer`` is asked without ``distil`` or with cubes of different band counts, when
@@ -365,7 +391,7 @@ def probe(
     if whole_image and steps:
         trained = {"base": fresh_student()[0], "trained": model}
         if distiller is not None:
-            trained["distilled"] = distiller.student
+            trained.update(distilled=distiller.student, teacher=distiller.teacher)
         for cube in held_out_cubes:
             if cube.wavelengths_nm is None:
                 log(f"whole image: {cube.name} has no band centres, so no {sensor.name} MSI: skipped")
@@ -396,6 +422,25 @@ def probe(
             f"{_db(result.memorised_gain_db)} dB on them, {_db(result.memorised_held_out_gain_db)} dB held out"
         )
     return result
+
+
+def frame_agreement(first: HyperspectralCube, second: HyperspectralCube, sensor: SensorResponse, scale: int,
+                    subspace_dim: int = SUBSPACE_DIM) -> Dict[str, np.ndarray]:
+    """Whether two cubes' channels mean the same to the student (two parts of one scene, say):
+    from each cube's whole clean Wald pair (``sensor``'s MSI, ``scale``; datasets.WholeSceneStatistics,
+    as the probe fits them), (subspace_dim,) arrays of the signed cosines between component k of
+    the one and of the other, as fitted ("subspace") and in the aligned frame ("aligned",
+    model.aligned_frame), and the cosines of the principal angles between the two subspaces
+    ("subspaces", largest first: 1 where they share a direction whatever its coordinates).
+    Raises ValueError (from the SRF) when a cube has no band centres or ``sensor`` misses them."""
+    statistics = WholeSceneStatistics(subspace_dim)
+    first_basis, second_basis = (torch.from_numpy(statistics(c, sensor, scale).basis)[None] for c in (first, second))
+    first_aligned, second_aligned = (b @ aligned_frame(b) for b in (first_basis, second_basis))
+    return {
+        "subspace": (first_basis[0] * second_basis[0]).sum(0).numpy(),
+        "aligned": (first_aligned[0] * second_aligned[0]).sum(0).numpy(),
+        "subspaces": np.linalg.svd((first_basis[0].T @ second_basis[0]).numpy(), compute_uv=False),
+    }
 
 
 def require_band_centres(cubes: Sequence[HyperspectralCube]) -> None:
@@ -458,7 +503,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                         help="also measure the weights' exponential moving average with this decay (0: not)")
     parser.add_argument("--representation", choices=REPRESENTATIONS, default="subspace",
-                        help="the student's channels: the scene's principal components or a fixed wavelength grid")
+                        help="the student's channels: the scene's principal components, the same rotated towards "
+                        "fixed shapes along the bands (aligned), or a fixed wavelength grid")
     parser.add_argument("--unshuffle", type=int, default=4,
                         help="the student's space-to-depth factor (4: the bundled student's; 1: the paper's layout)")
     parser.add_argument("--width", type=int, default=32, help="the student's features (growth half of it)")
@@ -492,6 +538,16 @@ def main(argv=None) -> int:
             raise SystemExit(f"cubes both trained on and held out: {', '.join(sorted(shared))}; use --within to split one cube")
     print(f"training crops from {', '.join(c.name for c in train)}; held out: {', '.join(c.name for c in held_out)}; "
           f"{args.sensor}, scale {args.scale}", flush=True)
+    if args.within:
+        for top, bottom in zip(train, held_out):
+            if top.wavelengths_nm is None:
+                continue
+            agreement = frame_agreement(top, bottom, validation_sensors()[args.sensor], args.scale)
+            print(f"{top.name} against {bottom.name}, first 8 of {SUBSPACE_DIM} components: signed cosines "
+                  + "; ".join(f"{name} " + " ".join(f"{value:+.2f}" for value in agreement[name][:8])
+                              for name in ("subspace", "aligned"))
+                  + "; principal cosines of the subspaces " + " ".join(f"{v:.2f}" for v in agreement["subspaces"][:8]),
+                  flush=True)
     try:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,

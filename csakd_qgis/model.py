@@ -191,8 +191,12 @@ def aligned_frame(basis: torch.Tensor) -> torch.Tensor:
     them closest to the reference shapes L = :func:`legendre_reference`, argmin over orthogonal
     R of ‖U·R − L‖ (the orthogonal Procrustes problem: R = W·Vᵀ for Uᵀ·L = W·Σ·Vᵀ; Schönemann,
     Psychometrika 31, 1966). U·R does not depend on the signs or the order the
-    eigen-decomposition gave the components, nor on any rotation among them. The "aligned"
-    representation's network sees the coefficients Rᵀ·c and its correction δ' returns as R·δ'.
+    eigen-decomposition gave the components, nor on any rotation among them, as long as the
+    shapes reach every signal component (Uᵀ·L of full rank on them; a component nearly
+    orthogonal to all K shapes, say a narrow absorption feature when K is far below the band
+    count, is placed unstably). The "aligned" representation's network sees the coefficients
+    Rᵀ·c and its correction δ' returns as R·δ'. The K × K decomposition runs in double
+    precision on the CPU, whatever the basis's device and precision.
 
     Why: a principal component's sign is a convention and components of similar variance mix
     from scene to scene, so a network on the raw components learns a correction whose channels
@@ -205,9 +209,9 @@ def aligned_frame(basis: torch.Tensor) -> torch.Tensor:
     scene statistics and the base are unchanged. No gradient flows through it (the basis is
     the scene's, not learnt)."""
     with torch.no_grad():
-        reference = torch.tensor(legendre_reference(*basis.shape[-2:]), dtype=basis.dtype, device=basis.device)
-        w, _, vh = torch.linalg.svd(basis.transpose(-1, -2) @ reference)
-        return w @ vh
+        reference = torch.from_numpy(np.array(legendre_reference(*basis.shape[-2:])))
+        w, _, vh = torch.linalg.svd(basis.detach().to("cpu", torch.float64).transpose(-1, -2) @ reference)
+        return (w @ vh).to(basis.device, basis.dtype)
 
 
 @dataclass

@@ -414,8 +414,19 @@ def co_train(
         run.baselines = baseline_metrics(run.validation)
 
     state = {"step": 0, "elapsed": 0.0, "history": [], "best": None}
+    configs = {"teacher": run.teacher.to_dict(), "student": run.student.to_dict()}
     if run.checkpoint.exists() and not run.fresh:
         saved = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+        # Weights of the same shapes load into another representation without an error, and a
+        # correction learnt in one frame means something else in another: compare the configs.
+        # Checkpoints from before this record were of the principal components or the grid.
+        written = saved.get("configs")
+        if written != configs and (written is not None or run.student.representation == "aligned"):
+            reason = ("it does not record its models, so they are in the principal components or on the grid, "
+                      f"and this run's are {run.student.representation}" if written is None else
+                      "its teacher or student differs from this run's (representation, layout or subspace)")
+            raise ValueError(f"the checkpoint {run.checkpoint} was written by another run's models: {reason}. "
+                             "Start afresh (--fresh) or give another checkpoint")
         distiller.load_state_dict(saved["distiller"])
         teacher_opt.load_state_dict(saved["teacher_opt"])
         student_opt.load_state_dict(saved["student_opt"])
@@ -461,6 +472,7 @@ def co_train(
         saved = {
             "distiller": distiller.state_dict(), "teacher_opt": teacher_opt.state_dict(),
             "student_opt": student_opt.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
+            "configs": configs,
         }
         if run.control:
             saved.update(control=control.state_dict(), control_opt=control_opt.state_dict())
@@ -573,7 +585,10 @@ def train(args) -> Path:
         device=str(resolve_device(args.device)),
         workers=args.workers,
     )
-    state = co_train(run, log=lambda message: print(message, flush=True))
+    try:
+        state = co_train(run, log=lambda message: print(message, flush=True))
+    except ValueError as error:  # a checkpoint of other models, a budget too short for one step
+        raise SystemExit(f"error: {error}") from None
     training_info = {
         "cubes": [f"{c.name} {list(c.data.shape)}" for c in cubes],
         "sensors": f"every SRF of {data.source} (the shared data's srf folder) plus Sentinel-2 10 m and RGB subsets",
@@ -687,16 +702,22 @@ def write_bundles(paths: Dict[str, Path], state: Dict, baselines: Dict, training
             "msi_bands": [3, 13],
             "scale": [2, 10],
             "wavelengths_required": run.student.representation == "grid",
-            "note": "any sensor pair: the network works in the scene's own spectral subspace"
-            if run.student.representation == "subspace" else
-            "any sensor pair whose hyperspectral bands' centres are known: the network works on a fixed wavelength grid "
-            "(without the centres it adds nothing to the classical base)",
+            "note": {
+                "subspace": "any sensor pair: the network works in the scene's own spectral subspace",
+                "aligned": "any sensor pair: the network works in the scene's own spectral subspace, its components "
+                "rotated towards fixed shapes along the bands",
+                "grid": "any sensor pair whose hyperspectral bands' centres are known: the network works on a fixed "
+                "wavelength grid (without the centres it adds nothing to the classical base)",
+            }[run.student.representation],
         },
         "normalisation": (
             "per scene: LR-HSI band means removed, projected onto its first K principal components (those above its noise, HySime's rule), divided by one "
             "scalar (RMS of the centred LR-HSI); MSI bands standardised and mapped to the subspace by linear "
             "regressions fitted at low resolution (one per spectral class, taken by soft membership); the result "
             "made consistent with the MSI by a linear model of it in the subspace"
+            + ("; the network sees the components rotated towards Legendre polynomials of the band number "
+               "(orthogonal Procrustes, model.aligned_frame) and its correction rotated back"
+               if run.student.representation == "aligned" else "")
         ),
         "training": training,
         "data_sources": DATA_SOURCES,
@@ -749,8 +770,9 @@ def main(argv=None) -> int:
     parser.add_argument("--subspace-dim", type=int, default=SUBSPACE_DIM, help="the student's spectral subspace")
     parser.add_argument("--teacher-subspace-dim", type=int, default=TEACHER_SUBSPACE_DIM)
     parser.add_argument("--representation", choices=REPRESENTATIONS, default="subspace",
-                        help="the networks' channels: the scene's principal components, or a fixed wavelength grid "
-                        "(needs band centres; cubes without them are left out)")
+                        help="the networks' channels: the scene's principal components, the same rotated towards "
+                        "fixed shapes along the bands (aligned), or a fixed wavelength grid (needs band centres; cubes "
+                        "without them are left out)")
     parser.add_argument("--unshuffle", type=int, default=4,
                         help="the networks' space-to-depth factor: 4 the bundled layout, 1 the paper's full-resolution "
                         "one, the only one in which the student's correction carried to unseen scenes (learnability.py)")

@@ -268,20 +268,24 @@ def train_on_scenes(
         model, card = load_bundle(start_model)
         name = card.get("name", Path(start_model).stem)
         same_network = replace(model.config, representation=student.representation) == student
-        if same_network and model.config.representation != student.representation:
-            if model.correction_is_zero():
-                # Untrained (the bundled student is its epoch 0): no correction learnt in its frame to keep.
-                log(f"{name} has learnt no correction yet: its weights start a student in the {student.representation} "
-                    "representation")
-            else:
-                # A trained correction means something only in the frame it was learnt in.
-                student = model.config
-                log(f"{name} was trained in the {student.representation} representation: training continues in it")
-        if same_network:
+        if model.config.representation == "grid":
+            log(f"{name} works on the wavelength grid, which training on your scenes does not use: training the "
+                f"'{student_size}' student from scratch")
+        elif not same_network:
+            log(f"the starting model's architecture differs from the '{student_size}' student: training from scratch")
+        elif model.config.representation == student.representation:
             start_state = model.state_dict()
             log(f"starting the student from {name}")
+        elif model.correction_is_zero():
+            # Untrained (the bundled student is its epoch 0): no correction learnt in its frame to keep.
+            start_state = model.state_dict()
+            log(f"starting the student from {name}, which has learnt no correction yet: in the "
+                f"{student.representation} representation")
         else:
-            log(f"the starting model's architecture differs from the '{student_size}' student: training from scratch")
+            # A trained correction means something only in the frame it was learnt in.
+            start_state, student = model.state_dict(), model.config
+            log(f"starting the student from {name}: in its own {student.representation} representation, in which "
+                "it learnt its correction")
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="csakd-train-") as folder:
         teacher = teacher_config(max(TEACHER_SUBSPACE_DIM, student.subspace_dim), student.representation)

@@ -129,7 +129,9 @@ class TrainFusionModelAlgorithm(CsakdAlgorithm):
             "<b>Student size</b>: small (the bundled student's size, fastest), medium, or the paper's layout "
             "(much slower on a CPU).\n"
             "<b>Starting model</b>: continue from this bundle (default: the bundled student, when the size is "
-            "small); <b>Train from scratch</b> ignores it.\n"
+            "small); <b>Train from scratch</b> ignores it. The networks work in the scene's principal components "
+            "rotated towards fixed spectral shapes (the aligned representation); a starting model that has already "
+            "learnt a correction in the unrotated components keeps them.\n"
             "<b>Model bundle</b>: the .json model card to write (the .pt weights go beside it).\n"
             "<b>Training report</b>: an HTML page with loss and validation curves and the metrics table."
         )
