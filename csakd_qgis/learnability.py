@@ -99,7 +99,7 @@ The lead does not hold from scene to scene. The same command on the other three 
 
 On the last two every model loses on the bottom quarter from 500 steps on, more with every step;
 the teacher, the largest model, loses most, and the distilled student, pulled towards it, ends
-0.107 dB behind its control at 1000 steps on both. Why all models lose there is the
+0.107 dB behind its control at 1000 steps on both. Why the plain student loses there is the
 components' frame (below), not spectra the top lacks: the median spectral angle of the bottom
 quarter's pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own
 (5.3° and 6.9°) by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four scenes,
@@ -114,28 +114,33 @@ fused as one RGB ×4 Wald case (scene correction off), gained +0.155 / +0.007 / 
 −0.255 dB PSNR on cloth / feathers / oil painting / thread spools, where its crops read
 +0.228 / +0.070 / −0.297 / −0.056.
 
-The losses on oil painting and thread spools come from the student's channels. They are each
-part's own principal components, fitted on that part as fusion fits them on each scene; the
-subspaces of top and bottom agree (principal cosines of the first five components ≥ 0.99 in all
-four scenes), their coordinates do not: on cloth and feathers the first five components'
+The plain student's losses on oil painting and thread spools come from its channels. They are
+each part's own principal components, fitted on that part as fusion fits them on each scene;
+the 16-component subspaces of top and bottom coincide (ten largest principal cosines ≥ 0.99 in
+all four scenes), their coordinates do not: on cloth and feathers the first five components'
 signed cosines between the parts are ≥ 0.95, on oil painting the second is flipped (−0.88) and
-the next three mixed (0.72–0.81), on thread spools the second to fourth are flipped (−0.80,
-−0.61, −0.66). ``--representation aligned`` (model.aligned_frame) gives the network the same
-components rotated towards fixed shapes along the bands, whose frames agree between the parts
-(≥ 0.95 on the first nine components in all four scenes), and leaves the base as it is. The
-plain student, one thread, 500 steps, its crops' gain at 125 / 250 / 375 / 500 steps and the
-whole bottom quarter's (``--whole-image``), against the principal components' (crops at 500
-steps; whole image):
+the others mixed (0.72–0.91), on thread spools the second to fourth are flipped (−0.80, −0.61,
+−0.66) and the fifth mixed (0.22) (:func:`frame_agreement`; ``--within`` prints them).
+``--representation aligned`` (model.aligned_frame) gives the network the same components
+rotated towards fixed shapes along the bands, whose frames agree between the parts (≥ 0.95 on
+the first nine components in all four scenes), and leaves the base as it is. The plain
+student, one thread, 500 steps, its crops' gain at 125 / 250 / 375 / 500 steps and the whole
+bottom quarter's (``--whole-image``), against the principal components' (crops at 500 steps;
+whole image; on cloth and feathers the crops are the distillation runs' control above, same
+seed and batches):
 
 * cloth: +0.214 / +0.327 / +0.341 / +0.360 dB, whole +0.242 dB (+0.228; +0.155);
 * feathers: +0.001 / +0.002 / +0.026 / +0.078, whole +0.002 (+0.070; +0.007);
 * oil painting: +0.521 / +0.543 / +0.593 / +0.597, whole +0.700 (−0.297; −0.108);
 * thread spools: −0.004 / +0.007 / +0.069 / +0.075, whole +0.175 (−0.056; −0.255).
 
-Between scenes it changes nothing: from the ten Earth-observation cubes below to EnMAP Potsdam
-block C / HyMap02 Berlin / AVIRIS Jasper Ridge (Sentinel-2 10 m, ×4, 1e-4, one thread) the
-aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the principal components'
-−0.108 / −0.041 / +0.038.
+DISTIL_DOC_PLACEHOLDER
+
+Between scenes it changes nothing: from the ten Earth-observation cubes of the examples below
+to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
+``--steps 9000 --ema 0.999``, with ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4
+--steps 1000 --memorise-steps 0 --threads 1``; Sentinel-2 10 m, ×4) the aligned student read
+−0.100 / −0.038 / +0.015 dB at 1000 steps, the principal components' −0.108 / −0.041 / +0.038.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
