@@ -99,14 +99,14 @@ The lead does not hold from scene to scene. The same command on the other three 
 
 On the last two every model loses on the bottom quarter from 500 steps on, more with every step;
 the teacher, the largest model, loses most, and the distilled student, pulled towards it, ends
-0.107 dB behind its control at 1000 steps on both. Why the plain student loses there is the
-components' frame (below), not spectra the top lacks: the median spectral angle of the bottom
-quarter's pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the top's own
-(5.3° and 6.9°) by less than on feathers (6.7° against 4.3°), which gains. At 1000 steps, over the four scenes,
-the distilled student leads on two by less than 0.01 dB and trails on two by 0.107, and the
-teacher is ahead of both on feathers alone. So a transfer set is no default: on two scenes of
-four it cost a tenth of a dB, and without a reference there is no way to tell which scenes those
-are.
+0.107 dB behind its control at 1000 steps on both. Why the models lose there is the components'
+frame (below: in the aligned frame all three gain), not spectra the top lacks: the median
+spectral angle of the bottom quarter's pixels to 12 clusters of the top's spectra (5.6° and
+8.9°) exceeds the top's own (5.3° and 6.9°) by less than on feathers (6.7° against 4.3°), which
+gains. At 1000 steps, over the four scenes, the distilled student leads on two by less than 0.01
+dB and trails on two by 0.107, and the teacher is ahead of both on feathers alone. So a transfer
+set is no default: on two scenes of four it cost a tenth of a dB, and without a reference there
+is no way to tell which scenes those are.
 
 The probe's figures are gains on crops. Through fusion of whole images they keep their sign,
 not their size: the plain student after 500 steps within each CAVE scene, its bottom quarter
@@ -114,7 +114,7 @@ fused as one RGB ×4 Wald case (scene correction off), gained +0.155 / +0.007 / 
 −0.255 dB PSNR on cloth / feathers / oil painting / thread spools, where its crops read
 +0.228 / +0.070 / −0.297 / −0.056.
 
-The plain student's losses on oil painting and thread spools come from its channels. They are
+The losses on oil painting and thread spools come from the models' channels. They are
 each part's own principal components, fitted on that part as fusion fits them on each scene;
 the 16-component subspaces of top and bottom coincide (ten largest principal cosines ≥ 0.99 in
 all four scenes), their coordinates do not: on cloth and feathers the first five components'
@@ -134,7 +134,12 @@ seed and batches):
 * oil painting: +0.521 / +0.543 / +0.593 / +0.597, whole +0.700 (−0.297; −0.108);
 * thread spools: −0.004 / +0.007 / +0.069 / +0.075, whole +0.175 (−0.056; −0.255).
 
-DISTIL_DOC_PLACEHOLDER
+With ``--distil`` in this frame (crops at 500 steps, then whole-image PSNR; plain / distilled /
+teacher): oil painting +0.597 / +0.615 / +0.735 dB, whole 45.630 / 45.672 dB (teacher not
+fused); cloth +0.360 / +0.355 / +0.401, whole 39.631 / 39.626 / 39.672; thread spools +0.073 /
++0.057 / +0.071, whole 50.666 / 50.627 / 50.800. The teacher now gains where it lost most, and
+leads on both whole images fused with it; the distilled student leads its control on oil
+painting only.
 
 Between scenes it changes nothing: from the ten Earth-observation cubes of the examples below
 to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
@@ -215,8 +220,8 @@ class ProbeResult:
     ``held_out_gain_ema_db``: (step, mean gain) of the generalisation run's exponential moving
     average of the weights at the same steps, empty unless ``ema_decay`` was given;
     ``whole_image``: held-out cube name → model ("base", "trained", and "distilled" and
-    "teacher" with ``distil``) → {"psnr": dB, "sam": degrees} of the whole held-out cube fused as one Wald case
-    after the last step, empty unless ``whole_image`` was given.
+    "teacher" with ``distil``) → {"psnr": dB, "sam": degrees} of the whole held-out cube fused
+    as one Wald case after the last step, empty unless ``whole_image`` was given.
     """
 
     steps: int
@@ -294,9 +299,10 @@ def probe(
     set), drawn by a generator of its own so that every other batch stays the same.
     ``whole_image``: after the last step, also fuse each held-out cube whole as one Wald case
     (``sensor``'s MSI, ``scale``, the Wald Gaussian PSF; train.validate, i.e. fusion with the
-    scene correction off) with the base, the trained student, the distilled one and the teacher, and record
-    their PSNR and SAM: what fusion gets, where the crops' figures are the loss's change on
-    crops (a cube without band centres is skipped, said in the log). Raises ValueError when
+    scene correction off) with the base, the trained student, the distilled one and the
+    teacher, and record their PSNR and SAM: what fusion gets, where the crops' figures are the
+    loss's change on crops (a cube without band centres is skipped, said in the log). Raises
+    ValueError when
     ``transfer`` is asked without ``distil`` or with cubes of different band counts, when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
