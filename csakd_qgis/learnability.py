@@ -99,14 +99,15 @@ The lead does not hold from scene to scene. The same command on the other three 
 
 On the last two every model loses on the bottom quarter from 500 steps on, more with every step;
 the teacher, the largest model, loses most, and the distilled student, pulled towards it, ends
-0.107 dB behind its control at 1000 steps on both. Why the models lose there is the components'
-frame (below: in the aligned frame all three gain), not spectra the top lacks: the median
-spectral angle of the bottom quarter's pixels to 12 clusters of the top's spectra (5.6° and
-8.9°) exceeds the top's own (5.3° and 6.9°) by less than on feathers (6.7° against 4.3°), which
-gains. At 1000 steps, over the four scenes, the distilled student leads on two by less than 0.01
-dB and trails on two by 0.107, and the teacher is ahead of both on feathers alone. So a transfer
-set is no default: on two scenes of four it cost a tenth of a dB, and without a reference there
-is no way to tell which scenes those are.
+0.107 dB behind its control at 1000 steps on both. What makes them lose there is, as far as
+measured, the components' frame (below: in the aligned frame all three gain at 500 steps,
+without a transfer set); it does not look like spectra the top lacks: the median spectral angle
+of the bottom quarter's pixels to 12 clusters of the top's spectra (5.6° and 8.9°) exceeds the
+top's own (5.3° and 6.9°) by less than on feathers (6.7° against 4.3°), which gains. At 1000
+steps, over the four scenes, the distilled student leads on two by less than 0.01 dB and trails
+on two by 0.107, and the teacher is ahead of both on feathers alone. So a transfer set is no
+default: on two scenes of four it cost a tenth of a dB, and without a reference there is no way
+to tell which scenes those are.
 
 The probe's figures are gains on crops. Through fusion of whole images they keep their sign,
 not their size: the plain student after 500 steps within each CAVE scene, its bottom quarter
@@ -137,15 +138,16 @@ seed and batches):
 With ``--distil`` in this frame (crops at 500 steps, then whole-image PSNR; plain / distilled /
 teacher): oil painting +0.597 / +0.615 / +0.735 dB, whole 45.630 / 45.672 dB (teacher not
 fused); cloth +0.360 / +0.355 / +0.401, whole 39.631 / 39.626 / 39.672; thread spools +0.073 /
-+0.057 / +0.071, whole 50.666 / 50.627 / 50.800. The teacher now gains where it lost most, and
-leads on both whole images fused with it; the distilled student leads its control on oil
-painting only.
++0.057 / +0.071, whole 50.666 / 50.627 / 50.800 (the plain student there read +0.073 and 50.666,
+alone +0.075 and 50.661). The teacher now gains where it lost most, and leads on both whole
+images fused with it; the distilled student leads its control on oil painting only.
 
-Between scenes it changes nothing: from the ten Earth-observation cubes of the examples below
-to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
-``--steps 9000 --ema 0.999``, with ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4
---steps 1000 --memorise-steps 0 --threads 1``; Sentinel-2 10 m, ×4) the aligned student read
-−0.100 / −0.038 / +0.015 dB at 1000 steps, the principal components' −0.108 / −0.041 / +0.038.
+Between scenes it changes nothing: from the ten Earth-observation cubes of the examples below to
+EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
+``--steps 9000 --ema 0.999``, with ``--representation aligned`` or ``subspace`` and ``--held-out
+Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memorise-steps 0 --threads 1``;
+Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the
+principal components' −0.108 / −0.041 / +0.038.
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
