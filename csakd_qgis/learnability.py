@@ -145,10 +145,11 @@ images fused with it; the distilled student leads its control on oil painting on
 45.675 / 45.832 dB, cloth 39.629 / 39.606 / 39.676, thread spools 50.666 / 50.648 / 50.800,
 feathers 46.370 / 46.378 / 46.432 (crops at 500 steps +0.593 / +0.618 / +0.733, +0.361 /
 +0.340 / +0.404, +0.073 / +0.066 / +0.071, +0.070 / +0.060 / +0.105): the teacher leads on all
-four, the distilled student leads its control on two and trails on two (+0.004 dB on average).
+four whole images, the distilled student leads its control on two and trails on two (+0.004 dB
+on average).
 
-Between scenes it changes nothing: from the ten Earth-observation cubes of the examples below to
-EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
+Between scenes the aligned frame changes nothing: from the ten Earth-observation cubes of the
+examples below to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
 ``--steps 9000 --ema 0.999``, with ``--representation aligned`` or ``subspace`` and ``--held-out
 Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memorise-steps 0 --threads 1``;
 Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the
