@@ -149,9 +149,10 @@ four whole images, the distilled student leads its control on two and trails on 
 on average).
 
 Between scenes the aligned frame changes nothing: from the ten Earth-observation cubes of the
-examples below to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third command without
-``--steps 9000 --ema 0.999``, with ``--representation aligned`` or ``subspace`` and ``--held-out
-Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memorise-steps 0 --threads 1``;
+examples below to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third
+command without ``--steps 9000 --ema 0.999``, with ``--representation aligned`` or ``subspace``
+and ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memorise-steps 0
+--threads 1``;
 Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the
 principal components' −0.108 / −0.041 / +0.038.
 
@@ -310,8 +311,7 @@ def probe(
     scene correction off) with the base, the trained student, the distilled one and the
     teacher, and record their PSNR and SAM: what fusion gets, where the crops' figures are the
     loss's change on crops (a cube without band centres is skipped, said in the log). Raises
-    ValueError when
-    ``transfer`` is asked without ``distil`` or with cubes of different band counts, when
+    ValueError when ``transfer`` is asked without ``distil`` or with cubes of different band counts, when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
     too small for ``scale``.
