@@ -320,6 +320,30 @@ def test_the_parts_of_one_scene_share_a_subspace_whose_components_flip_and_the_a
     np.testing.assert_allclose(same["subspace"][:10], 1.0, atol=1e-9)
 
 
+def test_the_probes_training_ground_can_be_cut_to_a_reduced_pairs_size_or_taken_one_gsd_coarser(shared_data_dir):
+    """--train-window keeps the block of the top part next to the held-out quarter (the last rows,
+    the first columns), and --train-reduced degrades it exactly as a Wald case's LR-HSI is
+    degraded (so the probe trains on what scene adaptation's reduced pair gives); both refuse
+    what they cannot do, neither works without --within, and --held-out-reduced needs
+    --train-reduced's factor."""
+    from csakd_qgis import learnability
+
+    cube, = [c for c in datasets.corpus_cubes(shared_data_dir) if c.name.startswith("cave_cloth")]
+    top, bottom = learnability.split_rows(cube)
+    window = learnability.training_window(top, 128, 96)
+    assert window.data.shape == (cube.data.shape[0], 128, 96)
+    np.testing.assert_array_equal(window.data, cube.data[:, 384 - 128:384, :96])
+    with pytest.raises(ValueError, match="does not fit"):
+        learnability.training_window(top, 385, 10)
+    reduced = learnability.reduced_cube(window, 4)
+    assert reduced.data.shape == (cube.data.shape[0], 32, 24)
+    lr_hsi = datasets.make_wald_case(window, datasets.validation_sensors()["RGB"], 4).lr_hsi
+    np.testing.assert_allclose(reduced.data, lr_hsi, rtol=1e-6, atol=1e-7)
+    for refused in (["--train-reduced"], ["--within", "cave_cloth", "--held-out-reduced"]):
+        with pytest.raises(SystemExit):
+            learnability.main(refused + ["--steps", "0", "--memorise-steps", "0"])
+
+
 def test_a_transfer_set_teaches_the_student_the_teachers_output_and_leaves_the_rest(shared_data_dir):
     """--transfer: the distilled student also learns the teacher's output on unlabelled crops of
     the held-out cubes, drawn by a generator of their own. So the control and the teacher take
