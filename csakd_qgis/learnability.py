@@ -156,25 +156,26 @@ and ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memor
 Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the
 principal components' −0.108 / −0.041 / +0.038.
 
-Why scene adaptation (user_training.adapt_to_scene) does not pay where this probe gains: its
-reference is the scene's LR-HSI, one GSD coarser than the fusion. ``--train-window ROWS COLS``
-trains on the top part's block next to the held-out quarter only, ``--train-reduced [FACTOR]`` on
-the top part degraded as an LR-HSI is (:func:`training_window`, :func:`reduced_cube`). Aligned
-frame, 500 steps, one thread, whole-image PSNR gain over the base in dB on cloth / feathers /
-oil painting / thread spools:
+What is learnt at a scene's reduced pair's resolution, a step coarser than the fusion (the
+reference scene adaptation, user_training.adapt_to_scene, learns from), and how much of it holds
+at full resolution: ``--train-window ROWS COLS`` trains on the top part's block next to the
+held-out quarter only, ``--train-reduced [FACTOR]`` on the top part degraded as an LR-HSI is
+(:func:`training_window`, :func:`reduced_cube`), ``--held-out-reduced`` measures on the bottom
+quarter reduced by the same factor. Aligned frame, 500 steps, one thread, one seed, whole-image
+PSNR gain over the base in dB on cloth / feathers / oil painting / thread spools:
 
-* the whole top part (196,608 pixels): +0.242 / +0.002 / +0.700 / +0.175;
+* the whole top part (196,608 reference pixels): +0.242 / +0.002 / +0.700 / +0.175;
 * 256 × 256 next to the held-out quarter: +0.367 / −0.030 / +1.115 / +0.011;
-* 128 × 128 (16,384 pixels, a ×4 reduced pair's count): +0.365 / −0.198 / +1.018 / −1.593;
+* 128 × 128 (16,384 reference pixels): +0.365 / −0.198 / +1.018 / −1.593;
 * the top part reduced ×2 (49,152): +0.184 / +0.015 / +0.004 / −0.172;
-* the top part reduced ×4 (12,288, what a reduced pair offers): +0.083 / −0.276 / −0.070 / −0.129.
+* the top part reduced ×4 (12,288, at a ×4 reduced pair's resolution): +0.083 / −0.276 / −0.070
+  / −0.129.
 
-On oil painting and cloth the pixels of a reduced pair suffice at full resolution and the coarser
-GSD takes the gain away; on feathers and thread spools they are too few even at full resolution.
-``--held-out-reduced`` measures at the GSD trained at (the bottom quarter reduced by the same
-factor): reduced ×2, the cloth student gains +0.462 dB there (42.145 → 42.607), less than half of
-which holds at full resolution (+0.184); the oil painting student gains nothing even there
-(−0.003 dB).
+Reduced ×2 and measured on the bottom quarter reduced ×2 (a separate run, whose batches differ),
+cloth gained +0.462 dB (42.145 → 42.607) and oil painting −0.003. On cloth what is learnt at the
+coarser resolution holds at full resolution in part, on oil painting nothing is learnt there;
+on feathers and thread spools the 128² window lost at full resolution too, so they say nothing
+about resolution (pixel count, resolution and the window's position were not separated).
 
 ``--train`` and ``--held-out`` take words of any shared cube's name (training, validation or
 corpus); a cube named by both is refused, since its held-out gain would be memorisation.
@@ -303,6 +304,7 @@ def probe(
     distil: bool = False,
     transfer: bool = False,
     whole_image: bool = False,
+    teacher_steps: int = 0,
     log: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the student from its base on ``train_cubes`` and measure it on ``held_out_cubes``
@@ -333,7 +335,11 @@ def probe(
     (``sensor``'s MSI, ``scale``, the Wald Gaussian PSF; train.validate, i.e. fusion with the
     scene correction off) with the base, the trained student, the distilled one and the
     teacher, and record their PSNR and SAM: what fusion gets, where the crops' figures are the
-    loss's change on crops (a cube without band centres is skipped, said in the log). Raises
+    loss's change on crops (a cube without band centres is skipped, said in the log).
+    ``teacher_steps`` (with ``distil``): the teacher first trains alone for that many steps on
+    batches of a generator of its own (so every other batch stays the same), and distillation
+    starts from a teacher that has learnt: classic, offline knowledge distillation (Hinton et al.
+    2015) where the paper co-trains both from the start. Raises
     ValueError when ``transfer`` is asked without ``distil`` or with cubes of different band counts, when
     ``ema_decay`` is outside [0, 1), for another representation or a grid without band centres,
     and (from datasets.training_batch) when ``sensor`` does not cover a cube's bands or a cube is
@@ -341,6 +347,9 @@ def probe(
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
+    if teacher_steps and not distil:
+        raise ValueError("a teacher trained first (teacher_steps, --teacher-steps) needs the teacher: add distil=True "
+                         "(--distil)")
     if transfer and not distil:
         raise ValueError("a transfer set (transfer=True, --transfer) needs the teacher: add distil=True (--distil)")
     if transfer and len({c.data.shape[0] for c in list(train_cubes) + list(held_out_cubes)}) > 1:
@@ -402,6 +411,13 @@ def probe(
         result.teacher_base_gain_db = mean_gain(distiller.teacher)
         log(f"distillation: the untrained teacher ({teacher_layout.subspace_dim} components) starts at "
             f"{_db(result.teacher_base_gain_db)} dB against the student's base")
+        teacher_rng = np.random.default_rng([seed, 2])
+        for _ in range(teacher_steps):
+            optimiser_step(teacher_opt, reference_loss(distiller.teacher, batch_of(train_cubes, teacher_rng)),
+                           distiller.teacher)
+        if teacher_steps:
+            log(f"distillation: the teacher trained alone for {teacher_steps} steps reads "
+                f"{_db(mean_gain(distiller.teacher))} dB against the student's base")
 
     started = time.time()
     for step in range(1, steps + 1):
@@ -529,10 +545,13 @@ def reduced_cube(cube: HyperspectralCube, scale: int) -> HyperspectralCube:
     decimated by it (degradation.blur_and_decimate, psf.wald), as a scene's LR-HSI is: training
     ground at the next coarser GSD, the reference that scene adaptation (user_training.
     adapt_to_scene) learns from, since a delivered scene has no finer truth. Raises ValueError
-    (from the degradation) when the cube is smaller than ``scale``."""
+    when ``scale`` is below 2 or the cube is smaller than it."""
     from .degradation import blur_and_decimate, crop_to_multiple
     from .psf import wald
 
+    if scale < 2 or min(cube.data.shape[1:]) < scale:
+        raise ValueError(f"{cube.name} ({cube.data.shape[1]} × {cube.data.shape[2]}) cannot be reduced by {scale}: "
+                         "the factor must be at least 2 and no larger than the cube")
     reduced = blur_and_decimate(crop_to_multiple(cube.data, scale), wald(scale)).astype(np.float32)
     return HyperspectralCube(f"{cube.name}, reduced ×{scale}", reduced, cube.wavelengths_nm, cube.weight)
 
@@ -559,10 +578,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-window", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
                         help="with --within: train only on the top part's last ROWS rows and first COLS columns "
                         "(fewer training pixels, the same held-out quarter)")
-    parser.add_argument("--train-reduced", type=int, nargs="?", const=0, default=None, metavar="FACTOR",
+    parser.add_argument("--train-reduced", type=int, nargs="?", const=-1, default=None, metavar="FACTOR",
                         help="with --within: train on the top part degraded as an LR-HSI is (Wald PSF, after "
-                        "--train-window) by FACTOR (none: --scale, the reference a scene's own reduced pair gives, "
-                        "one GSD coarser)")
+                        "--train-window) by FACTOR, at least 2 (none: --scale, the resolution of the reference a "
+                        "scene's own reduced pair gives, a step coarser than the fusion)")
     parser.add_argument("--held-out-reduced", action="store_true",
                         help="with --train-reduced: reduce the held-out quarter by the same factor, to measure at "
                         "the GSD trained on")
@@ -595,6 +614,9 @@ def main(argv=None) -> int:
                         help="with --distil: the distilled student also learns the teacher's output on unlabelled "
                         "crops of the held-out cubes (their reference is not used; the held-out gains are then "
                         "transductive). Every cube needs the same bands")
+    parser.add_argument("--teacher-steps", type=int, default=0,
+                        help="with --distil: train the teacher alone for this many steps first, so that the student "
+                        "is distilled from a teacher that has learnt (offline distillation)")
     parser.add_argument("--whole-image", action="store_true",
                         help="after the last step, also fuse each held-out cube whole as one Wald case with the base "
                         "and the trained student(s), and print their PSNR and SAM")
@@ -608,19 +630,21 @@ def main(argv=None) -> int:
     every = training_cubes(args.data) + validation_cubes(args.data) + corpus_cubes(args.data)
     if args.within:
         train, held_out = (list(part) for part in zip(*(split_rows(c) for c in _cubes_named(every, [args.within]))))
-        if args.train_window:
-            try:
+        try:
+            if args.train_window:
                 train = [training_window(c, *args.train_window) for c in train]
-            except ValueError as error:
-                parser.error(str(error))
-        if args.train_reduced is not None:
-            train = [reduced_cube(c, args.train_reduced or args.scale) for c in train]
-            if args.held_out_reduced:
-                held_out = [reduced_cube(c, args.train_reduced or args.scale) for c in held_out]
-        elif args.held_out_reduced:
-            parser.error("--held-out-reduced measures at --train-reduced's GSD: give --train-reduced")
+            if args.train_reduced is not None:
+                factor = args.scale if args.train_reduced == -1 else args.train_reduced
+                train = [reduced_cube(c, factor) for c in train]
+                if args.held_out_reduced:
+                    held_out = [reduced_cube(c, factor) for c in held_out]
+            elif args.held_out_reduced:
+                parser.error("--held-out-reduced measures at --train-reduced's resolution: give --train-reduced")
+        except ValueError as error:
+            parser.error(str(error))
     elif args.train_window or args.train_reduced is not None or args.held_out_reduced:
-        parser.error("--train-window and --train-reduced change the training part of --within: give --within")
+        parser.error("--train-window, --train-reduced and --held-out-reduced change the parts of --within: "
+                     "give --within")
     else:
         train = _cubes_named(every, args.train)
         held_out = _cubes_named(every, args.held_out)
@@ -644,7 +668,7 @@ def main(argv=None) -> int:
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
               unshuffle=args.unshuffle, width=args.width, save=args.save, distil=args.distil,
-              transfer=args.transfer, whole_image=args.whole_image,
+              transfer=args.transfer, whole_image=args.whole_image, teacher_steps=args.teacher_steps,
               log=lambda message: print(message, flush=True))
     except ValueError as error:
         # The probe's own checks of its inputs (the moving average's decay, a sensor that does not

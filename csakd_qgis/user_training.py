@@ -261,9 +261,9 @@ def train_on_scenes(
     check_band_counts(scenes)
     pairs = [scene.name for scene in scenes if scene.msi is not None]
     if pairs:
-        # The LR-HSI is the only reference a real pair has. Within CAVE laboratory scenes a student
-        # trained on a part reduced ×4 lost at full resolution on three of four, where as many
-        # full-resolution pixels gained on two (learnability.py, --train-reduced).
+        # The LR-HSI is the only reference a real pair has. In a within-scene probe on four CAVE
+        # laboratory scenes, a student trained on a part reduced ×4 lost at full resolution on three
+        # and kept a third of the full-resolution gain on the fourth (learnability.py, --train-reduced).
         log(f"{len(pairs)} of {len(scenes)} scene(s) are real pairs ({', '.join(pairs)}): the model learns and is "
             "validated on them reduced by their resolution ratio, one step coarser than the fusion it serves, and a "
             "gain there may not hold at the finer step; high-resolution cubes at the output's pixel size avoid this")
@@ -376,12 +376,13 @@ def adapt_to_scene(
     each part on its own differs from it (on a small scene's held-out part it would be
     fitted on a dozen pixels).
 
-    What the held-out part measures is one GSD coarser than the fusion, and a correction learnt
-    there need not hold at the finer one: within four CAVE laboratory scenes, the student trained
-    on a part degraded ×4 (as this pair is) lost on the other part at full resolution on three of
-    them (learnability.py, ``--train-reduced``), where 128 × 128 pixels at full resolution next
-    to that part gained +0.37 and +1.02 dB on two (README, 'What learning can do on scenes it
-    sees').
+    What the held-out part measures is at the LR-HSI's resolution, a step coarser than the
+    fusion, and a correction learnt there need not hold at the finer one: within four CAVE
+    laboratory scenes, a student trained from its untrained start (not fine-tuned as here) on a
+    part reduced ×4 (as this pair is at scale 4) lost on the other part at full resolution on
+    three of them and kept a third of the full-resolution gain on the fourth (learnability.py,
+    ``--train-reduced``), where 128 × 128 reference pixels at full resolution next to that part
+    gained +0.365 and +1.018 dB on two (README, 'What learning can do on scenes it sees').
     """
     import copy
     from dataclasses import replace

@@ -339,7 +339,10 @@ def test_the_probes_training_ground_can_be_cut_to_a_reduced_pairs_size_or_taken_
     assert reduced.data.shape == (cube.data.shape[0], 32, 24)
     lr_hsi = datasets.make_wald_case(window, datasets.validation_sensors()["RGB"], 4).lr_hsi
     np.testing.assert_allclose(reduced.data, lr_hsi, rtol=1e-6, atol=1e-7)
-    for refused in (["--train-reduced"], ["--within", "cave_cloth", "--held-out-reduced"]):
+    with pytest.raises(ValueError, match="at least 2"):
+        learnability.reduced_cube(window, 1)
+    for refused in (["--train-reduced"], ["--within", "cave_cloth", "--held-out-reduced"],
+                    ["--within", "cave_cloth", "--train-reduced", "1"]):
         with pytest.raises(SystemExit):
             learnability.main(refused + ["--steps", "0", "--memorise-steps", "0"])
 
@@ -364,6 +367,26 @@ def test_a_transfer_set_teaches_the_student_the_teachers_output_and_leaves_the_r
     assert any(abs(a - b) > 1e-6 for (_, a), (_, b) in zip(with_.distilled_gain_db, without.distilled_gain_db))
     with pytest.raises(ValueError, match="needs the teacher"):
         learnability.probe(train_cubes, held_out, sensor, transfer=True, steps=1, memorise_steps=0, log=print)
+
+
+def test_a_teacher_trained_first_changes_the_teacher_and_leaves_the_control(shared_data_dir):
+    """--teacher-steps: the teacher first trains alone on batches of a generator of its own, so
+    the plain student (the control) takes exactly the steps it takes without it, while the
+    teacher, and the student distilled from it, take other ones. Without the teacher: refused."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    settings = dict(scale=4, steps=1, memorise_steps=0, held_out_batches=1, batch_size=2, crop=48, lr=1e-3,
+                    evaluate_every=1, distil=True, log=lambda message: None)
+    without = learnability.probe(train_cubes, held_out, sensor, **settings)
+    first = learnability.probe(train_cubes, held_out, sensor, teacher_steps=2, **settings)
+    assert first.held_out_gain_db == without.held_out_gain_db
+    assert abs(first.teacher_gain_db[0][1] - without.teacher_gain_db[0][1]) > 1e-6
+    assert abs(first.distilled_gain_db[0][1] - without.distilled_gain_db[0][1]) > 1e-6
+    with pytest.raises(ValueError, match="needs the teacher"):
+        learnability.probe(train_cubes, held_out, sensor, teacher_steps=1, steps=1, memorise_steps=0, log=print)
 
 
 def test_a_distillation_step_with_a_transfer_set_brings_the_student_to_the_teachers_output(shared_data_dir):
