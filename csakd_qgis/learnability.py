@@ -150,21 +150,20 @@ on average).
 
 ``--teacher-steps 500`` (with ``--distil``, no transfer set; the teacher first trains alone for
 500 steps, then all three co-train as with ``--distil``, the teacher still learning) widens the
-teacher's lead far more than the distilled student's. Crops at 500
-steps, then whole-image PSNR, plain / distilled / teacher: oil painting +0.593 / +0.630 / +1.009
-dB, 45.627 / 45.718 / 46.126 dB; cloth +0.361 / +0.360 / +0.475, 39.629 / 39.619 / 39.730; thread
-spools +0.073 / +0.080 / +0.147, 50.666 / 50.652 / 50.947; feathers +0.070 / +0.097 / +0.250,
-46.370 / 46.368 / 46.488. The teacher leads by 0.101 to 0.408 dB on the whole images; the
-distilled student leads its control on three scenes' crops and on one whole image (oil painting,
-+0.091 dB), +0.016 dB whole-image PSNR on average.
+teacher's lead far more than the distilled student's. Crops at 500 steps, then whole-image PSNR,
+plain / distilled / teacher: oil painting +0.593 / +0.630 / +1.009 dB, 45.627 / 45.718 / 46.126
+dB; cloth +0.361 / +0.360 / +0.475, 39.629 / 39.619 / 39.730; thread spools +0.073 / +0.080 /
++0.147, 50.666 / 50.652 / 50.947; feathers +0.070 / +0.097 / +0.250, 46.370 / 46.368 / 46.488.
+The teacher leads by 0.101 to 0.408 dB on the whole images; the distilled student leads its
+control on three scenes' crops and on one whole image (oil painting, +0.091 dB), +0.016 dB
+whole-image PSNR on average.
 
 Between scenes the aligned frame changes nothing: from the ten Earth-observation cubes of the
 examples below to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third
 command without ``--steps 9000 --ema 0.999``, with ``--representation aligned`` or ``subspace``
 and ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memorise-steps 0
---threads 1``;
-Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000 steps, the
-principal components' −0.108 / −0.041 / +0.038.
+--threads 1``; Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000
+steps, the principal components' −0.108 / −0.041 / +0.038.
 
 What is learnt at a scene's reduced pair's resolution, a step coarser than the fusion (the
 reference scene adaptation, user_training.adapt_to_scene, learns from), and how much of it holds

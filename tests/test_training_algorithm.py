@@ -134,8 +134,9 @@ def test_scene_adaptation_on_the_real_berlin_pair_keeps_the_better_model(shared_
 
 def test_training_on_real_pairs_says_it_learns_one_resolution_step_coarser(csakd_provider, potsdam_wald_pair, tmp_path):
     """A real pair's only reference is its LR-HSI, so the model learns and is validated one
-    resolution step coarser than the fusion it serves; within CAVE scenes what a student learnt
-    so did not hold at the finer step (README), and the log says so. A cube with an SRF does not
+    resolution step coarser than the fusion it serves; in a probe within four CAVE scenes what a
+    student learnt so held at the finer step only in part, on one scene (README), and the log
+    says so. A cube with an SRF does not
     get the warning (test_training_writes_a_bundle_a_report_and_progress's run)."""
     import processing
 
