@@ -52,8 +52,16 @@ Ridge, Sentinel-2 10 m, ×4, 1e-4, gains in dB at 750 steps:
   model) +0.176 / −0.184 / +0.397 at 600 steps;
 * subspace, ``unshuffle`` 4, 32 features (the bundled student): +0.003 / −0.004 / +0.007;
 * subspace, ``unshuffle`` 1, 16 features: −0.015 / −0.077 / +0.285.
+* aligned, ``unshuffle`` 1, 16 features (with the MSI null-space projection, which the lines
+  above predate): +0.099 / −0.087 / +0.240; at 1500 steps −0.030 / −0.100 / +0.342, and with
+  the thirteen cubes without band centres added (``... abu hydice``) +0.032 / +0.009 / +0.103.
+  Saved (``--save``) and fused on ``make bench``'s 63 network-gain cases (README, 'Where it
+  stands'), the 23-cube student is better than its base on 56 of them, +0.033 dB on average
+  (after 3000 steps on 55, +0.063 dB; the principal components in this layout after 1500: on
+  54, +0.017 dB).
 
-HyMap02 Berlin loses with every student that carries. The grid input is the base's spectrum
+HyMap02 Berlin loses with every student trained on the ten cubes that carries; with the
+thirteen added, the aligned one no longer loses there. The grid input is the base's spectrum
 less the scene's mean spectrum: with the mean the student could not even fit 4 fixed batches
 (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student +0.26); on uncentred
 features its cross self-attention's gates saturate (README, 'Where it stands').
