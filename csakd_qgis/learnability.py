@@ -60,11 +60,12 @@ Ridge, Sentinel-2 10 m, ×4, 1e-4, gains in dB at 750 steps:
   (after 3000 steps on 55, +0.063 dB; the principal components in this layout after 1500: on
   54, +0.017 dB).
 
-HyMap02 Berlin loses with every student trained on the ten cubes that carries; with the
-thirteen added, the aligned one no longer loses there. The grid input is the base's spectrum
-less the scene's mean spectrum: with the mean the student could not even fit 4 fixed batches
-(+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student +0.26); on uncentred
-features its cross self-attention's gates saturate (README, 'Where it stands').
+HyMap02 Berlin loses with every student that carries, trained on the ten cubes; with the
+thirteen added, the aligned one gains a little there on average (+0.009 dB on crops, +0.013 over
+Berlin's 21 fusion cases) and still loses on 7 of those 21. The grid input is the base's
+spectrum less the scene's mean spectrum: with the mean the student could not even fit 4 fixed
+batches (+0.003 dB after 80 steps at 1e-4, centred +0.72, the subspace student +0.26); on
+uncentred features its cross self-attention's gates saturate (README, 'Where it stands').
 
 ``--distil`` co-trains the teacher and a second student with the distillation loss beside the
 plain student, on the same batches (train.distillation_step, as ``make train`` does), so that
@@ -166,12 +167,12 @@ The teacher leads by 0.101 to 0.408 dB on the whole images; the distilled studen
 control on three scenes' crops and on one whole image (oil painting, +0.091 dB), +0.016 dB
 whole-image PSNR on average.
 
-Between scenes the aligned frame changes nothing: from the ten Earth-observation cubes of the
-examples below to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS Jasper Ridge (their third
-command without ``--steps 9000 --ema 0.999``, with ``--representation aligned`` or ``subspace``
-and ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps 1000 --memorise-steps 0
---threads 1``; Sentinel-2 10 m, ×4) the aligned student read −0.100 / −0.038 / +0.015 dB at 1000
-steps, the principal components' −0.108 / −0.041 / +0.038.
+Between scenes the aligned frame changes nothing in the bundled layout: from the ten
+Earth-observation cubes of the examples below to EnMAP Potsdam block C / HyMap02 Berlin / AVIRIS
+Jasper Ridge (their third command without ``--steps 9000 --ema 0.999``, with ``--representation
+aligned`` or ``subspace`` and ``--held-out Jasper HyMap02 "Potsdam block C" --lr 1e-4 --steps
+1000 --memorise-steps 0 --threads 1``; Sentinel-2 10 m, ×4) the aligned student read −0.100 /
+−0.038 / +0.015 dB at 1000 steps, the principal components' −0.108 / −0.041 / +0.038.
 
 What is learnt at a scene's reduced pair's resolution, a step coarser than the fusion (the
 reference scene adaptation, user_training.adapt_to_scene, learns from), and how much of it holds
