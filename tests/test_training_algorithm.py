@@ -136,8 +136,8 @@ def test_training_on_real_pairs_says_it_learns_one_resolution_step_coarser(csakd
     """A real pair's only reference is its LR-HSI, so the model learns and is validated one
     resolution step coarser than the fusion it serves; in a probe within four CAVE scenes what a
     student learnt so held at the finer step only in part, on one scene (README), and the log
-    says so. A cube with an SRF does not
-    get the warning (test_training_writes_a_bundle_a_report_and_progress's run)."""
+    says so. A cube with an SRF does not get the warning
+    (test_training_writes_a_bundle_a_report_and_progress's run)."""
     import processing
 
     from tests.helpers import recording_feedback
