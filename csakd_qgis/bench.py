@@ -100,14 +100,18 @@ def _time_forward(run, repeats: int) -> float:
     return float(np.median(times))
 
 
+FULL_RESOLUTION_STUDENT = "full-resolution student"
+
+
 def network_costs(repeats: int) -> List[Dict]:
     import torch
 
     from .api import load_model
     from .bundle import default_model_path
-    from .model import SceneStatistics
+    from .model import SceneStatistics, SubspaceFusionModel
     from .network import CSAKDNet, count_macs, count_parameters, paper_student_config, paper_teacher_config
     from .synthetic import signature_mixture
+    from .train import student_config
 
     torch.set_flush_denormal(True)
     rows = []
@@ -124,9 +128,12 @@ def network_costs(repeats: int) -> List[Dict]:
     # model.signal_subspace_dimension, and the timed subspace would be all zeros).
     lr_np = signature_mixture(rng, 172, 40, 64, 64).astype(np.float32)
     hr_np = rng.random((4, 256, 256), dtype=np.float32)
-    for role in ("teacher", "student"):
-        path = default_model_path().with_name(f"csakd_{role}.json")
-        model, card = load_model(path, "cpu")
+    bundled = [load_model(default_model_path().with_name(f"csakd_{role}.json"), "cpu")[0] for role in ("teacher", "student")]
+    # The layout in which the student's correction carried to unseen scenes (README, 'The layout
+    # that carries'): the paper's full resolution, 16 features, the aligned frame. Untrained: its
+    # cost does not depend on its weights.
+    full_resolution = SubspaceFusionModel(student_config(representation="aligned", unshuffle=1, width=16)).eval()
+    for role, model in zip(("teacher", "student", FULL_RESOLUTION_STUDENT), bundled + [full_resolution]):
         k = model.config.subspace_dim
         # Band centres spread over the grid's range, so that a model on the wavelength grid runs
         # its network (without them it is the base); a subspace model does not read them.
@@ -142,7 +149,7 @@ def network_costs(repeats: int) -> List[Dict]:
         finally:
             model.skip_zero_correction = True
         c = model.config.channels  # the network's channels: K, or the wavelength grid's points
-        rows.append({"model": f"bundled {role}", "params": count_parameters(model),
+        rows.append({"model": role if role == FULL_RESOLUTION_STUDENT else f"bundled {role}", "params": count_parameters(model),
                      "macs": count_macs(model.network, (1, c, 64, 64), (1, c, 256, 256)), "seconds": seconds,
                      "note": "same 172-band tile, incl. subspace projection and full-spectrum output"})
     return rows
@@ -840,15 +847,18 @@ def print_report(results: Dict) -> None:
 
 def _print_costs(costs_: List[Dict]) -> None:
     print("1. Network size and cost (per 256×256 output tile, 172 bands, 4-band MSI, ×4)")
-    print(f"{'model':16s} {'params':>10s} {'GMAC':>8s} {'s/tile':>8s}   paper: params / GMAC / s on this CPU")
+    print(f"{'model':23s} {'params':>10s} {'GMAC':>8s} {'s/tile':>8s}   paper: params / GMAC / s on this CPU")
     for row in costs_:
         paper = PAPER.get(row["model"])
         ref = f"{paper['params_m']} M / {paper['gmacs']} G / {paper['seconds']} s" if paper else ""
-        print(f"{row['model']:16s} {row['params'] / 1e6:9.2f}M {row['macs'] / 1e9:8.1f} {row['seconds']:8.3f}   {ref}")
+        print(f"{row['model']:23s} {row['params'] / 1e6:9.2f}M {row['macs'] / 1e9:8.1f} {row['seconds']:8.3f}   {ref}")
     costs = {r["model"]: r for r in costs_}
     if "paper student" in costs and "bundled student" in costs:
         print(f"bundled student is {costs['paper student']['seconds'] / costs['bundled student']['seconds']:.1f}× faster "
               "than the paper's student configuration on the same tile")
+    if "paper student" in costs and FULL_RESOLUTION_STUDENT in costs:
+        print(f"{FULL_RESOLUTION_STUDENT} (aligned frame, unshuffle 1, 16 features, the layout that carries) is "
+              f"{costs['paper student']['seconds'] / costs[FULL_RESOLUTION_STUDENT]['seconds']:.1f}× faster")
 
 
 def _print_quality(quality_: Dict) -> None:

@@ -89,22 +89,32 @@ def conv3x3(in_channels: int, out_channels: int, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1, padding_mode="replicate", groups=groups)
 
 
+def replicate_pad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) with its edge rows and columns repeated once: (N, C, H + 2, W + 2),
+    what every 3×3 convolution here pads its input with."""
+    return F.pad(x, (1, 1, 1, 1), mode="replicate")
+
+
 class ResidualDenseUnit(nn.Module):
     """Five densely connected 3×3 convolutions; output = 0.2 · last + input."""
 
     def __init__(self, width: int, growth: int, groups: int = 1):
         super().__init__()
+        # Unpadded: forward pads each feature once itself (the weights are those of conv3x3).
         self.convs = nn.ModuleList(
-            conv3x3(width + k * growth, growth if k < 4 else width, groups) for k in range(5)
+            nn.Conv2d(width + k * growth, growth if k < 4 else width, 3, groups=groups) for k in range(5)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [x]
+        # Each feature is edge-padded once and kept padded: the edge padding of a concatenation
+        # is the concatenation of the edge paddings, so each convolution gives exactly what its
+        # own ``padding_mode="replicate"`` would, without padding the growing concatenation five
+        # times (that padding took 10 % of a full-resolution student's 256² tile, torch.profiler).
+        features = [replicate_pad(x)]
         for k, conv in enumerate(self.convs):
-            out = conv(torch.cat(features, dim=1) if len(features) > 1 else x)
+            out = conv(torch.cat(features, dim=1) if k else features[0])
             if k < 4:
-                out = F.leaky_relu(out, LEAKY_SLOPE)
-                features.append(out)
+                features.append(replicate_pad(F.leaky_relu(out, LEAKY_SLOPE)))
         return RESIDUAL_SCALE * out + x
 
 
@@ -210,6 +220,9 @@ class CSAKDNet(nn.Module):
         self.fusion = CrossSelfAttention(c.width, c.attention_dim, c.heads)
         self.head_expand = nn.Conv2d(c.width, c.hsi_channels * f2, 3, padding=1, padding_mode="replicate", groups=c.head_groups)
         self.head_refine = conv3x3(c.hsi_channels, c.hsi_channels)
+        # Kernels in the activations' channels-last layout (see residual): oneDNN then need not
+        # reorder them per call (0.42 → 0.39 s for a full-resolution student's 256² tile).
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor) -> NetworkOutput:
         residual, fused = self.residual(lr_hsi, hr_msi)
@@ -226,6 +239,10 @@ class CSAKDNet(nn.Module):
             raise ValueError(f"high-resolution input size {hr_size} must be a multiple of {f}")
         lr_size = tuple(lr_hsi.shape[-2:])
         work_size = (hr_size[0] // f, hr_size[1] // f)
+        # Channels-last (NHWC) activations: oneDNN convolves this network's narrow feature maps
+        # (8–48 channels) about twice as fast as in NCHW (a full-resolution student's 256²
+        # tile, two threads: 0.75 → 0.42 s), and every later activation inherits the layout.
+        lr_hsi, hr_msi = (t.contiguous(memory_format=torch.channels_last) for t in (lr_hsi, hr_msi))
         hsi_up = upsample(lr_hsi, hr_size)
         f_joint_hr = self.joint_hr_stream(F.pixel_unshuffle(torch.cat([hsi_up, hr_msi], dim=1), f))
         f_joint_lr = upsample(self.joint_lr_stream(torch.cat([lr_hsi, downsample(hr_msi, lr_size)], dim=1)), work_size)

@@ -3,9 +3,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from csakd_qgis.network import (
     CLRABlock,
+    LEAKY_SLOPE,
+    RESIDUAL_SCALE,
     CrossSelfAttention,
     CSAKDNet,
     NetworkConfig,
@@ -45,6 +48,23 @@ def test_dense_unit_has_five_densely_connected_convs():
     assert [c.in_channels for c in unit.convs] == [nf, nf + gc, nf + 2 * gc, nf + 3 * gc, nf + 4 * gc]
     assert [c.out_channels for c in unit.convs] == [gc, gc, gc, gc, nf]
     assert all(c.kernel_size == (3, 3) for c in unit.convs)
+
+
+def test_dense_unit_pads_each_feature_once_as_each_convolution_would():
+    # The unit edge-pads every feature once and keeps it padded; its output must be that of
+    # five edge-padded 3×3 convolutions on the growing concatenation, in either memory layout.
+    torch.manual_seed(3)
+    unit = ResidualDenseUnit(8, 4, groups=2)
+    x = torch.randn(2, 8, 11, 17)
+    features = [x]
+    for k, conv in enumerate(unit.convs):
+        out = F.conv2d(F.pad(torch.cat(features, dim=1), (1, 1, 1, 1), mode="replicate"), conv.weight, conv.bias, groups=2)
+        if k < 4:
+            features.append(F.leaky_relu(out, LEAKY_SLOPE))
+    expected = RESIDUAL_SCALE * out + x
+    with torch.no_grad():
+        assert torch.allclose(unit(x), expected, atol=1e-5)
+        assert torch.allclose(unit(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
 
 
 def _zero_convs(module: nn.Module, last_bias: float = 0.0):
