@@ -59,6 +59,12 @@ Ridge, Sentinel-2 10 m, ×4, 1e-4, gains in dB at 750 steps:
   stands'), the 23-cube student is better than its base on 56 of them, +0.033 dB on average
   (after 3000 steps on 55, +0.063 dB; the principal components in this layout after 1500: on
   54, +0.017 dB).
+* the same 23 cubes and 1500 steps in cheaper layouts of the aligned frame: ``unshuffle`` 1 with
+  12 features +0.012 / +0.035 / +0.062 (63 cases: +0.026 dB, better on 56), with 8 features
+  +0.017 / +0.018 / +0.039 (+0.019 dB, on 54); ``unshuffle`` 2 with 16 features −0.002 / +0.004
+  / +0.012 (+0.004 dB, on 50), with 32 features −0.004 / +0.001 / +0.030 (+0.003 dB, on 50).
+  Half the resolution carries a tenth as far; a narrower full-resolution student saves little
+  time (README, 'Where it stands').
 
 HyMap02 Berlin loses with every student that carries, trained on the ten cubes; with the
 thirteen added, the aligned one gains a little there on average (+0.009 dB on crops, +0.013 over
