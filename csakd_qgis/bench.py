@@ -1,8 +1,9 @@
 """`make bench`: size, speed, memory and quality, side by side, from one run.
 
 1. Network size and cost: the paper's teacher and student (172 bands, 4-band MSI, ×4) beside
-   the bundled teacher and student — parameters, MACs per 256×256 output tile, and measured
-   forward time per tile on this machine.
+   the bundled teacher and student and the full-resolution student (the layout whose
+   correction carries to unseen scenes, README 'The layout that carries') — parameters, MACs
+   per 256×256 output tile, and measured forward time per tile on this machine.
 2. Quality on the validation cubes (Wald protocol, never trained on): bicubic, GSA, the
    bundled teacher and student, per case and on average.
 3. End-to-end fusion of a 224-band scene to 512×512 and 2048×2048 outputs against
@@ -858,7 +859,8 @@ def _print_costs(costs_: List[Dict]) -> None:
               "than the paper's student configuration on the same tile")
     if "paper student" in costs and FULL_RESOLUTION_STUDENT in costs:
         print(f"{FULL_RESOLUTION_STUDENT} (aligned frame, unshuffle 1, 16 features, the layout that carries) is "
-              f"{costs['paper student']['seconds'] / costs[FULL_RESOLUTION_STUDENT]['seconds']:.1f}× faster")
+              f"{costs['paper student']['seconds'] / costs[FULL_RESOLUTION_STUDENT]['seconds']:.1f}× faster "
+              "than the paper's student configuration")
 
 
 def _print_quality(quality_: Dict) -> None:

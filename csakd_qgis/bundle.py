@@ -57,9 +57,7 @@ def save_bundle(path: Union[str, Path], model: SubspaceFusionModel, card: Dict) 
     """Save ``model`` as ``<stem>.pt`` + ``<stem>.json``; returns the card's path."""
     card_path = card_path_for(path)
     weights_path = card_path.with_suffix(".pt")
-    # Contiguous (NCHW) kernels whatever layout the network computes in (network.CSAKDNet keeps
-    # them channels-last): the file reads the same everywhere, byte for byte as before.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_write(weights_path, lambda p: torch.save(state, p))
     full_card = dict(card)
     full_card.update(

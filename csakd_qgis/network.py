@@ -220,9 +220,6 @@ class CSAKDNet(nn.Module):
         self.fusion = CrossSelfAttention(c.width, c.attention_dim, c.heads)
         self.head_expand = nn.Conv2d(c.width, c.hsi_channels * f2, 3, padding=1, padding_mode="replicate", groups=c.head_groups)
         self.head_refine = conv3x3(c.hsi_channels, c.hsi_channels)
-        # Kernels in the activations' channels-last layout (see residual): oneDNN then need not
-        # reorder them per call (0.42 → 0.39 s for a full-resolution student's 256² tile).
-        self.to(memory_format=torch.channels_last)
 
     def forward(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor) -> NetworkOutput:
         residual, fused = self.residual(lr_hsi, hr_msi)
@@ -239,10 +236,13 @@ class CSAKDNet(nn.Module):
             raise ValueError(f"high-resolution input size {hr_size} must be a multiple of {f}")
         lr_size = tuple(lr_hsi.shape[-2:])
         work_size = (hr_size[0] // f, hr_size[1] // f)
-        # Channels-last (NHWC) activations: oneDNN convolves this network's narrow feature maps
-        # (8–48 channels) about twice as fast as in NCHW (a full-resolution student's 256²
-        # tile, two threads: 0.75 → 0.42 s), and every later activation inherits the layout.
-        lr_hsi, hr_msi = (t.contiguous(memory_format=torch.channels_last) for t in (lr_hsi, hr_msi))
+        # On a CPU, channels-last (NHWC) activations: oneDNN convolves this network's narrow
+        # feature maps (4–48 channels) about twice as fast as in NCHW (a full-resolution
+        # student's 256² tile, two threads: 0.75 → 0.42 s), and every later activation inherits
+        # the layout. Not on a GPU, where it is unmeasured here and cuDNN's NHWC kernels for
+        # grouped convolutions can be slower.
+        if lr_hsi.device.type == "cpu":
+            lr_hsi, hr_msi = (t.contiguous(memory_format=torch.channels_last) for t in (lr_hsi, hr_msi))
         hsi_up = upsample(lr_hsi, hr_size)
         f_joint_hr = self.joint_hr_stream(F.pixel_unshuffle(torch.cat([hsi_up, hr_msi], dim=1), f))
         f_joint_lr = upsample(self.joint_lr_stream(torch.cat([lr_hsi, downsample(hr_msi, lr_size)], dim=1)), work_size)
