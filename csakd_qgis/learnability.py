@@ -21,17 +21,17 @@ A and B of the EnMAP Potsdam scene for training, its block C for the held-out cr
 (Sentinel-2's 10 m bands) and one scale (4), so the scene, sensor, basis and statistics barely
 change between training and test.
 
-The step size decides whether anything is learnt, and what carries needs a smaller step than
-what fits: at a learning rate of 1e-3 the held-out gain stays 0.000 dB on every pair tried
-(Adam's steps on ever new crops cancel, and the correction stays near zero); at 1e-4 it learns
-within a large scene but swings between −0.02 and +0.08 dB from ten Earth-observation cubes to
-AVIRIS Jasper Ridge; at 3e-5, the default, that pair rises steadily to +0.16 dB after 9000
-steps, though from the same cubes to HyMap02 Berlin it falls to −0.05 dB at 3000 (README, 'Where
-it stands'). ``--ema`` also measures the weights' moving average, which smooths the swings. The
-full-resolution student in the aligned frame (below) takes larger steps: from the 23 cubes,
-after 3000 steps, 1e-4 / 2e-4 / 4e-4 read +0.094 / +0.110 / +0.104 dB on the held-out crops and
-+0.063 / +0.070 / +0.108 dB on ``make bench``'s 63 fusion cases, better on 55 / 51 / 49 of them
-(one run each).
+The step size decides whether anything is learnt, and in the bundled layout what carries needs a
+smaller step than what fits: at a learning rate of 1e-3 the held-out gain stays 0.000 dB on
+every pair tried (Adam's steps on ever new crops cancel, and the correction stays near zero); at
+1e-4 it learns within a large scene but swings between −0.02 and +0.08 dB from ten
+Earth-observation cubes to AVIRIS Jasper Ridge; at 3e-5, the default, that pair rises steadily
+to +0.16 dB after 9000 steps, though from the same cubes to HyMap02 Berlin it falls to −0.05 dB
+at 3000 (README, 'Where it stands'). ``--ema`` also measures the weights' moving average, which
+smooths the swings. The full-resolution student in the aligned frame (below) tolerates larger
+steps: from the 23 cubes, after 3000 steps, 1e-4 / 2e-4 / 4e-4 read +0.094 / +0.110 / +0.104 dB
+on the held-out crops and +0.063 / +0.070 / +0.108 dB on ``make bench``'s 63 fusion cases,
+better on 55 / 51 / 49 of them (one run each).
 
 What counts is the crops seen, not the steps: with four times the batch (24 crops) about three
 times the step (1e-4) learns about as fast per crop (+0.15 dB on Jasper Ridge at 36,000 crops,
