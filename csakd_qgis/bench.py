@@ -129,12 +129,13 @@ def network_costs(repeats: int) -> List[Dict]:
     # model.signal_subspace_dimension, and the timed subspace would be all zeros).
     lr_np = signature_mixture(rng, 172, 40, 64, 64).astype(np.float32)
     hr_np = rng.random((4, 256, 256), dtype=np.float32)
-    bundled = [load_model(default_model_path().with_name(f"csakd_{role}.json"), "cpu")[0] for role in ("teacher", "student")]
+    models = {f"bundled {role}": load_model(default_model_path().with_name(f"csakd_{role}.json"), "cpu")[0]
+              for role in ("teacher", "student")}
     # The layout in which the student's correction carried to unseen scenes (README, 'The layout
     # that carries'): the paper's full resolution, 16 features, the aligned frame. Untrained: its
     # cost does not depend on its weights.
-    full_resolution = SubspaceFusionModel(student_config(representation="aligned", unshuffle=1, width=16)).eval()
-    for role, model in zip(("teacher", "student", FULL_RESOLUTION_STUDENT), bundled + [full_resolution]):
+    models[FULL_RESOLUTION_STUDENT] = SubspaceFusionModel(student_config(representation="aligned", unshuffle=1, width=16)).eval()
+    for name, model in models.items():
         k = model.config.subspace_dim
         # Band centres spread over the grid's range, so that a model on the wavelength grid runs
         # its network (without them it is the base); a subspace model does not read them.
@@ -150,7 +151,7 @@ def network_costs(repeats: int) -> List[Dict]:
         finally:
             model.skip_zero_correction = True
         c = model.config.channels  # the network's channels: K, or the wavelength grid's points
-        rows.append({"model": role if role == FULL_RESOLUTION_STUDENT else f"bundled {role}", "params": count_parameters(model),
+        rows.append({"model": name, "params": count_parameters(model),
                      "macs": count_macs(model.network, (1, c, 64, 64), (1, c, 256, 256)), "seconds": seconds,
                      "note": "same 172-band tile, incl. subspace projection and full-spectrum output"})
     return rows
