@@ -141,6 +141,22 @@ class FeatureStream(nn.Module):
         return self.blocks(F.leaky_relu(self.entry(x), LEAKY_SLOPE))
 
 
+def _pixel_major(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N, H·W, C): a view, without a copy, of a channels-last tensor."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C, H, W) → (N, C·f², H/f, W/f) (``F.pixel_unshuffle``); ``x`` itself for f = 1, which
+    pixel_unshuffle would copy."""
+    return x if factor == 1 else F.pixel_unshuffle(x, factor)
+
+
+def depth_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C·f², H, W) → (N, C, H·f, W·f) (``F.pixel_shuffle``); ``x`` itself for f = 1."""
+    return x if factor == 1 else F.pixel_shuffle(x, factor)
+
+
 class CrossSelfAttention(nn.Module):
     """Channel attention with queries, keys and values from three different streams.
 
@@ -160,21 +176,31 @@ class CrossSelfAttention(nn.Module):
         self.gates = nn.Conv2d(4 * width, 4, 1)
 
     def attend(self, f1: torch.Tensor, f2: torch.Tensor, f3: torch.Tensor) -> torch.Tensor:
+        """(N, width, H, W) × 3 → (N, width, H, W): softmax(q̂ᵀk̂ · τ) applied to v, per head,
+        with q̂, k̂ the queries and keys L2-normalised over pixels."""
         batch, _, rows, cols = f1.shape
-
-        def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, self.heads, -1, rows * cols)
-
-        q = F.normalize(split_heads(self.query(f1)), dim=-1)
-        k = F.normalize(split_heads(self.key(f2)), dim=-1)
-        v = split_heads(self.value(f3))
-        weights = torch.softmax((q @ k.transpose(-2, -1)) * self.temperature, dim=-1)
-        return self.project((weights @ v).reshape(batch, -1, rows, cols))
+        q, k, v = (_pixel_major(conv(f)) for conv, f in ((self.query, f1), (self.key, f2), (self.value, f3)))
+        q, k, v = (x.reshape(batch, rows * cols, self.heads, -1).transpose(1, 2) for x in (q, k, v))
+        # (N, heads, pixels, d). The product first, then divided by the norms (the same values
+        # to float rounding): dividing every pixel's q and k along the channels-last maps' pixel
+        # stride took 15 of the 34 ms of one attention on 256², 16-feature maps (torch.profiler).
+        similarity = q.transpose(-2, -1) @ k  # (N, heads, d, d)
+        q_norm, k_norm = (x.square().sum(dim=-2).sqrt().clamp_min(1e-12) for x in (q, k))  # F.normalize's eps
+        similarity = similarity / (q_norm[..., :, None] * k_norm[..., None, :])
+        weights = torch.softmax(similarity * self.temperature, dim=-1)  # (N, heads, d, d)
+        attended = (v @ weights.transpose(-2, -1)).transpose(1, 2).reshape(batch, rows, cols, -1)
+        return self.project(attended.permute(0, 3, 1, 2))
 
     def forward(self, f1, f2, f3, f4) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (fused feature, gate logits)."""
         attended = self.attend(f1, f2, f3) + f4
-        gate_logits = self.gates(torch.cat([f1, f2, f3, attended], dim=1))
+        # The 1×1 gate convolution of the four streams' concatenation, as the sum of its four
+        # parts: same weights, no 4·width-channel copy (a 256², 16-feature tile: 18 → 3 ms).
+        streams = (f1, f2, f3, attended)
+        width = f1.shape[1]
+        gate_logits = self.gates.bias.view(1, -1, 1, 1) + sum(
+            F.conv2d(f, self.gates.weight[:, i * width : (i + 1) * width]) for i, f in enumerate(streams)
+        )
         gates = torch.sigmoid(gate_logits)
         fused = (
             gates[:, 0:1] * f1 + gates[:, 1:2] * f2 + gates[:, 2:3] * f3 + gates[:, 3:4] * attended
@@ -246,14 +272,14 @@ class CSAKDNet(nn.Module):
         if lr_hsi.device.type == "cpu":
             lr_hsi, hr_msi = (t.contiguous(memory_format=torch.channels_last) for t in (lr_hsi, hr_msi))
         hsi_up = upsample(lr_hsi, hr_size)
-        f_joint_hr = self.joint_hr_stream(F.pixel_unshuffle(torch.cat([hsi_up, hr_msi], dim=1), f))
+        f_joint_hr = self.joint_hr_stream(space_to_depth(torch.cat([hsi_up, hr_msi], dim=1), f))
         f_joint_lr = upsample(self.joint_lr_stream(torch.cat([lr_hsi, downsample(hr_msi, lr_size)], dim=1)), work_size)
-        f_msi = self.msi_stream(F.pixel_unshuffle(hr_msi, f))
+        f_msi = self.msi_stream(space_to_depth(hr_msi, f))
         f_hsi = upsample(self.hsi_stream(lr_hsi), work_size)
         # Joint features ask, distinct features answer: Q from joint-HR, K from joint-LR, V from MSI,
         # and the HSI stream is the attention's residual.
         fused, _ = self.fusion(f_joint_hr, f_joint_lr, f_msi, f_hsi)
-        expanded = F.pixel_shuffle(F.leaky_relu(self.head_expand(fused), LEAKY_SLOPE), f)
+        expanded = depth_to_space(F.leaky_relu(self.head_expand(fused), LEAKY_SLOPE), f)
         return self.head_refine(expanded), fused
 
 
@@ -279,6 +305,8 @@ def count_macs(model: nn.Module, lr_shape: Tuple[int, ...], hr_shape: Tuple[int,
         batch, _, rows, cols = inputs[0].shape
         per_head = module.query.out_channels // module.heads
         total += 2 * batch * module.heads * per_head * per_head * rows * cols
+        # The gates' 1×1 convolution, which forward applies through its weight's slices.
+        total += batch * rows * cols * module.gates.in_channels * module.gates.out_channels
 
     handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_hook(attention_hook) for m in model.modules() if isinstance(m, CrossSelfAttention)]
