@@ -331,6 +331,7 @@ def probe(
     unshuffle: int = 4,
     width: int = 32,
     save: Optional[str] = None,
+    save_every: int = 0,
     distil: bool = False,
     transfer: bool = False,
     whole_image: bool = False,
@@ -352,7 +353,10 @@ def probe(
     (model.REPRESENTATIONS; "grid" needs every cube's band centres), ``unshuffle`` and ``width``
     its layout (train.student_config; 1 is the paper's full-resolution layout). ``save``: a model
     bundle path (bundle.save_bundle) for the generalisation run's student after its last step,
-    so that fusion and the benchmark can run it. ``distil``: the generalisation run also
+    so that fusion and the benchmark can run it; with ``save_every`` > 0 also after every
+    ``save_every`` steps, as ``save``'s name with ``_step{N}`` before its suffix, so that a long run
+    leaves bundles to fuse on the way and an interrupted one loses at most that many steps.
+    ``distil``: the generalisation run also
     co-trains the bundled teacher (train.teacher_config, same channels and layout) and, from the
     student's start, a second student with the distillation loss (train.distillation_step, as
     ``make train`` does), on the same batches, so that the plain student is its control and
@@ -381,6 +385,8 @@ def probe(
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
     if teacher_steps < 0:
         raise ValueError(f"teacher_steps must be 0 or more, got {teacher_steps}")
+    if save_every < 0 or (save_every and not save):
+        raise ValueError(f"save_every ({save_every}) must be 0 or more, and needs a bundle path (save, --save)")
     if teacher_steps and not distil:
         raise ValueError("a teacher trained first (teacher_steps, --teacher-steps) needs the teacher: add distil=True "
                          "(--distil)")
@@ -453,7 +459,16 @@ def probe(
             log(f"distillation: the teacher trained alone for {teacher_steps} steps reads "
                 f"{_db(mean_gain(distiller.teacher))} dB against the student's base")
 
+    def save_student(path: str) -> None:
+        card = {"name": Path(path).stem, "role": "student", "parameters": count_parameters(model),
+                "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
+            "steps": step, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
+            "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
+        log(f"saved the trained student after {step} steps as {save_bundle(path, model.eval(), card)}")
+        model.train()
+
     started = time.time()
+    step = 0
     for step in range(1, steps + 1):
         batch = batch_of(train_cubes)
         optimiser_step(optimiser, reference_loss(model, batch), model)
@@ -479,6 +494,9 @@ def probe(
                 line += (f"; distilled student {_db(result.distilled_gain_db[-1][1])} dB, "
                          f"teacher {_db(result.teacher_gain_db[-1][1])} dB")
             log(line)
+        if save_every and step % save_every == 0 and step < steps:
+            stem = Path(save)
+            save_student(str(stem.with_name(f"{stem.stem}_step{step}{stem.suffix}")))
 
     if whole_image and steps:
         trained = {"base": fresh_student()[0], "trained": model}
@@ -495,12 +513,7 @@ def probe(
             log(f"whole image {cube.name} fused as one Wald case: " + ", ".join(
                 f"{role} {m['psnr']:.3f} dB / {m['sam']:.3f}°" for role, m in result.whole_image[cube.name].items()))
     if save and steps:
-        card = {"name": Path(save).stem, "role": "student", "parameters": count_parameters(model),
-                "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
-            "steps": steps, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
-            "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
-        log(f"saved the trained student as {save_bundle(save, model.eval(), card)}")
-        model.train()
+        save_student(save)
     if memorise_steps:
         model, optimiser = fresh_student()
         fixed = [batch_of(train_cubes) for _ in range(memorise_batches)]
@@ -641,6 +654,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=32, help="the student's features (growth half of it)")
     parser.add_argument("--save", default=None, metavar="BUNDLE.json",
                         help="write the generalisation run's student as a model bundle after its last step")
+    parser.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                        help="with --save: also write the student every STEPS steps, as BUNDLE_stepN.json")
     parser.add_argument("--distil", action="store_true",
                         help="also co-train the teacher and a distilled student on the same batches (the plain "
                         "student is its control)")
@@ -701,7 +716,7 @@ def main(argv=None) -> int:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
-              unshuffle=args.unshuffle, width=args.width, save=args.save, distil=args.distil,
+              unshuffle=args.unshuffle, width=args.width, save=args.save, save_every=args.save_every, distil=args.distil,
               transfer=args.transfer, whole_image=args.whole_image, teacher_steps=args.teacher_steps,
               log=lambda message: print(message, flush=True))
     except ValueError as error:

@@ -249,6 +249,27 @@ def test_the_probe_logs_its_held_out_gain_per_cube_by_steps_and_crops_seen(share
     assert [m and m.groups() for m in logged] == [("1", "3"), ("2", "6")], lines
 
 
+def test_the_probe_saves_its_student_on_the_way_and_at_the_end(shared_data_dir, tmp_path):
+    """--save-every N writes the student after every N steps as BUNDLE_stepN.json, --save after
+    the last: a long run leaves bundles to fuse before it ends, each with the steps it had."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam block A" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    settings = dict(scale=4, steps=3, memorise_steps=0, held_out_batches=1, batch_size=2, crop=48, lr=1e-3,
+                    evaluate_every=3, log=lambda message: None)
+    learnability.probe(train_cubes, held_out, sensor, save=str(tmp_path / "s.json"), save_every=2, **settings)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["s.json", "s_step2.json"]
+    on_the_way, card_2 = load_bundle(tmp_path / "s_step2.json")
+    last, card_3 = load_bundle(tmp_path / "s.json")
+    assert (card_2["probe"]["steps"], card_3["probe"]["steps"]) == (2, 3)
+    # Different weights: the bundle on the way is not the last one written twice.
+    assert not torch.equal(on_the_way.network.head_refine.weight, last.network.head_refine.weight)
+    with pytest.raises(ValueError, match="save_every"):
+        learnability.probe(train_cubes, held_out, sensor, save_every=2, **settings)
+
+
 def test_the_probe_distils_beside_its_control_on_the_same_batches(shared_data_dir):
     """--distil co-trains the teacher and a second student with the distillation loss (the step
     make train takes) beside the plain student: the plain run is its control, its held-out gains
