@@ -355,7 +355,8 @@ def probe(
     bundle path (bundle.save_bundle) for the generalisation run's student after its last step,
     so that fusion and the benchmark can run it; with ``save_every`` > 0 also after every
     ``save_every`` steps, as ``save``'s name with ``_step{N}`` before its suffix, so that a long run
-    leaves bundles to fuse on the way and an interrupted one loses at most that many steps.
+    leaves bundles to fuse on the way, and an interrupted one a bundle at most that many steps old
+    (weights only: the optimiser's state is not kept, so a run cannot resume from it).
     ``distil``: the generalisation run also
     co-trains the bundled teacher (train.teacher_config, same channels and layout) and, from the
     student's start, a second student with the distillation loss (train.distillation_step, as
@@ -385,8 +386,10 @@ def probe(
         raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
     if teacher_steps < 0:
         raise ValueError(f"teacher_steps must be 0 or more, got {teacher_steps}")
-    if save_every < 0 or (save_every and not save):
-        raise ValueError(f"save_every ({save_every}) must be 0 or more, and needs a bundle path (save, --save)")
+    if save_every < 0:
+        raise ValueError(f"save_every must be 0 or more (0: only after the last step), got {save_every}")
+    if save_every and not save:
+        raise ValueError("saving on the way (save_every, --save-every) needs a bundle path: add save (--save)")
     if teacher_steps and not distil:
         raise ValueError("a teacher trained first (teacher_steps, --teacher-steps) needs the teacher: add distil=True "
                          "(--distil)")
@@ -459,16 +462,15 @@ def probe(
             log(f"distillation: the teacher trained alone for {teacher_steps} steps reads "
                 f"{_db(mean_gain(distiller.teacher))} dB against the student's base")
 
-    def save_student(path: str) -> None:
+    def save_student(path: str, steps_taken: int) -> None:
         card = {"name": Path(path).stem, "role": "student", "parameters": count_parameters(model),
                 "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
-            "steps": step, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
+            "steps": steps_taken, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
             "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
-        log(f"saved the trained student after {step} steps as {save_bundle(path, model.eval(), card)}")
+        log(f"saved the trained student after {steps_taken} steps as {save_bundle(path, model.eval(), card)}")
         model.train()
 
     started = time.time()
-    step = 0
     for step in range(1, steps + 1):
         batch = batch_of(train_cubes)
         optimiser_step(optimiser, reference_loss(model, batch), model)
@@ -496,7 +498,7 @@ def probe(
             log(line)
         if save_every and step % save_every == 0 and step < steps:
             stem = Path(save)
-            save_student(str(stem.with_name(f"{stem.stem}_step{step}{stem.suffix}")))
+            save_student(str(stem.with_name(f"{stem.stem}_step{step}{stem.suffix}")), step)
 
     if whole_image and steps:
         trained = {"base": fresh_student()[0], "trained": model}
@@ -513,7 +515,7 @@ def probe(
             log(f"whole image {cube.name} fused as one Wald case: " + ", ".join(
                 f"{role} {m['psnr']:.3f} dB / {m['sam']:.3f}°" for role, m in result.whole_image[cube.name].items()))
     if save and steps:
-        save_student(save)
+        save_student(save, steps)
     if memorise_steps:
         model, optimiser = fresh_student()
         fixed = [batch_of(train_cubes) for _ in range(memorise_batches)]

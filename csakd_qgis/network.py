@@ -182,10 +182,13 @@ class CrossSelfAttention(nn.Module):
         q, k, v = (_pixel_major(conv(f)) for conv, f in ((self.query, f1), (self.key, f2), (self.value, f3)))
         q, k, v = (x.reshape(batch, rows * cols, self.heads, -1).transpose(1, 2) for x in (q, k, v))
         # (N, heads, pixels, d). The product first, then divided by the norms (the same values
-        # to float rounding): dividing every pixel's q and k along the channels-last maps' pixel
-        # stride took 15 of the 34 ms of one attention on 256², 16-feature maps (torch.profiler).
+        # and gradients to float rounding): dividing every pixel's q and k along the channels-last
+        # maps' pixel stride took 15 of the 34 ms of one attention on 256², 16-feature maps (a CPU,
+        # two threads, torch.profiler).
         similarity = q.transpose(-2, -1) @ k  # (N, heads, d, d)
-        q_norm, k_norm = (x.square().sum(dim=-2).sqrt().clamp_min(1e-12) for x in (q, k))  # F.normalize's eps
+        # max(‖x‖, 1e-12) as F.normalize takes it, clamped before the root so that a channel that is
+        # zero on every pixel has a zero gradient there, not the root's 0/0.
+        q_norm, k_norm = (x.square().sum(dim=-2).clamp_min(1e-24).sqrt() for x in (q, k))
         similarity = similarity / (q_norm[..., :, None] * k_norm[..., None, :])
         weights = torch.softmax(similarity * self.temperature, dim=-1)  # (N, heads, d, d)
         attended = (v @ weights.transpose(-2, -1)).transpose(1, 2).reshape(batch, rows, cols, -1)
@@ -195,7 +198,8 @@ class CrossSelfAttention(nn.Module):
         """Returns (fused feature, gate logits)."""
         attended = self.attend(f1, f2, f3) + f4
         # The 1×1 gate convolution of the four streams' concatenation, as the sum of its four
-        # parts: same weights, no 4·width-channel copy (a 256², 16-feature tile: 18 → 3 ms).
+        # parts: same weights, no 4·width-channel copy (256², 16-feature channels-last maps on a
+        # CPU, two threads: 18 → 3 ms).
         streams = (f1, f2, f3, attended)
         width = f1.shape[1]
         gate_logits = self.gates.bias.view(1, -1, 1, 1) + sum(
@@ -290,8 +294,9 @@ def count_parameters(model: nn.Module) -> int:
 def count_macs(model: nn.Module, lr_shape: Tuple[int, ...], hr_shape: Tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass, counted from the layers actually run.
 
-    Convolutions are counted from their output size; the attention's two matrix products are
-    added explicitly. Interpolations and element-wise operations are not counted, as is usual.
+    Convolutions are counted from their output size; the attention's two matrix products and its
+    gate convolution (applied through its weight's slices, so no module hook sees it) are added
+    explicitly. Interpolations and element-wise operations are not counted, as is usual.
     """
     total = 0
 

@@ -174,30 +174,44 @@ def test_count_macs_of_cross_self_attention():
 
 def test_cross_self_attention_matches_its_definition():
     # forward normalises after the product and applies the gate convolution through its weight's
-    # slices; both must give the definition's values: q, k L2-normalised over pixels, the
-    # softmax of their channel products per head applied to v, and a 1×1 convolution of the four
-    # streams' concatenation for the gates. In either memory layout.
+    # slices; both must give the definition's values and gradients: q, k L2-normalised over
+    # pixels (F.normalize), the softmax of their channel products per head applied to v, and a
+    # 1×1 convolution of the four streams' concatenation for the gates. In either memory layout,
+    # with more features than the attention has channels.
     torch.manual_seed(5)
-    attention = CrossSelfAttention(width=8, attention_dim=8, heads=2)
+    attention = CrossSelfAttention(width=12, attention_dim=8, heads=2).double()
     with torch.no_grad():
         attention.temperature.copy_(torch.tensor([[[1.7]], [[0.6]]]))
-    f1, f2, f3, f4 = (torch.randn(2, 8, 7, 9) for _ in range(4))
 
-    def heads(t):
-        return t.reshape(2, 2, 4, 63)
+    def definition(f1, f2, f3, f4):
+        def heads(t):
+            return t.reshape(2, 2, 4, 63)
 
-    q = F.normalize(heads(attention.query(f1)), dim=-1)
-    k = F.normalize(heads(attention.key(f2)), dim=-1)
-    weights = torch.softmax((q @ k.transpose(-2, -1)) * attention.temperature, dim=-1)
-    attended = attention.project((weights @ heads(attention.value(f3))).reshape(2, 8, 7, 9)) + f4
-    logits = attention.gates(torch.cat([f1, f2, f3, attended], dim=1))
-    g = torch.sigmoid(logits)
-    fused = g[:, 0:1] * f1 + g[:, 1:2] * f2 + g[:, 2:3] * f3 + g[:, 3:4] * attended
+        q = F.normalize(heads(attention.query(f1)), dim=-1)
+        k = F.normalize(heads(attention.key(f2)), dim=-1)
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * attention.temperature, dim=-1)
+        attended = attention.project((weights @ heads(attention.value(f3))).reshape(2, 8, 7, 9)) + f4
+        logits = attention.gates(torch.cat([f1, f2, f3, attended], dim=1))
+        g = torch.sigmoid(logits)
+        return g[:, 0:1] * f1 + g[:, 1:2] * f2 + g[:, 2:3] * f3 + g[:, 3:4] * attended, logits
+
+    streams = [torch.randn(2, 12, 7, 9, dtype=torch.float64) for _ in range(4)]
+    expected = definition(*streams)
+    expected_grads = torch.autograd.grad(expected[0].square().sum() + expected[1].sum(), list(attention.parameters()))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = attention(*(f.contiguous(memory_format=layout) for f in streams))
+        for value, reference in zip(got, expected):
+            torch.testing.assert_close(value, reference)
+        grads = torch.autograd.grad(got[0].square().sum() + got[1].sum(), list(attention.parameters()))
+        for grad, reference in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, reference)
+    # A query channel that is zero on every pixel (its weights and bias zero): F.normalize's
+    # gradient there is finite, and so must forward's be.
     with torch.no_grad():
-        for layout in (torch.contiguous_format, torch.channels_last):
-            got_fused, got_logits = attention(*(f.contiguous(memory_format=layout) for f in (f1, f2, f3, f4)))
-            torch.testing.assert_close(got_fused, fused, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+        attention.query.weight[0].zero_()
+        attention.query.bias[0] = 0.0
+    fused, _ = attention(*streams)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(fused.sum(), list(attention.parameters())))
 
 
 def test_config_round_trip_through_json():

@@ -266,7 +266,7 @@ def test_the_probe_saves_its_student_on_the_way_and_at_the_end(shared_data_dir, 
     assert (card_2["probe"]["steps"], card_3["probe"]["steps"]) == (2, 3)
     # Different weights: the bundle on the way is not the last one written twice.
     assert not torch.equal(on_the_way.network.head_refine.weight, last.network.head_refine.weight)
-    with pytest.raises(ValueError, match="save_every"):
+    with pytest.raises(ValueError, match="needs a bundle path"):
         learnability.probe(train_cubes, held_out, sensor, save_every=2, **settings)
 
 
@@ -532,6 +532,6 @@ def test_the_probe_saves_its_trained_student_as_a_bundle_that_fusion_runs(shared
     assert card["probe"]["steps"] == 2 and list(card["probe"]["held_out_gain_db"]) == ["AVIRIS Jasper Ridge"]
     # What fusion's log and the user read from a card: its size and that band centres are needed.
     assert card["parameters"] > 0 and card["inputs"]["wavelengths_required"] is True
-    assert lines[-1] == f"saved the trained student as {path}"
+    assert lines[-1] == f"saved the trained student after 2 steps as {path}"
     case = datasets.validation_cases(shared_data_dir, scales=(4,))[-1]
     assert np.isfinite(fuse_case(case, model=model)).all()
