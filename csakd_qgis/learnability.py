@@ -29,9 +29,12 @@ Earth-observation cubes to AVIRIS Jasper Ridge; at 3e-5, the default, that pair 
 to +0.16 dB after 9000 steps, though from the same cubes to HyMap02 Berlin it falls to −0.05 dB
 at 3000 (README, 'Where it stands'). ``--ema`` also measures the weights' moving average, which
 smooths the swings. The full-resolution student in the aligned frame (below) tolerates larger
-steps: from the 23 cubes, after 3000 steps, 1e-4 / 2e-4 / 4e-4 read +0.094 / +0.110 / +0.104 dB
-on the held-out crops and +0.063 / +0.070 / +0.108 dB on ``make bench``'s 63 fusion cases,
-better on 55 / 51 / 49 of them (one run each).
+steps: from the 23 cubes, after 3000 steps, 1e-4 / 2e-4 / 4e-4 / 8e-4 read +0.094 / +0.110 /
++0.104 / +0.097 dB on the held-out crops and +0.063 / +0.070 / +0.108 / +0.108 dB on ``make
+bench``'s 63 fusion cases, better on 55 / 51 / 49 / 56 of them (one run each; a second run at
+4e-4 read +0.098 dB, better on 43). Longer at a constant step it loses on unseen scenes again: at
+4e-4 with a bundle every 3000 steps (``--save-every``), the 63 cases read +0.098 / +0.051 /
+−0.086 dB after 3000 / 6000 / 9000 steps, as HyMap02 Berlin's crops fell to −0.539 dB.
 
 What counts is the crops seen, not the steps: with four times the batch (24 crops) about three
 times the step (1e-4) learns about as fast per crop (+0.15 dB on Jasper Ridge at 36,000 crops,
