@@ -262,8 +262,8 @@ from .bundle import save_bundle
 from .network import count_parameters
 from .model import REPRESENTATIONS, SubspaceFusionModel, aligned_frame
 from .srf import SensorResponse
-from .train import (SUBSPACE_DIM, Distiller, distillation_step, layout_error, optimiser_step, prepare_batch,
-                    reference_loss, shared_statistics_dim, student_config, teacher_config, validate)
+from .train import (SUBSPACE_DIM, Distiller, cosine_learning_rate, distillation_step, layout_error, optimiser_step,
+                    prepare_batch, reference_loss, shared_statistics_dim, student_config, teacher_config, validate)
 
 DB_PER_LOG_MSE = 10.0 / math.log(10.0)
 
@@ -335,6 +335,7 @@ def probe(
     width: int = 32,
     save: Optional[str] = None,
     save_every: int = 0,
+    decay: bool = False,
     distil: bool = False,
     transfer: bool = False,
     whole_image: bool = False,
@@ -360,6 +361,8 @@ def probe(
     ``save_every`` steps, as ``save``'s name with ``_step{N}`` before its suffix, so that a long run
     leaves bundles to fuse on the way, and an interrupted one a bundle at most that many steps old
     (weights only: the optimiser's state is not kept, so a run cannot resume from it).
+    ``decay``: the generalisation run's step decays over its ``steps`` from ``lr`` as ``make
+    train``'s does (train.cosine_learning_rate); otherwise it stays ``lr``.
     ``distil``: the generalisation run also
     co-trains the bundled teacher (train.teacher_config, same channels and layout) and, from the
     student's start, a second student with the distillation loss (train.distillation_step, as
@@ -475,6 +478,9 @@ def probe(
 
     started = time.time()
     for step in range(1, steps + 1):
+        if decay:
+            for group in optimiser.param_groups:
+                group["lr"] = cosine_learning_rate(lr, (step - 1) / steps)
         batch = batch_of(train_cubes)
         optimiser_step(optimiser, reference_loss(model, batch), model)
         if distiller is not None:
@@ -659,6 +665,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=32, help="the student's features (growth half of it)")
     parser.add_argument("--save", default=None, metavar="BUNDLE.json",
                         help="write the generalisation run's student as a model bundle after its last step")
+    parser.add_argument("--decay", action="store_true",
+                        help="decay the step over --steps as make train does (cosine, to 5 %% of --lr)")
     parser.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                         help="with --save: also write the student every STEPS steps, as BUNDLE_stepN.json")
     parser.add_argument("--distil", action="store_true",
@@ -721,7 +729,7 @@ def main(argv=None) -> int:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
-              unshuffle=args.unshuffle, width=args.width, save=args.save, save_every=args.save_every, distil=args.distil,
+              unshuffle=args.unshuffle, width=args.width, save=args.save, save_every=args.save_every, decay=args.decay, distil=args.distil,
               transfer=args.transfer, whole_image=args.whole_image, teacher_steps=args.teacher_steps,
               log=lambda message: print(message, flush=True))
     except ValueError as error:

@@ -89,6 +89,19 @@ MIN_GAIN_DB = 0.05
 CONTROL_BUNDLE = "csakd_student_without_distillation.json"
 
 
+# The step at the end of a cosine decay, relative to its peak.
+FINAL_LEARNING_RATE_FRACTION = 0.05
+
+
+def cosine_learning_rate(peak: float, fraction: float) -> float:
+    """The learning rate ``fraction`` (0–1, clipped) of the way through a run: a cosine decay
+    from ``peak`` to FINAL_LEARNING_RATE_FRACTION of it (Loshchilov & Hutter, SGDR, 2017, without
+    restarts), the schedule of co_train and of the probe's ``decay``."""
+    fraction = min(1.0, max(0.0, fraction))
+    final = FINAL_LEARNING_RATE_FRACTION
+    return peak * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * fraction)))
+
+
 def student_config(
     subspace_dim: int = SUBSPACE_DIM, representation: str = "subspace", unshuffle: int = 4, width: int = 32
 ) -> FusionModelConfig:
@@ -493,8 +506,7 @@ def co_train(
                 log("cancelled: keeping the best model validated so far")
                 stop = True
                 break
-            fraction = min(1.0, state["elapsed"] / budget)
-            lr = run.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * fraction)))
+            lr = cosine_learning_rate(run.lr, state["elapsed"] / budget)
             for opt in optimisers:
                 for group in opt.param_groups:
                     group["lr"] = lr

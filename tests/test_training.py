@@ -270,6 +270,36 @@ def test_the_probe_saves_its_student_on_the_way_and_at_the_end(shared_data_dir, 
         learnability.probe(train_cubes, held_out, sensor, save_every=2, **settings)
 
 
+def test_cosine_learning_rate_decays_from_its_peak_to_its_floor():
+    rates = [train.cosine_learning_rate(4e-4, f) for f in np.linspace(0.0, 1.0, 11)]
+    assert rates[0] == pytest.approx(4e-4) and rates[-1] == pytest.approx(4e-4 * train.FINAL_LEARNING_RATE_FRACTION)
+    assert rates[5] == pytest.approx(4e-4 * (1 + train.FINAL_LEARNING_RATE_FRACTION) / 2)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    # Outside the run: held at its ends.
+    assert train.cosine_learning_rate(4e-4, 1.5) == rates[-1] and train.cosine_learning_rate(4e-4, -1.0) == rates[0]
+
+
+def test_the_probe_decays_its_step_over_its_steps_when_asked(shared_data_dir, monkeypatch):
+    """--decay: each step's learning rate is make train's cosine at that step's share of the run;
+    without it the step stays --lr."""
+    from csakd_qgis import learnability
+
+    train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam block A" in c.name]
+    held_out = [c for c in datasets.validation_cubes(shared_data_dir) if "Potsdam" in c.name]
+    sensor = datasets.validation_sensors()["Sentinel-2 10 m"]
+    used = []
+    step = learnability.optimiser_step
+    monkeypatch.setattr(learnability, "optimiser_step",
+                        lambda optimiser, loss, model: (used.append(optimiser.param_groups[0]["lr"]), step(optimiser, loss, model)))
+    settings = dict(scale=4, steps=4, memorise_steps=0, held_out_batches=1, batch_size=2, crop=48, lr=1e-3,
+                    evaluate_every=4, log=lambda message: None)
+    learnability.probe(train_cubes, held_out, sensor, decay=True, **settings)
+    assert used == pytest.approx([train.cosine_learning_rate(1e-3, f) for f in (0.0, 0.25, 0.5, 0.75)])
+    used.clear()
+    learnability.probe(train_cubes, held_out, sensor, **settings)
+    assert used == pytest.approx([1e-3] * 4)
+
+
 def test_the_probe_distils_beside_its_control_on_the_same_batches(shared_data_dir):
     """--distil co-trains the teacher and a second student with the distillation loss (the step
     make train takes) beside the plain student: the plain run is its control, its held-out gains
