@@ -31,10 +31,11 @@ at 3000 (README, 'Where it stands'). ``--ema`` also measures the weights' moving
 smooths the swings. The full-resolution student in the aligned frame (below) tolerates larger
 steps: from the 23 cubes, after 3000 steps, 1e-4 / 2e-4 / 4e-4 / 8e-4 read +0.094 / +0.110 /
 +0.104 / +0.097 dB on the held-out crops and +0.063 / +0.070 / +0.108 / +0.108 dB on ``make
-bench``'s 63 fusion cases, better on 55 / 51 / 49 / 56 of them (one run each; a second run at
-4e-4 read +0.098 dB, better on 43). Longer at a constant step it loses on unseen scenes again: at
-4e-4 with a bundle every 3000 steps (``--save-every``), the 63 cases read +0.098 / +0.051 /
-−0.086 dB after 3000 / 6000 / 9000 steps, as HyMap02 Berlin's crops fell to −0.539 dB. With the
+bench``'s 63 fusion cases, better on 55 / 51 / 49 / 56 of them (one run each; the 9000-step run
+below read +0.098 dB on the 63 cases at its step 3000, better on 43). In one run longer at a
+constant step it lost on HyMap02 Berlin: at 4e-4 with a bundle every 3000 steps
+(``--save-every``), the 63 cases read +0.098 / +0.051 / −0.086 dB after 3000 / 6000 / 9000 steps,
+as Berlin's crops fell to −0.539 dB (block C and Jasper Ridge stayed ahead). With the
 step decayed (``--decay``, from 8e-4, 3000 steps) the crops read +0.105 dB and the 63 cases
 +0.114 dB, better on 57.
 
@@ -473,7 +474,7 @@ def probe(
     def save_student(path: str, steps_taken: int) -> None:
         card = {"name": Path(path).stem, "role": "student", "parameters": count_parameters(model),
                 "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
-            "steps": steps_taken, "lr": lr, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
+            "steps": steps_taken, "lr": lr, "decay": decay, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
             "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
         log(f"saved the trained student after {steps_taken} steps as {save_bundle(path, model.eval(), card)}")
         model.train()
