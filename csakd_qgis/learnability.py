@@ -364,8 +364,9 @@ def probe(
     ``save_every`` steps, as ``save``'s name with ``_step{N}`` before its suffix, so that a long run
     leaves bundles to fuse on the way, and an interrupted one a bundle at most that many steps old
     (weights only: the optimiser's state is not kept, so a run cannot resume from it).
-    ``decay``: the generalisation run's step decays over its ``steps`` from ``lr`` as ``make
-    train``'s does (train.cosine_learning_rate); otherwise it stays ``lr``.
+    ``decay``: the generalisation run's step (with ``distil`` also the teacher's and the distilled
+    student's) decays over its ``steps`` from ``lr`` as ``make train``'s does
+    (train.cosine_learning_rate); otherwise it stays ``lr``.
     ``distil``: the generalisation run also
     co-trains the bundled teacher (train.teacher_config, same channels and layout) and, from the
     student's start, a second student with the distillation loss (train.distillation_step, as
@@ -474,15 +475,18 @@ def probe(
     def save_student(path: str, steps_taken: int) -> None:
         card = {"name": Path(path).stem, "role": "student", "parameters": count_parameters(model),
                 "inputs": {"wavelengths_required": representation == "grid"}, "probe": {
-            "steps": steps_taken, "lr": lr, "decay": decay, "batch_size": batch_size, "crop": crop, "scale": scale, "sensor": sensor.name,
-            "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
+            "steps": steps_taken, "lr": lr, "decay": decay, "batch_size": batch_size, "crop": crop, "scale": scale,
+            "sensor": sensor.name, "train": [c.name for c in train_cubes], "held_out_gain_db": result.held_out_gain_by_cube_db}}
         log(f"saved the trained student after {steps_taken} steps as {save_bundle(path, model.eval(), card)}")
         model.train()
 
     started = time.time()
     for step in range(1, steps + 1):
         if decay:
-            for group in optimiser.param_groups:
+            # Every model of the run on the same schedule, so that the distilled student and the
+            # teacher stay comparable with their control.
+            run_optimisers = [optimiser] + ([teacher_opt, distilled_opt] if distiller is not None else [])
+            for group in (g for o in run_optimisers for g in o.param_groups):
                 group["lr"] = cosine_learning_rate(lr, (step - 1) / steps)
         batch = batch_of(train_cubes)
         optimiser_step(optimiser, reference_loss(model, batch), model)
@@ -732,7 +736,8 @@ def main(argv=None) -> int:
         probe(train, held_out, validation_sensors()[args.sensor], args.scale, args.steps, memorise_steps=args.memorise_steps,
               held_out_batches=args.held_out_batches, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
               evaluate_every=args.evaluate_every, ema_decay=args.ema, representation=args.representation,
-              unshuffle=args.unshuffle, width=args.width, save=args.save, save_every=args.save_every, decay=args.decay, distil=args.distil,
+              unshuffle=args.unshuffle, width=args.width, save=args.save, save_every=args.save_every, decay=args.decay,
+              distil=args.distil,
               transfer=args.transfer, whole_image=args.whole_image, teacher_steps=args.teacher_steps,
               log=lambda message: print(message, flush=True))
     except ValueError as error:

@@ -280,8 +280,8 @@ def test_cosine_learning_rate_decays_from_its_peak_to_its_floor():
 
 
 def test_the_probe_decays_its_step_over_its_steps_when_asked(shared_data_dir, monkeypatch):
-    """--decay: each step's learning rate is make train's cosine at that step's share of the run;
-    without it the step stays --lr."""
+    """--decay: each step's learning rate is make train's cosine at that step's share of the run,
+    also the teacher's and the distilled student's; without it the step stays --lr."""
     from csakd_qgis import learnability
 
     train_cubes = [c for c in datasets.training_cubes(shared_data_dir) if "Potsdam block A" in c.name]
@@ -298,6 +298,15 @@ def test_the_probe_decays_its_step_over_its_steps_when_asked(shared_data_dir, mo
     used.clear()
     learnability.probe(train_cubes, held_out, sensor, **settings)
     assert used == pytest.approx([1e-3] * 4)
+    # With the teacher, its step and the distilled student's follow the same schedule.
+    distilled = []
+    distil_step = learnability.distillation_step
+    monkeypatch.setattr(learnability, "distillation_step", lambda distiller, teacher_opt, student_opt, batch, transfer=None: (
+        distilled.append((teacher_opt.param_groups[0]["lr"], student_opt.param_groups[0]["lr"])),
+        distil_step(distiller, teacher_opt, student_opt, batch, transfer=transfer))[1])
+    learnability.probe(train_cubes, held_out, sensor, decay=True, distil=True, **dict(settings, steps=2, evaluate_every=2))
+    expected = [train.cosine_learning_rate(1e-3, f) for f in (0.0, 0.5)]
+    assert [t for t, _ in distilled] == pytest.approx(expected) and [d for _, d in distilled] == pytest.approx(expected)
 
 
 def test_the_probe_distils_beside_its_control_on_the_same_batches(shared_data_dir):
