@@ -266,7 +266,8 @@ from .network import count_parameters
 from .model import REPRESENTATIONS, SubspaceFusionModel, aligned_frame
 from .srf import SensorResponse
 from .train import (SUBSPACE_DIM, Distiller, cosine_learning_rate, distillation_step, layout_error, optimiser_step,
-                    prepare_batch, reference_loss, shared_statistics_dim, student_config, teacher_config, validate)
+                    prepare_batch, reference_loss, set_learning_rate, shared_statistics_dim, student_config, teacher_config,
+                    validate)
 
 DB_PER_LOG_MSE = 10.0 / math.log(10.0)
 
@@ -480,14 +481,13 @@ def probe(
         log(f"saved the trained student after {steps_taken} steps as {save_bundle(path, model.eval(), card)}")
         model.train()
 
+    # Every model of the run on the same schedule, so that the distilled student and the teacher
+    # stay comparable with their control.
+    run_optimisers = [optimiser] + ([teacher_opt, distilled_opt] if distiller is not None else [])
     started = time.time()
     for step in range(1, steps + 1):
         if decay:
-            # Every model of the run on the same schedule, so that the distilled student and the
-            # teacher stay comparable with their control.
-            run_optimisers = [optimiser] + ([teacher_opt, distilled_opt] if distiller is not None else [])
-            for group in (g for o in run_optimisers for g in o.param_groups):
-                group["lr"] = cosine_learning_rate(lr, (step - 1) / steps)
+            set_learning_rate(run_optimisers, cosine_learning_rate(lr, (step - 1) / steps))
         batch = batch_of(train_cubes)
         optimiser_step(optimiser, reference_loss(model, batch), model)
         if distiller is not None:

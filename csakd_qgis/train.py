@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -100,6 +100,14 @@ def cosine_learning_rate(peak: float, fraction: float) -> float:
     fraction = min(1.0, max(0.0, fraction))
     final = FINAL_LEARNING_RATE_FRACTION
     return peak * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * fraction)))
+
+
+def set_learning_rate(optimisers: Sequence[torch.optim.Optimizer], lr: float) -> None:
+    """Every parameter group of every optimiser in ``optimisers`` to ``lr``: one step of a schedule
+    that several models of a run follow together."""
+    for optimiser in optimisers:
+        for group in optimiser.param_groups:
+            group["lr"] = lr
 
 
 def student_config(
@@ -507,9 +515,7 @@ def co_train(
                 stop = True
                 break
             lr = cosine_learning_rate(run.lr, state["elapsed"] / budget)
-            for opt in optimisers:
-                for group in opt.param_groups:
-                    group["lr"] = lr
+            set_learning_rate(optimisers, lr)
             batch = next(batches)
             step_losses = list(distillation_step(distiller, teacher_opt, student_opt, batch))
             if run.control:
